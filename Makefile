@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv
+# when missing and installs the project into it, so a fresh clone needs nothing else.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build that lies on this machine's disk; GPU users: make TORCH_SPEC="torch" (see README).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(PIP_QUIET)
+	$(PY) -m pip install -q -e ".[dev]" $(PIP_QUIET)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/revelio demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) $$b; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

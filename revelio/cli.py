@@ -1,0 +1,143 @@
+"""The ``revelio`` command: one entry point, one subcommand per stage.
+
+A subcommand is declared once with ``@command(name, Config)``: its config is a dataclass,
+filled from ``--config file.yaml`` and dotted overrides (``--model.id tiny-sd``), and its
+``--help`` lists every key with its default and meaning. Subcommands that own their own
+argument parser (Lightning's CLI for ``sae fit``) are declared with ``raw=True`` and get
+the remaining argv.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import config as C
+
+# Modules that declare subcommands; imported lazily so `revelio --help` stays fast.
+COMMAND_MODULES = [
+    "revelio.commands.basic",
+    "revelio.commands.extract",
+    "revelio.commands.sae",
+    "revelio.commands.probe",
+    "revelio.commands.saliency",
+    "revelio.commands.analysis",
+    "revelio.commands.demo",
+]
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    func: Callable[..., Any]
+    config: type | None = None
+    raw: bool = False
+
+
+COMMANDS: dict[str, Command] = {}
+
+# Errors that mean "the input is wrong": printed as one line, exit status 2. Anything else
+# is a bug and keeps its traceback.
+USER_ERRORS = (C.RevelioError, FileNotFoundError, ValueError, KeyError)
+
+
+def command(name: str, config: type | None = None, raw: bool = False):
+    """Register ``func(cfg)`` (or ``func(argv)`` when ``raw``) as ``revelio <name>``; help is its docstring."""
+
+    def wrap(func):
+        COMMANDS[name] = Command(name=name, help=(func.__doc__ or "").strip(), func=func, config=config, raw=raw)
+        return func
+
+    return wrap
+
+
+def _load_commands() -> None:
+    for mod in COMMAND_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a real missing dependency inside the module, not a stage not built yet
+                raise
+
+
+def _usage() -> str:
+    lines = ["usage: revelio <command> [--config FILE.yaml] [--section.key VALUE ...]", "", "commands:"]
+    width = max(len(n) for n in COMMANDS) if COMMANDS else 8
+    for name in sorted(COMMANDS):
+        lines.append(f"  {name:<{width}}  {COMMANDS[name].help.splitlines()[0] if COMMANDS[name].help else ''}")
+    lines += ["", "`revelio <command> --help` lists the command's config keys."]
+    return "\n".join(lines)
+
+
+def command_help(cmd: Command) -> str:
+    lines = [f"usage: revelio {cmd.name} [--config FILE.yaml] [--section.key VALUE ...]", "", cmd.help, ""]
+    if cmd.config is not None:
+        rows = C.describe(cmd.config)
+        kw = max(len(r[0]) for r in rows)
+        dw = min(28, max(len(r[1]) for r in rows))
+        lines.append("config keys (YAML file and/or --key VALUE overrides):")
+        for key, default, text in rows:
+            lines.append(f"  --{key:<{kw}}  {default:<{dw}}  {text}")
+    return "\n".join(lines)
+
+
+def split_command(argv: list[str]) -> tuple[Command | None, list[str]]:
+    """Find the longest registered command name at the start of ``argv`` ('sae fit' before 'sae')."""
+    for n in (2, 1):
+        name = " ".join(argv[:n])
+        if len(argv) >= n and name in COMMANDS:
+            return COMMANDS[name], argv[n:]
+    return None, argv
+
+
+def run(argv: list[str]) -> Any:
+    """Run ``revelio`` with ``argv`` (without the program name); returns the command's result."""
+    _load_commands()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return None
+    cmd, rest = split_command(argv)
+    if cmd is None:
+        group = [n for n in COMMANDS if n.split()[0] == argv[0]]
+        if group:
+            raise C.ConfigError(f"'revelio {argv[0]}' needs a subcommand: {', '.join(sorted(group))}")
+        raise C.ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join(sorted(COMMANDS))}")
+    if cmd.raw:
+        return cmd.func(rest)
+    if "-h" in rest or "--help" in rest:
+        print(command_help(cmd))
+        return None
+    path = None
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            raise C.ConfigError("--config needs a file path")
+        path = rest[i + 1]
+        rest = rest[:i] + rest[i + 2:]
+    else:
+        eq = [a for a in rest if a.startswith("--config=")]
+        if eq:
+            path = eq[0].split("=", 1)[1]
+            rest = [a for a in rest if a != eq[0]]
+    cfg = C.load(cmd.config, path, rest) if cmd.config is not None else None
+    return cmd.func(cfg) if cmd.config is not None else cmd.func()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"revelio: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

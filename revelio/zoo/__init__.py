@@ -1,0 +1,116 @@
+"""The model loader: a zoo name (``tiny-sd``, ``tiny-flux``, ``tiny-sd3``), a local folder or a hub id.
+
+Zoo models are real diffusers pipelines with tiny configs. Trained weights shipped in
+``revelio/zoo/weights/<name>`` are used when present; otherwise a seeded random-init
+pipeline is built once, saved with ``save_pretrained`` under the cache folder
+(``$REVELIO_HOME``, default ``~/.cache/revelio``) and loaded back with
+``from_pretrained``, exactly like a hub model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..config import RevelioError
+from .builders import build_tiny_flux, build_tiny_sd, build_tiny_sd3
+
+BUILDERS: dict[str, Callable[[int], object]] = {
+    "tiny-sd": build_tiny_sd,
+    "tiny-flux": build_tiny_flux,
+    "tiny-sd3": build_tiny_sd3,
+}
+ZOO_NAMES = list(BUILDERS)
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+class ModelUnavailable(RevelioError, RuntimeError):
+    """The model cannot be loaded here; the message says what to pass instead."""
+
+
+def quiet_libraries() -> None:
+    """Silence the per-component loading bars and notices of diffusers/transformers (errors still show)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REVELIO_HOME", Path.home() / ".cache" / "revelio"))
+
+
+def shipped_path(name: str) -> Path | None:
+    """The folder of trained weights shipped in the package for zoo model ``name``, if any."""
+    p = WEIGHTS_DIR / name
+    return p if (p / "model_index.json").exists() else None
+
+
+def zoo_path(name: str, random_init: bool = False, seed: int = 0) -> Path:
+    """The folder holding zoo model ``name``: shipped trained weights, else a cached random build."""
+    if name not in BUILDERS:
+        raise ModelUnavailable(f"{name!r} is not a zoo model; zoo models: {', '.join(ZOO_NAMES)}")
+    if not random_init and (p := shipped_path(name)) is not None:
+        return p
+    target = cache_dir() / "zoo" / f"{name}-random-seed{seed}"
+    if not (target / "model_index.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        try:
+            BUILDERS[name](seed).save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)  # atomic: a crash never leaves a half-written model folder
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(table)}")
+    return table[dtype]
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: str | torch.dtype = "float32", random_init: bool = False,
+                  seed: int = 0, allow_network: bool | None = None):
+    """Load a diffusers pipeline from a zoo name, a local folder or a hub id.
+
+    Nothing is downloaded unless ``allow_network`` is true (default: only when
+    ``HF_HUB_OFFLINE`` is unset and ``REVELIO_ALLOW_NETWORK=1``).
+    """
+    from diffusers import DiffusionPipeline
+
+    quiet_libraries()
+    torch_dtype = resolve_dtype(dtype)
+    if model in BUILDERS:
+        path, local_only = zoo_path(model, random_init=random_init, seed=seed), True
+    elif Path(model).exists():
+        path, local_only = Path(model), True
+    else:
+        if allow_network is None:
+            allow_network = os.environ.get("REVELIO_ALLOW_NETWORK") == "1" and os.environ.get("HF_HUB_OFFLINE") != "1"
+        path, local_only = model, not allow_network
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, local_files_only=local_only)
+    except (OSError, ValueError, EnvironmentError) as e:
+        if local_only and not Path(str(path)).exists():
+            raise ModelUnavailable(
+                f"model {model!r} is not available offline. Pass a zoo name ({', '.join(ZOO_NAMES)}), a local folder "
+                f"saved with save_pretrained, or a hub id whose weights are in the local Hugging Face cache; to allow "
+                f"downloads set REVELIO_ALLOW_NETWORK=1 and unset HF_HUB_OFFLINE.") from e
+        raise
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,104 @@
+"""Tiny-config diffusers pipelines (random, seeded weights) for 64x64 RGB images.
+
+All three share the same tiny AutoencoderKL (factor 4: 64x64 images -> 4x16x16 latents)
+and the offline tokenizers. The configs are small versions of the real ones, so every
+code path (hooks, attention processors, noising) is the one real models take.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+IMAGE_SIZE = 64
+LATENT_CHANNELS = 4
+TEXT_DIM = 64
+MAX_TOKENS = 32
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=IMAGE_SIZE,
+        scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=False,
+    )
+
+
+def _clip_config(tok, projection: bool = False) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_DIM,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+
+
+def _t5(tok) -> T5EncoderModel:
+    cfg = T5Config(vocab_size=len(tok), d_model=TEXT_DIM, d_kv=16, d_ff=4 * TEXT_DIM, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    return T5EncoderModel(cfg)
+
+
+def build_tiny_sd(seed: int = 0) -> StableDiffusionPipeline:
+    """UNet2DConditionModel with cross-attention at 16x16, 8x8 and the 4x4 mid block; DDPM, epsilon."""
+    torch.manual_seed(seed)
+    tok = build_clip_tokenizer(MAX_TOKENS)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8, norm_num_groups=16,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type="epsilon", clip_sample=False,
+                              steps_offset=1)
+    return StableDiffusionPipeline(vae=build_vae(), text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok,
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def build_tiny_flux(seed: int = 0) -> FluxPipeline:
+    """FluxTransformer2DModel with 4 double-stream (MM-DiT) and 2 single-stream blocks; rectified flow."""
+    torch.manual_seed(seed)
+    tok, tok2 = build_clip_tokenizer(MAX_TOKENS), build_t5_tokenizer(MAX_TOKENS)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=4, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return FluxPipeline(scheduler=scheduler, vae=build_vae(), text_encoder=CLIPTextModel(_clip_config(tok)),
+                        tokenizer=tok, text_encoder_2=_t5(tok2), tokenizer_2=tok2, transformer=transformer)
+
+
+def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD3Transformer2DModel (MM-DiT, 4 joint blocks) with two CLIPs and a T5; rectified flow."""
+    torch.manual_seed(seed)
+    tok, tok2, tok3 = build_clip_tokenizer(MAX_TOKENS), build_clip_tokenizer(MAX_TOKENS), build_t5_tokenizer(MAX_TOKENS)
+    transformer = SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 4, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        num_layers=4, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=64, pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=16,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=build_vae(),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok2)), tokenizer_2=tok2,
+        text_encoder_3=_t5(tok3), tokenizer_3=tok3,
+    )

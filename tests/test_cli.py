@@ -1,0 +1,80 @@
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from revelio import cli
+from revelio import config as C
+
+
+@dataclass
+class Inner:
+    id: str = C.field("tiny-sd", help="model")
+    steps: int = C.field(4)
+
+
+@dataclass
+class Outer:
+    model: Inner = C.field(default_factory=Inner)
+    timesteps: list[int] = C.field(default_factory=lambda: [25])
+    dtype: str = C.field("float32")
+    flag: bool = C.field(False)
+    path: str | None = C.field(None)
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  id: tiny-flux\ntimesteps: [10, 50]\n")
+    cfg = C.load(Outer, f, ["--model.steps", "8", "--flag", "true", "--timesteps=[1,2,3]", "--path", "x.h5"])
+    assert cfg.model.id == "tiny-flux" and cfg.model.steps == 8
+    assert cfg.timesteps == [1, 2, 3] and cfg.flag is True and cfg.path == "x.h5"
+    assert C.to_dict(cfg)["model"] == {"id": "tiny-flux", "steps": 8}
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    with pytest.raises(C.ConfigError, match="valid keys: id, steps"):
+        C.load(Outer, None, ["--model.idd", "x"])
+    with pytest.raises(C.ConfigError, match="valid keys: model, timesteps, dtype, flag, path"):
+        C.load(Outer, None, {"modle": {}})
+
+
+def test_type_errors_are_clear(tmp_path):
+    with pytest.raises(C.ConfigError, match="model.steps: expected an integer"):
+        C.load(Outer, None, ["--model.steps", "many"])
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(Outer, tmp_path / "missing.yaml")
+    with pytest.raises(C.ConfigError, match="needs a value"):
+        C.parse_overrides(["--model.id"])
+
+
+def test_negative_numbers_are_values():
+    assert C.parse_overrides(["--x", "-1"]) == {"x": -1}
+
+
+def test_cli_lists_commands_and_keys(capsys):
+    cli.run(["--help"])
+    out = capsys.readouterr().out
+    for name in ("zoo", "data", "demo"):
+        assert name in out
+    cli.run(["data", "--help"])
+    out = capsys.readouterr().out
+    assert "--data.name" in out and "--columns" in out
+
+
+def test_cli_errors_exit_2_with_valid_names(capsys):
+    assert cli.main(["data", "--data.nam", "x"]) == 2
+    assert "valid keys: name, path" in capsys.readouterr().err
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command 'nonsense'; commands:" in capsys.readouterr().err
+    assert cli.main(["data", "--data.name", "imagenet"]) == 2
+    assert "valid: shapes, digits, folder, hf" in capsys.readouterr().err
+
+
+def test_console_script_runs(tmp_path):
+    exe = Path(sys.executable).parent / "revelio"
+    r = subprocess.run([str(exe), "data", "--data.count", "4", "--columns", "4", "--out", str(tmp_path / "g.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "g.png").stat().st_size > 1000

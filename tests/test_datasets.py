@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from revelio.datasets import COLORS, SHAPES, DataConfig, Digits, HFDiskDataset, ImageFolder, Shapes, load_dataset
+
+
+def test_shapes_is_deterministic_and_independent_of_count():
+    a, b = Shapes(size=48, count=10, seed=3), Shapes(size=48, count=50, seed=3)
+    for i in range(10):
+        sa, sb = a[i], b[i]
+        assert sa.id == sb.id and sa.caption == sb.caption and sa.label == sb.label
+        assert np.array_equal(np.asarray(sa.image), np.asarray(sb.image))
+    assert not np.array_equal(np.asarray(Shapes(48, 2, seed=4)[0].image), np.asarray(a[0].image))
+    assert Shapes(48, 5, seed=3, split="test")[0].id != a[0].id
+
+
+def test_shapes_masks_match_captions():
+    ds = Shapes(size=64, count=40, seed=0)
+    counts = set()
+    for s in ds.iter_samples():
+        img = np.asarray(s.image)
+        words = s.caption.replace(",", "").split()
+        objs = [(words[i + 1], words[i + 2]) for i, w in enumerate(words) if w in ("a", "an")]
+        counts.add(len(objs))
+        assert 1 <= len(objs) <= 3
+        assert SHAPES[s.label] == objs[0][1]  # label = shape of the largest (first-named) object
+        union = np.zeros(img.shape[:2], bool)
+        for colour, shape in objs:
+            m = s.masks[f"{colour} {shape}"]
+            assert m.sum() > 20, (s.id, colour, shape)
+            # every masked pixel has exactly the named colour
+            assert np.all(img[m] == np.array(COLORS[colour], dtype=np.uint8))
+            assert m.sum() <= s.masks[shape].sum() and m.sum() <= s.masks[colour].sum()
+            union |= m
+        assert np.array_equal(s.masks["background"], ~union)
+    assert counts == {1, 2, 3}
+
+
+def test_digits_real_and_split():
+    tr, te = Digits(size=32, seed=0), Digits(size=32, seed=0, split="test")
+    assert len(tr) + len(te) == 1797 and not set(tr.ids()) & set(te.ids())
+    s = tr[0]
+    assert s.image.size == (32, 32) and s.image.mode == "RGB" and 0 <= s.label <= 9
+    assert s.caption.startswith("a handwritten digit")
+    assert s.masks["digit"].any() and s.masks["background"].any()
+    with pytest.raises(ValueError, match="holds"):
+        Digits(count=5000)
+
+
+def _make_folder(root):
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "cat" / "rgb.png")
+    Image.new("L", (30, 30), 90).save(root / "cat" / "gray.jpg")
+    Image.new("RGBA", (30, 30), (0, 0, 255, 128)).save(root / "dog" / "rgba.png")
+    Image.new("P", (30, 30), 3).save(root / "dog" / "palette.gif")
+    (root / "dog" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (root / "dog" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_converts_and_skips_bad_files(tmp_path, caplog):
+    _make_folder(tmp_path)
+    ds = ImageFolder(tmp_path, size=16)
+    assert ds.class_names == ["cat", "dog"] and len(ds.non_images) == 1
+    samples = list(ds.iter_samples())
+    assert len(samples) == 4 and ds.skipped == ["dog/corrupt.png"]
+    assert all(s.image.mode == "RGB" and s.image.size == (16, 16) for s in samples)
+    assert {s.caption for s in samples} == {"a photo of a cat", "a photo of a dog"}
+    assert "unreadable" in caplog.text
+
+
+def test_hf_disk_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red", "blue"])})
+    imgs = [Image.new("RGB", (20, 20), (255, 0, 0)), Image.new("L", (20, 20), 30)]
+    datasets.Dataset.from_dict({"image": imgs, "label": [0, 1]}, features=feats).save_to_disk(str(tmp_path / "ds"))
+    ds = HFDiskDataset(tmp_path / "ds", size=8)
+    s = list(ds.iter_samples())
+    assert [x.label for x in s] == [0, 1] and s[1].caption == "a photo of a blue" and s[1].image.mode == "RGB"
+    loaded = load_dataset(DataConfig(name="hf", path=str(tmp_path / "ds"), size=8, count=None))
+    assert len(loaded) == 2
+
+
+def test_unknown_dataset_lists_valid():
+    with pytest.raises(ValueError, match="valid: shapes, digits, folder, hf"):
+        load_dataset(DataConfig(name="imagenet"))
+    with pytest.raises(ValueError, match="needs data.path"):
+        load_dataset(DataConfig(name="folder"))
