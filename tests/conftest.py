@@ -38,3 +38,29 @@ def tiny_flux():
     from revelio.zoo import load_pipeline
 
     return load_pipeline("tiny-flux")
+
+
+def _build_store(tmp_path_factory, name: str, model: str, hooks: list[str]):
+    """A finished activation store of 24 shapes images (size 64), timesteps 25 and 250, caption prompts."""
+    from revelio.commands.extract import ExtractConfig, extract_cmd
+    from revelio.config import load
+
+    out = tmp_path_factory.mktemp(f"store_{name}") / f"{name}.h5"
+    cfg = load(ExtractConfig, overrides={
+        "model": {"id": model}, "data": {"name": "shapes", "size": 64, "count": 24, "seed": 0},
+        "hooks": hooks, "timesteps": [25, 250], "capture": "output", "pooling": "none", "prompt": "caption",
+        "storage_dtype": "float32", "batch_size": 12, "seed": 0, "out": str(out), "progress": False})
+    extract_cmd(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd_store(tmp_path_factory):
+    """Path of a tiny-sd activation store: hooks mid_block (64x4x4) and up_blocks.1 (64x16x16), NCHW."""
+    return _build_store(tmp_path_factory, "sd", "tiny-sd", ["mid_block", "up_blocks.1"])
+
+
+@pytest.fixture(scope="session")
+def flux_store(tmp_path_factory):
+    """Path of a tiny-flux store: transformer_blocks.3 and single_transformer_blocks.1, image tokens (64, 64) NTC."""
+    return _build_store(tmp_path_factory, "flux", "tiny-flux", ["transformer_blocks.3", "single_transformer_blocks.1"])
