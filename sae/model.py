@@ -1,0 +1,293 @@
+"""The k-sparse autoencoder, in plain torch (METHODS.md section 4).
+
+    x_n   = s * x                                   input normalisation, s = sqrt(d_in) / mean ||x||
+    pre   = (x_n - b_dec) W_enc + b_enc             W_enc [d_in, d_sae]
+    z     = ReLU(TopK(pre))                         TopK per sample, or BatchTopK over the batch
+    x_hat = z W_dec + b_dec                         W_dec [d_sae, d_in], rows of unit norm
+
+Codes travel as a CSR triple (values, latents, offsets): row b owns
+``values[offsets[b]:offsets[b+1]]``. Decoding is an ``embedding_bag`` over the active latents,
+and the encoder's backward touches only the selected (row, latent) pairs, so neither pass
+multiplies a dense (batch x d_sae) matrix by the dictionary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Architecture = Literal["topk", "batchtopk"]
+ARCHITECTURES = ("topk", "batchtopk")
+
+
+@dataclass
+class Codes:
+    """Sparse codes of a batch in CSR form (values already through the ReLU)."""
+
+    values: Tensor  # (nnz,)
+    latents: Tensor  # (nnz,) long
+    offsets: Tensor  # (B,) long, start of each row
+    rows: Tensor  # (nnz,) long, row of each entry
+
+    def dense(self, batch: int, d_sae: int) -> Tensor:
+        """The (B, d_sae) matrix with zeros off the active latents."""
+        out = self.values.new_zeros(batch, d_sae)
+        return out.index_put_((self.rows, self.latents), self.values)
+
+    def l0(self, batch: int) -> Tensor:
+        """Mean number of non-zero codes per sample (counted on the codes, not on pre-activations)."""
+        return (self.values > 0).sum().float() / batch
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum (x - x_hat)^2 / sum (x - mean(x))^2 over the batch."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of x."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(eps)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() < eps * (1 + m.norm()):
+            m = new
+            break
+        m = new
+    return m.float()
+
+
+class _SelectedPreacts(torch.autograd.Function):
+    """pre[rows, latents] with a backward that only touches the selected encoder columns.
+
+    The dense ``pre`` is computed without autograd; the gradients are those of
+    ``(x W_enc + b_enc)[rows, latents]``, built as a sparse (B x d_sae) matrix G so that
+    dW_enc = x^T G and dx = G W_enc^T cost O(nnz * d_in) instead of O(B * d_sae * d_in).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
+        ctx.save_for_backward(x, W_enc, rows, latents)
+        return pre[rows, latents]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, W_enc, rows, latents = ctx.saved_tensors
+        G = torch.sparse_coo_tensor(torch.stack([rows, latents]), grad, (x.shape[0], W_enc.shape[1]),
+                                    check_invariants=False)
+        gx = gW = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.sparse.mm(G, W_enc.t())
+        if ctx.needs_input_grad[1]:
+            gW = torch.sparse.mm(G.t(), x).t()
+        if ctx.needs_input_grad[2]:
+            gb = grad.new_zeros(W_enc.shape[1]).index_add_(0, latents, grad)
+        return gx, gW, gb, None, None, None
+
+
+def _topk_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample TopK: (rows, latents, offsets) of the k largest pre-activations of each row."""
+    B = pre.shape[0]
+    k = min(k, pre.shape[1])
+    latents = pre.topk(k, dim=1, sorted=False).indices.flatten()
+    rows = torch.arange(B, device=pre.device).repeat_interleave(k)
+    return rows, latents, torch.arange(B, device=pre.device) * k
+
+
+def _rows_to_offsets(rows: Tensor, batch: int) -> Tensor:
+    counts = torch.bincount(rows, minlength=batch)
+    return torch.cumsum(counts, 0) - counts
+
+
+def _batch_topk_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchTopK: the k*B largest pre-activations over the whole batch, sorted by row."""
+    B, d = pre.shape
+    flat = pre.flatten().topk(min(k * B, B * d), sorted=False).indices.sort().values
+    rows, latents = flat // d, flat % d
+    return rows, latents, _rows_to_offsets(rows, B)
+
+
+def _threshold_select(pre: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchTopK at inference: every pre-activation above the learned threshold."""
+    rows, latents = (pre > threshold).nonzero(as_tuple=True)
+    return rows, latents, _rows_to_offsets(rows, pre.shape[0])
+
+
+class SparseAutoencoder(nn.Module):
+    """TopK / BatchTopK sparse autoencoder with optional Matryoshka prefixes and AuxK.
+
+    Args:
+        d_in: activation width.
+        d_sae: dictionary size.
+        k: active latents per sample (on average per sample for BatchTopK).
+        architecture: "topk" or "batchtopk".
+        matryoshka: increasing prefix sizes; each prefix must reconstruct on its own (d_sae is added).
+        k_aux: latents of the AuxK loss (default d_in // 2).
+        aux_coef: weight of the AuxK loss (1/32 in Gao et al.).
+        dead_after: samples without firing after which a latent counts as dead.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, k: int, architecture: Architecture = "topk",
+                 matryoshka: list[int] | tuple[int, ...] = (), k_aux: int | None = None,
+                 aux_coef: float = 1 / 32, dead_after: int = 10_000_000, seed: int = 0):
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {architecture!r} is not one of {list(ARCHITECTURES)}")
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
+        prefixes = sorted(set(int(m) for m in matryoshka) | {d_sae}) if matryoshka else [d_sae]
+        if prefixes[0] <= 0 or prefixes[-1] != d_sae:
+            raise ValueError(f"matryoshka prefixes must lie in [1, d_sae={d_sae}], got {list(matryoshka)}")
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.architecture = architecture
+        self.prefixes = prefixes
+        self.k_aux = k_aux if k_aux is not None else max(1, d_in // 2)
+        self.aux_coef = aux_coef
+        self.dead_after = dead_after
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(d_sae, d_in, generator=g)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())  # tied init
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("norm_scale", torch.tensor(1.0))
+        self.register_buffer("threshold", torch.tensor(-1.0))  # BatchTopK inference threshold; -1: not yet set
+        self.register_buffer("since_fired", torch.zeros(d_sae, dtype=torch.long))  # samples since each latent fired
+        self.cfg: dict = {}  # filled by ``sae.load`` from cfg.json (hook, timestep, source store, ...)
+
+    # ---- initialisation from data -------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, b_dec: Literal["mean", "geometric_median", "zeros"] = "mean",
+                       normalize: bool = True) -> None:
+        """Set the normalisation constant (mean ||x_n|| = sqrt(d_in)) and b_dec from a data sample."""
+        choices = ("mean", "geometric_median", "zeros")
+        if b_dec not in choices:
+            raise ValueError(f"b_dec init {b_dec!r} is not one of {list(choices)}")
+        x = x.float().to(self.W_dec.device)
+        self.norm_scale.fill_(math.sqrt(self.d_in) / x.norm(dim=1).mean().clamp_min(1e-12).item() if normalize else 1.0)
+        xn = x * self.norm_scale
+        center = {"mean": lambda: xn.mean(0), "geometric_median": lambda: geometric_median(xn),
+                  "zeros": lambda: torch.zeros_like(self.b_dec)}[b_dec]()
+        self.b_dec.copy_(center.to(self.b_dec))
+
+    # ---- decoder constraint -------------------------------------------------------------
+    @torch.no_grad()
+    def set_decoder_unit_norm(self) -> None:
+        """Rescale every decoder row (a feature direction) to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the gradient component along each (unit) decoder row, so a step cannot change its norm to first order."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    # ---- encode / decode ----------------------------------------------------------------
+    def _pre(self, xn: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.addmm(self.b_enc, xn - self.b_dec, self.W_enc)
+
+    def _select(self, pre: Tensor, train: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if self.architecture == "topk":
+            return _topk_select(pre, self.k)
+        if train or self.threshold < 0:
+            return _batch_topk_select(pre, self.k)
+        return _threshold_select(pre, float(self.threshold))
+
+    def _codes(self, xn: Tensor, pre: Tensor, rows: Tensor, latents: Tensor, offsets: Tensor) -> Codes:
+        vals = _SelectedPreacts.apply(xn - self.b_dec, self.W_enc, self.b_enc, pre, rows, latents)
+        return Codes(F.relu(vals), latents, offsets, rows)
+
+    def encode_sparse(self, xn: Tensor, train: bool = False) -> Codes:
+        """Codes of already normalised inputs, in CSR form."""
+        pre = self._pre(xn)
+        return self._codes(xn, pre, *self._select(pre, train))
+
+    def decode_sparse(self, codes: Codes, prefix: int | None = None, bias: bool = True) -> Tensor:
+        """z W_dec (+ b_dec) from the active latents only; ``prefix`` keeps latents < prefix (Matryoshka)."""
+        w = codes.values if prefix is None else codes.values * (codes.latents < prefix)
+        out = F.embedding_bag(codes.latents, self.W_dec, codes.offsets, mode="sum", per_sample_weights=w)
+        return out + self.b_dec if bias else out
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes (B, d_sae) of raw activations (zeros off the active latents); normalises x itself."""
+        xn = x.to(self.W_enc) * self.norm_scale
+        return self.encode_sparse(xn).dense(x.shape[0], self.d_sae)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Reconstruction in raw activation units from dense codes (B, d_sae)."""
+        return (codes @ self.W_dec + self.b_dec) / self.norm_scale
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_hat, codes) for raw activations x (B, d_in)."""
+        xn = x.to(self.W_enc) * self.norm_scale
+        codes = self.encode_sparse(xn)
+        return self.decode_sparse(codes) / self.norm_scale, codes.dense(x.shape[0], self.d_sae)
+
+    # ---- training objective -------------------------------------------------------------
+    def dead_mask(self) -> Tensor:
+        return self.since_fired >= self.dead_after
+
+    def loss(self, x: Tensor) -> dict[str, Tensor]:
+        """Training objective on raw activations x: FVU (mean over Matryoshka prefixes) + aux_coef * AuxK.
+
+        Returns the loss and the metrics of the batch, with ``fired`` (d_sae,) bool for the dead-latent counters.
+        """
+        B = x.shape[0]
+        xn = x.to(self.W_enc) * self.norm_scale
+        pre = self._pre(xn)
+        rows, latents, offsets = self._select(pre, train=True)
+        codes = self._codes(xn, pre, rows, latents, offsets)
+        x_hat = self.decode_sparse(codes)
+        full = fvu(xn, x_hat)
+        recon = full if len(self.prefixes) == 1 else torch.stack(
+            [fvu(xn, self.decode_sparse(codes, m)) for m in self.prefixes[:-1]] + [full]).mean()
+        auxk = self._auxk(xn, x_hat, pre)
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[codes.latents[codes.values > 0]] = True
+        out = {"loss": recon + self.aux_coef * auxk, "fvu": full.detach(), "auxk": auxk.detach(),
+               "l0": codes.l0(B), "fired": fired}
+        if self.architecture == "batchtopk":
+            out["min_active"] = codes.values[codes.values > 0].min().detach() if codes.values.gt(0).any() else None
+        return out
+
+    def _auxk(self, xn: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+        """Reconstruct the residual from the top k_aux dead latents, without b_dec (Gao et al. 2024)."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return xn.new_zeros(())
+        masked = pre.masked_fill(~dead, float("-inf"))
+        rows, latents, offsets = _topk_select(masked, min(self.k_aux, n_dead))
+        aux = self._codes(xn, pre, rows, latents, offsets)
+        residual = (xn - x_hat).detach()
+        return fvu(residual, self.decode_sparse(aux, bias=False))
+
+    @torch.no_grad()
+    def update_dead_counters(self, fired: Tensor, n_samples: int) -> None:
+        """Count samples since each latent last fired (``fired``: which fired in the last ``n_samples``)."""
+        self.since_fired += n_samples
+        self.since_fired[fired] = 0
+
+    @torch.no_grad()
+    def update_threshold(self, min_active: Tensor | None, momentum: float = 0.99) -> None:
+        """BatchTopK: running mean of the smallest kept activation, the threshold used at inference."""
+        if min_active is None:
+            return
+        if self.threshold < 0:
+            self.threshold.fill_(float(min_active))
+        else:
+            self.threshold.mul_(momentum).add_((1 - momentum) * min_active)
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}, architecture={self.architecture}, "
+                f"prefixes={self.prefixes}, k_aux={self.k_aux}")

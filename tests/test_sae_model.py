@@ -1,0 +1,248 @@
+"""SAE math on small inputs: against hand computations, naive dense implementations and a known dictionary."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.optimize import minimize
+
+import sae
+from sae import SparseAutoencoder, fvu, geometric_median
+from sae.model import Codes
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run fastest (and least disturbed by other jobs) on one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class SparseWorld:
+    """Data made from a known dictionary: x = c D, each sample with k_true active unit features."""
+
+    def __init__(self, d_in=32, n_feat=64, k_true=3, seed=0):
+        self.g = torch.Generator().manual_seed(seed)
+        D = torch.randn(n_feat, d_in, generator=self.g)
+        self.D = D / D.norm(dim=1, keepdim=True)
+        self.n_feat, self.k_true = n_feat, k_true
+
+    def batch(self, B):
+        idx = torch.rand(B, self.n_feat, generator=self.g).argsort(1)[:, : self.k_true]
+        c = torch.zeros(B, self.n_feat).scatter_(1, idx, torch.rand(B, self.k_true, generator=self.g) + 0.5)
+        return c @ self.D
+
+
+def train(m, world, steps, B=256, lr=1e-2):
+    """The plain training loop (the Lightning module runs the same calls)."""
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    hist = []
+    for _ in range(steps):
+        out = m.loss(world.batch(B))
+        opt.zero_grad()
+        out["loss"].backward()
+        m.remove_parallel_grads()
+        opt.step()
+        m.set_decoder_unit_norm()
+        m.update_dead_counters(out["fired"], B)
+        if m.architecture == "batchtopk":
+            m.update_threshold(out["min_active"])
+        hist.append({k: float(v) for k, v in out.items() if k in ("fvu", "l0", "auxk")})
+    return hist
+
+
+def recovery(m, world):
+    """Mean over true features of the best cosine with a learned decoder row."""
+    W = m.W_dec.detach()
+    return float((world.D @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values.mean())
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_recovers_known_dictionary(arch, one_thread):
+    world = SparseWorld()
+    m = SparseAutoencoder(32, 128, 3, architecture=arch, dead_after=2000)
+    m.init_from_data(world.batch(2048))
+    hist = train(m, world, 250)
+    assert recovery(m, world) >= 0.9
+    first, last = np.mean([h["fvu"] for h in hist[:10]]), np.mean([h["fvu"] for h in hist[-10:]])
+    assert last < 0.5 * first
+    norms = m.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    x = world.batch(512)
+    codes = m.encode(x)
+    l0 = (codes != 0).sum(1).float()
+    if arch == "topk":
+        assert torch.all(l0 == 3)
+    else:  # BatchTopK: k per sample on average in training, a threshold at inference
+        assert all(h["l0"] == 3 for h in hist[-10:])
+        assert m.threshold > 0
+        assert 2 <= l0.mean() <= 4
+        assert torch.all(codes[codes != 0] > m.threshold)
+
+
+def test_auxk_revives_dead_latents(one_thread):
+    """Half the encoder starts 100x too small: those latents never win the TopK and die.
+
+    Only AuxK (top k_aux dead latents reconstruct the residual) gives them gradient."""
+    world = SparseWorld(d_in=32, n_feat=64, k_true=2, seed=1)
+    dead_frac, final_fvu = {}, {}
+    for coef in (0.0, 1 / 32):
+        m = SparseAutoencoder(32, 64, 2, aux_coef=coef, k_aux=16, dead_after=512)
+        m.init_from_data(world.batch(1024))
+        with torch.no_grad():
+            m.W_enc[:, 32:] *= 0.01
+        hist = train(m, world, 150)
+        dead_frac[coef] = float(m.dead_mask().float().mean())
+        final_fvu[coef] = np.mean([h["fvu"] for h in hist[-10:]])
+    assert dead_frac[0.0] >= 0.4
+    assert dead_frac[1 / 32] < 0.5 * dead_frac[0.0]
+    assert final_fvu[1 / 32] < final_fvu[0.0]
+
+
+def test_fvu_by_hand():
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    # residual^2 = 0 + 1 + 1 + 0 = 2; mean (2, 1); variance sum = 1 + 1 + 1 + 1 = 4
+    assert float(fvu(x, x_hat)) == pytest.approx(0.5)
+
+
+def test_geometric_median_matches_optimiser():
+    rng = np.random.default_rng(0)
+    pts = np.concatenate([rng.normal(size=(30, 3)), rng.normal(size=(5, 3)) + 20])  # outliers pull the mean
+    ref = minimize(lambda m: np.linalg.norm(pts - m, axis=1).sum(), pts.mean(0), method="Nelder-Mead",
+                   options={"xatol": 1e-9, "fatol": 1e-9, "maxiter": 20000}).x
+    got = geometric_median(torch.tensor(pts, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+    assert np.linalg.norm(got - pts[:30].mean(0)) < np.linalg.norm(pts.mean(0) - pts[:30].mean(0))
+
+
+def test_sparse_decode_equals_dense_decode():
+    torch.manual_seed(0)
+    m = SparseAutoencoder(16, 64, 5)
+    with torch.no_grad():
+        m.b_dec.normal_()
+    x = torch.randn(7, 16)
+    codes = m.encode_sparse(x)
+    dense = codes.dense(7, 64)
+    assert torch.all((dense != 0).sum(1) <= 5)
+    torch.testing.assert_close(m.decode_sparse(codes), dense @ m.W_dec + m.b_dec)
+    x_hat, z = m(x)
+    torch.testing.assert_close(x_hat, m.decode(z))
+    torch.testing.assert_close(z, m.encode(x))
+
+
+def naive_topk_sae(m, x, k):
+    """Independent dense implementation: z = ReLU(TopK(pre)), x_hat = z W_dec + b_dec, all through autograd."""
+    pre = (x - m.b_dec) @ m.W_enc + m.b_enc
+    idx = pre.topk(k, dim=1).indices
+    z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx)).relu()
+    return z @ m.W_dec + m.b_dec
+
+
+def test_gradients_match_dense_autograd():
+    torch.manual_seed(1)
+    m = SparseAutoencoder(12, 40, 4)
+    with torch.no_grad():
+        m.b_dec.normal_()
+        m.b_enc.normal_()
+        m.W_enc.add_(0.3 * torch.randn_like(m.W_enc))
+    x = torch.randn(9, 12)
+    out = m.loss(x)
+    out["loss"].backward()
+    ours = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    fvu(x, naive_topk_sae(m, x, 4)).backward()  # dead counters are zero: no AuxK term
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_relu_on_kept_values_and_l0_on_codes():
+    m = SparseAutoencoder(4, 8, 3)
+    with torch.no_grad():
+        m.W_enc.zero_()
+        m.b_enc.copy_(torch.tensor([-1.0, -2, 0.5, -3, -4, 2.0, -5, -6]))
+    codes = m.encode(torch.randn(5, 4))
+    # the top 3 are latents 5, 2, 0 but 0 is negative: ReLU zeroes it, so L0 is 2, not k
+    assert torch.all((codes != 0).sum(1) == 2)
+    torch.testing.assert_close(codes[0], torch.tensor([0, 0, 0.5, 0, 0, 2.0, 0, 0]))
+
+
+def test_remove_parallel_grads_by_hand():
+    m = SparseAutoencoder(2, 2, 1)
+    with torch.no_grad():
+        m.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
+    m.W_dec.grad = torch.tensor([[2.0, 3.0], [1.0, 0.0]])
+    m.remove_parallel_grads()
+    # row 0: drop the x-component; row 1: g - (g.w) w = (1, 0) - 0.6 (0.6, 0.8)
+    torch.testing.assert_close(m.W_dec.grad, torch.tensor([[0.0, 3.0], [1 - 0.36, -0.48]]))
+
+
+def test_matryoshka_loss_is_mean_of_prefix_fvus():
+    torch.manual_seed(2)
+    m = SparseAutoencoder(8, 32, 4, matryoshka=[8, 16])
+    x = torch.randn(6, 8)
+    z = m.encode(x)
+    parts = []
+    for p in (8, 16, 32):
+        zp = z.clone()
+        zp[:, p:] = 0
+        parts.append(fvu(x, zp @ m.W_dec + m.b_dec))
+    torch.testing.assert_close(m.loss(x)["loss"], torch.stack(parts).mean())
+
+
+def test_normalisation_constant_and_b_dec_init():
+    x = torch.randn(100, 16) * 7 + 3
+    m = SparseAutoencoder(16, 32, 2)
+    m.init_from_data(x, b_dec="mean")
+    assert float((x * m.norm_scale).norm(dim=1).mean()) == pytest.approx(4.0, rel=1e-4)  # sqrt(16)
+    torch.testing.assert_close(m.b_dec.detach(), (x * m.norm_scale).mean(0))
+    with pytest.raises(ValueError, match="geometric_median"):
+        m.init_from_data(x, b_dec="median")
+
+
+def test_bad_arguments_name_the_choices():
+    with pytest.raises(ValueError, match="topk.*batchtopk"):
+        SparseAutoencoder(4, 8, 2, architecture="jumprelu")
+    with pytest.raises(ValueError, match="k must be"):
+        SparseAutoencoder(4, 8, 9)
+
+
+def test_export_import_roundtrip_and_saelens_formula(tmp_path):
+    torch.manual_seed(3)
+    m = SparseAutoencoder(10, 30, 3)
+    x = torch.randn(20, 10) * 5
+    m.init_from_data(x, b_dec="geometric_median")
+    with torch.no_grad():
+        m.b_enc.normal_()
+    folder = sae.save(m, tmp_path / "sae", extra={"hook": "up_blocks.1", "timestep": 25})
+    tensors = load_file(str(folder / "sae.safetensors"))
+    assert {n: tuple(t.shape) for n, t in tensors.items()} == {
+        "W_enc": (10, 30), "W_dec": (30, 10), "b_enc": (30,), "b_dec": (10,)}
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["d_in"] == 10 and cfg["d_sae"] == 30 and cfg["k"] == 3 and cfg["hook_name"] == "up_blocks.1"
+    # a SAELens-style reader applies the saved tensors to RAW activations
+    W_enc, W_dec, b_enc, b_dec = (tensors[n] for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    pre = (x - b_dec) @ W_enc + b_enc
+    idx = pre.topk(3, dim=1).indices
+    z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx)).relu()
+    x_hat, codes = m(x)
+    torch.testing.assert_close(codes, z, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x_hat, z @ W_dec + b_dec, atol=1e-4, rtol=1e-4)
+    back = sae.load(folder)
+    assert back.cfg["timestep"] == 25
+    torch.testing.assert_close(back(x)[0], x_hat)
+    torch.testing.assert_close(back.W_dec.norm(dim=1), torch.ones(30))
+    with pytest.raises(ValueError, match="d_in mismatch"):
+        sae.load(folder, d_in=11)
+    with pytest.raises(FileNotFoundError, match="not an SAE folder"):
+        sae.load(tmp_path)
+
+
+def test_codes_csr_dense():
+    c = Codes(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 2, 1]), torch.tensor([0, 2]), torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(c.dense(2, 3), torch.tensor([[1.0, 0, 2], [0, 3, 0]]))
+    assert float(c.l0(2)) == 1.5
