@@ -1,0 +1,218 @@
+"""DAAM: Diffusion Attentive Attribution Maps (Tang et al., ACL 2023), and its DiT cross-attention variant.
+
+UNet pipelines (SD 1.x/2.x, SDXL): every cross-attention module (``attn2``) of the down and
+up blocks (the mid block on request) gets a wrapping processor. The original processor
+runs unchanged; the wrapper takes the query/key projections it computed and forms the
+attention probabilities softmax(Q K^T / sqrt(d)) (batch, heads, HW, tokens). Only the
+conditional half of a classifier-free-guidance batch is kept. Each head's map per token is
+upsampled bicubically to the latent size, clamped at 0 and added to ONE running sum per
+token, so memory does not grow with steps; ``maps()`` is the mean over heads, layers and
+calls.
+
+MM-DiT pipelines (Flux, SD3): the same idea inside joint attention: the probabilities of
+image queries over the whole joint key set, read at the prompt's (T5) text keys, on the
+image-token grid.
+
+    with trace(pipe) as tc:
+        pipe("a red circle and a blue square")
+    heat = tc.word_map("circle")        # (H, W) tensor
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extraction.adapters import grid_for_tokens
+
+from ..config import RevelioError
+from .hooks import captured, cfg_conditional_half, hooked, swapped_processors
+from .mmdit import denoiser_input, image_heads, mmdit_kind, split_heads, token_grid
+from .words import positions_of, word_positions
+
+
+def unet_cross_attention(unet: nn.Module, include_mid: bool = False) -> dict[str, nn.Module]:
+    """The UNet's text cross-attention modules (``...transformer_blocks.N.attn2``) by module path."""
+    keep = ("down_blocks", "up_blocks") + (("mid_block",) if include_mid else ())
+    return {n: m for n, m in unet.named_modules()
+            if n.endswith(".attn2") and n.startswith(keep) and hasattr(m, "set_processor")}
+
+
+class _Processor:
+    """Runs the original processor, then hands the captured projections to the trace."""
+
+    def __init__(self, inner, tracer: "DAAMTrace", name: str):
+        self.inner, self.tracer, self.name = inner, tracer, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):
+        extra = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
+        layers = dict(q=attn.to_q, k=attn.to_k)
+        if self.tracer.family != "unet":
+            layers["tk"] = attn.add_k_proj
+        with captured(**layers) as cap:
+            out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
+        if self.tracer._active:
+            with torch.no_grad():
+                if self.tracer.family == "unet":
+                    self.tracer._unet_layer(attn, cap)
+                else:
+                    self.tracer._dit_layer(attn, cap, image_rotary_emb, encoder_hidden_states.shape[1])
+        return out
+
+
+class DAAMTrace:
+    """Context manager accumulating per-token attribution maps over every denoiser call in its body.
+
+    ``include_mid``: also trace the UNet's mid block. ``steps``: indices of the denoiser calls
+    that count (None: all). ``cfg``: whether calls are CFG batches (None: detect).
+    """
+
+    def __init__(self, pipe, include_mid: bool = False, steps: Sequence[int] | None = None, cfg: bool | None = None):
+        self.pipe = pipe
+        if getattr(pipe, "unet", None) is not None:
+            self.family = "unet"
+            self.denoiser = pipe.unet
+            self.modules = unet_cross_attention(pipe.unet, include_mid)
+            self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
+        else:
+            self.family = mmdit_kind(pipe)
+            self.denoiser = pipe.transformer
+            self.modules = {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(pipe.transformer.transformer_blocks)}
+            n = "2" if self.family == "flux" else "3"
+            self.text_encoder, self.tokenizer = getattr(pipe, f"text_encoder_{n}"), getattr(pipe, f"tokenizer_{n}")
+        if not self.modules:
+            raise RevelioError(f"{type(pipe).__name__}: no cross-attention modules to trace")
+        self.steps = None if steps is None else set(steps)
+        self.cfg = cfg
+        self._stack: ExitStack | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget maps and the captured prompt (keeps the hooks)."""
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self.calls = 0
+        self.input_ids: list[list[int]] | None = None
+        self._active = False
+
+    def __enter__(self) -> "DAAMTrace":
+        stack = ExitStack()
+        try:
+            if self.text_encoder is not None:
+                stack.enter_context(hooked(self.text_encoder, pre=self._on_text, with_kwargs=True))
+            stack.enter_context(hooked(self.denoiser, pre=self._on_call, with_kwargs=True))
+            stack.enter_context(swapped_processors(self.modules, lambda name, m, orig: _Processor(orig, self, name)))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _on_text(self, _m, args, kwargs):
+        """The first text-encoder call of the run is the prompt (pipelines encode negatives after it)."""
+        if self.input_ids is None:
+            ids = args[0] if args else kwargs["input_ids"]
+            self.input_ids = ids.tolist()
+
+    def _on_call(self, module, args, kwargs):
+        x = denoiser_input(args, kwargs)
+        half = cfg_conditional_half(x) if self.cfg is None else (slice(x.shape[0] // 2, None) if self.cfg else None)
+        self._rows = half if half is not None else slice(0, x.shape[0])
+        self.latent = tuple(x.shape[-2:]) if self.family == "unet" else token_grid(self.family, module, args, kwargs)
+        self._active = self.steps is None or self.calls in self.steps
+        self.calls += 1
+
+    # -- the method ---------------------------------------------------------------------------
+    def _unet_layer(self, attn: nn.Module, cap: dict) -> None:
+        q = split_heads(cap["q"][self._rows], attn.heads)
+        k = split_heads(cap["k"][self._rows], attn.heads)
+        probs = torch.einsum("bnhd,bthd->bhnt", q.float(), k.float()).mul(attn.scale).softmax(-1)
+        self._accumulate(probs)
+
+    def _dit_layer(self, attn: nn.Module, cap: dict, rotary, text_len: int) -> None:
+        rows = self._rows
+        img = image_heads(attn, {k: v[rows] for k, v in cap.items() if k in ("q", "k")}, self.family, rotary,
+                          text_len, names=("q", "k"))
+        tk = split_heads(cap["tk"][rows], attn.heads)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+        if rotary is not None:  # Flux: text first in the joint sequence, with its own rotary rows
+            from .mmdit import rotate
+            tk = rotate(tk, rotary, slice(0, text_len))
+        scale = img["q"].shape[-1] ** -0.5
+        probs = []
+        for h in range(attn.heads):  # one head at a time: (N, N + T) logits, not (heads, N, N + T)
+            q = img["q"][:, :, h].float()
+            lt = torch.einsum("bnd,btd->bnt", q, tk[:, :, h].float()) * scale
+            li = torch.einsum("bnd,bmd->bnm", q, img["k"][:, :, h].float()) * scale
+            lse = torch.logsumexp(torch.cat([lt, li], dim=-1), dim=-1, keepdim=True)
+            probs.append((lt - lse).exp())
+        self._accumulate(torch.stack(probs, dim=1))
+
+    def _accumulate(self, probs: torch.Tensor) -> None:
+        """(B, heads, N, T) probabilities -> per-head maps at latent size, clamped, summed into the running sum."""
+        b, heads, n, t = probs.shape
+        lat_h, lat_w = self.latent
+        h, w = grid_for_tokens(n, lat_h, lat_w)
+        maps = probs.transpose(2, 3).reshape(b * heads, t, h, w)
+        if (h, w) != (lat_h, lat_w):
+            maps = F.interpolate(maps, size=(lat_h, lat_w), mode="bicubic", align_corners=False)
+        maps = maps.clamp_(min=0).view(b, heads, t, lat_h, lat_w).sum(1)
+        if self._sum is None:
+            self._sum = torch.zeros_like(maps)
+        if self._sum.shape != maps.shape:
+            raise RevelioError(f"the batch or resolution changed within one trace ({tuple(self._sum.shape)} -> "
+                               f"{tuple(maps.shape)}); use one trace per batch or call reset()")
+        self._sum += maps
+        self._count += heads
+
+    # -- results ------------------------------------------------------------------------------
+    def maps(self) -> torch.Tensor:
+        """Per-token heat maps (batch, text tokens, H, W): the mean over heads, layers and traced calls."""
+        if self._sum is None:
+            raise RevelioError("no maps recorded: run the pipeline (or a denoiser call) inside the `with` block")
+        return self._sum / self._count
+
+    def _prompt_index(self, index: int) -> int:
+        if self.input_ids is None:
+            raise RevelioError("no prompt was encoded inside the trace, so words cannot be found; "
+                               "encode the prompt inside the `with` block")
+        batch = self.maps().shape[0]
+        if not 0 <= index < batch:
+            raise IndexError(f"image index {index} out of range for a batch of {batch}")
+        return index * len(self.input_ids) // batch
+
+    def words(self, index: int = 0) -> list[tuple[str, list[int]]]:
+        """(word, key positions) of image ``index``'s prompt; positions index ``maps()``'s token axis."""
+        ids = self.input_ids[self._prompt_index(index)]
+        offset = 0
+        if self.family == "sd3":  # SD3's text sequence is [CLIP (tokenizer_max_length) | T5]
+            offset = self.maps().shape[1] - len(ids)
+        return [(w, [p + offset for p in pos]) for w, pos in word_positions(self.tokenizer, ids)]
+
+    def word_map(self, word: str, index: int = 0) -> torch.Tensor:
+        """The map of ``word`` (H, W): mean over its sub-tokens and occurrences; several words are averaged."""
+        pos = positions_of(word, self.words(index))
+        return self.maps()[index, pos].mean(0)
+
+    def word_maps(self, words: Sequence[str], index: int = 0) -> torch.Tensor:
+        """Maps of several words, (len(words), H, W)."""
+        if not words:
+            raise RevelioError("the word list is empty; pass at least one word of the prompt")
+        return torch.stack([self.word_map(w, index) for w in words])
+
+
+def trace(pipe, include_mid: bool = False, steps: Sequence[int] | None = None, cfg: bool | None = None) -> DAAMTrace:
+    """``with trace(pipe) as tc: pipe(prompt)`` then ``tc.word_map(word)``; see :class:`DAAMTrace`."""
+    return DAAMTrace(pipe, include_mid=include_mid, steps=steps, cfg=cfg)

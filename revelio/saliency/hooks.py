@@ -1,0 +1,90 @@
+"""The seam every saliency method uses: swap diffusers attention processors inside a context manager.
+
+A method wraps each chosen attention module's processor with its own: the wrapper runs the
+ORIGINAL processor unchanged (so the model's outputs are bit-identical) while forward hooks
+on the projection layers (``to_q``, ``to_k``, ``to_out.0``, ...) record the tensors the method
+needs, then does the method's extra work. The original processors come back on exit, also
+when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def swapped_processors(modules: dict[str, nn.Module], make: Callable[[str, nn.Module, Any], Any]) -> Iterator[None]:
+    """Give each attention module ``make(name, module, original_processor)`` as processor; restore on exit."""
+    originals = {name: m.processor for name, m in modules.items()}
+    try:
+        for name, m in modules.items():
+            m.set_processor(make(name, m, originals[name]))
+        yield
+    finally:
+        for name, m in modules.items():
+            m.set_processor(originals[name])
+
+
+@contextmanager
+def captured(**layers: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record what named layers see while the body runs.
+
+    ``captured(q=attn.to_q, o=attn.to_out[0])`` yields a dict that fills with each layer's
+    OUTPUT, except for names starting with ``in_`` which record the layer's INPUT
+    (a forward pre-hook). Only the first call of each layer in the body is kept.
+    """
+    out: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def post(name):
+        def hook(_m, _args, result):
+            out.setdefault(name, result)
+        return hook
+
+    def pre(name):
+        def hook(_m, args):
+            out.setdefault(name, args[0])
+        return hook
+
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_pre_hook(pre(name)) if name.startswith("in_")
+                           else layer.register_forward_hook(post(name)))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def hooked(module: nn.Module, pre: Callable | None = None, post: Callable | None = None,
+           with_kwargs: bool = False) -> Iterator[None]:
+    """Attach a forward pre-hook and/or forward hook to ``module`` for the body only."""
+    handles = []
+    try:
+        if pre is not None:
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=with_kwargs))
+        if post is not None:
+            handles.append(module.register_forward_hook(post, with_kwargs=with_kwargs))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def cfg_conditional_half(latent_input: torch.Tensor) -> slice | None:
+    """The batch slice holding conditional samples when the call is a classifier-free-guidance batch.
+
+    Diffusers pipelines run CFG as one batch ``cat([x, x])`` with [unconditional, conditional]
+    text; the two halves of the latent input are then exactly equal. Returns the second
+    half in that case, ``None`` (keep everything) otherwise.
+    """
+    b = latent_input.shape[0]
+    if b % 2 == 0 and b > 0 and torch.equal(latent_input[: b // 2], latent_input[b // 2:]):
+        return slice(b // 2, b)
+    return None

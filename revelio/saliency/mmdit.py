@@ -1,0 +1,152 @@
+"""What saliency needs to know about MM-DiT pipelines (Flux, SD3): blocks, token grid, heads, concept encoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import RevelioError
+
+
+class UnsupportedPipeline(RevelioError, TypeError):
+    """The pipeline's denoiser does not fit the method; the message names the method that does."""
+
+
+def mmdit_kind(pipe) -> str:
+    """``"flux"`` or ``"sd3"`` for MM-DiT pipelines; a clear error naming the right method otherwise."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    den = getattr(pipe, "transformer", None)
+    if isinstance(den, FluxTransformer2DModel):
+        return "flux"
+    if isinstance(den, SD3Transformer2DModel):
+        return "sd3"
+    if getattr(pipe, "unet", None) is not None:
+        raise UnsupportedPipeline(
+            f"{type(pipe).__name__} has a UNet (cross-attention between image and text), not MM-DiT double-stream "
+            f"blocks: use DAAM (revelio.saliency.trace, method 'daam') for it. ConceptAttention needs Flux or SD3.")
+    raise UnsupportedPipeline(f"{type(pipe).__name__}: ConceptAttention and DiT cross-attention need an MM-DiT "
+                              f"pipeline (FluxPipeline, StableDiffusion3Pipeline)")
+
+
+def double_blocks(pipe) -> list[nn.Module]:
+    """The double-stream (joint image/text) blocks, in depth order."""
+    return list(pipe.transformer.transformer_blocks)
+
+
+def denoiser_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The latent input of a denoiser call (``sample`` for UNets, ``hidden_states`` for transformers)."""
+    if args:
+        return args[0]
+    for key in ("hidden_states", "sample"):
+        if key in kwargs:
+            return kwargs[key]
+    raise RevelioError("cannot find the latent input of the denoiser call")
+
+
+def token_grid(kind: str, transformer: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """(h, w) of the image-token grid of one transformer call (any resolution)."""
+    if kind == "flux":
+        ids = kwargs["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids
+        return int(ids[:, 1].max().item()) + 1, int(ids[:, 2].max().item()) + 1
+    x = denoiser_input(args, kwargs)
+    p = transformer.config.patch_size
+    return x.shape[-2] // p, x.shape[-1] // p
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, heads*d) -> (B, S, heads, d)."""
+    return x.unflatten(-1, (heads, -1))
+
+
+def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, rows: slice | None) -> torch.Tensor:
+    """Flux's rotary embedding on (B, S, H, d) for the given rows of the joint sequence (no-op without rotary)."""
+    if rotary is None:
+        return x
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    cos, sin = rotary
+    cos, sin = cos[rows], sin[rows]
+    if cos.shape[0] == 1 and x.shape[1] != 1:
+        cos, sin = cos.expand(x.shape[1], -1), sin.expand(x.shape[1], -1)
+    return apply_rotary_emb(x, (cos, sin), sequence_dim=1)
+
+
+def image_rows(kind: str, text_len: int, n_image: int) -> slice:
+    """Rows of the image tokens in the joint sequence: Flux puts text first, SD3 image first."""
+    return slice(text_len, text_len + n_image) if kind == "flux" else slice(0, n_image)
+
+
+def image_heads(attn: nn.Module, cap: dict[str, torch.Tensor], kind: str, rotary, text_len: int,
+                names: tuple[str, ...] = ("q", "k", "v")) -> dict[str, torch.Tensor]:
+    """Image-token q/k/v of one joint attention call from captured projections: (B, N, H, d), q/k normed and rotated."""
+    missing = [n for n in names if n not in cap]
+    if missing:
+        raise RevelioError(f"{type(attn).__name__}: projections {missing} were not called (fused QKV projections are "
+                           f"not supported; call unfuse_qkv_projections() first)")
+    heads = attn.heads
+    out = {}
+    for n in names:
+        x = split_heads(cap[n], heads)
+        if n in ("q", "k"):
+            norm = attn.norm_q if n == "q" else attn.norm_k
+            if norm is not None:
+                x = norm(x)
+            x = rotate(x, rotary, image_rows(kind, text_len, x.shape[1]))
+        out[n] = x
+    return out
+
+
+def text_heads(attn: nn.Module, text: torch.Tensor, kind: str, rotary, names: tuple[str, ...] = ("q", "k", "v"),
+               text_position: int | None = None) -> dict[str, torch.Tensor]:
+    """Text-stream q/k/v of already-normalised text-stream tokens (B, T, D) -> (B, T, H, d), q/k normed, rotated.
+
+    With ``text_position`` every token takes the rotary embedding of that text position
+    (concept tokens: position 0, which Flux gives every prompt token); otherwise the
+    tokens are the prompt and take their own rows.
+    """
+    proj = {"q": attn.add_q_proj, "k": attn.add_k_proj, "v": attn.add_v_proj}
+    norms = {"q": attn.norm_added_q, "k": attn.norm_added_k}
+    out = {}
+    for n in names:
+        x = split_heads(proj[n](text), attn.heads)
+        if n in norms and norms[n] is not None:
+            x = norms[n](x)
+        if n in norms and rotary is not None:
+            t0 = 0 if text_position is None else text_position
+            rows = slice(t0, t0 + 1) if text_position is not None else slice(0, x.shape[1])
+            x = rotate(x, rotary, rows)
+        out[n] = x
+    return out
+
+
+@torch.no_grad()
+def encode_concepts(pipe, kind: str, concepts: list[str]) -> torch.Tensor:
+    """One embedding per concept, each encoded ON ITS OWN: (C, joint_attention_dim), before ``context_embedder``.
+
+    The concept is run through the pipeline's own prompt encoder (T5 for Flux; the T5 part
+    of SD3's joint text sequence), as a prompt by itself. A concept of several tokens
+    (sub-words or several words) is pooled as the MEAN of its tokens' outputs, end-of-
+    sequence and padding excluded.
+    """
+    device = pipe.transformer.device
+    if kind == "flux":
+        embeds, _, _ = pipe.encode_prompt(prompt=concepts, prompt_2=concepts, device=device)
+        tok = pipe.tokenizer_2
+        t5_part = embeds
+    else:
+        if getattr(pipe, "text_encoder_3", None) is None:
+            raise RevelioError("ConceptAttention on SD3 encodes concepts with its T5 encoder (text_encoder_3), "
+                               "which this pipeline was loaded without")
+        embeds, _, _, _ = pipe.encode_prompt(prompt=concepts, prompt_2=concepts, prompt_3=concepts, device=device,
+                                             do_classifier_free_guidance=False)
+        tok = pipe.tokenizer_3
+        n_t5 = embeds.shape[1] - pipe.tokenizer_max_length
+        t5_part = embeds[:, -n_t5:]
+    rows = []
+    for i, c in enumerate(concepts):
+        ids = tok(c, add_special_tokens=False).input_ids
+        n = max(1, min(len(ids), t5_part.shape[1]))
+        rows.append(t5_part[i, :n].mean(0))
+    return torch.stack(rows)

@@ -1,0 +1,258 @@
+"""Saliency: DAAM and ConceptAttention checked against independent re-computations from module weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from revelio.config import RevelioError
+from revelio.saliency import concept_attention, trace
+from revelio.saliency.words import WordNotInPrompt
+
+PROMPT = "a red circle and a bluey square"
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _record_inputs(modules):
+    """Test-side forward pre-hooks recording every call's (args, kwargs) of each module."""
+    calls = {name: [] for name in modules}
+    handles = [m.register_forward_pre_hook(lambda _m, a, k, n=name: calls[n].append((a, k)), with_kwargs=True)
+               for name, m in modules.items()]
+    return calls, handles
+
+
+# --- naive math, written from the papers, not from the library code ---------------------------------------
+
+def _linear(x, lin):
+    return x @ lin.weight.T + (lin.bias if lin.bias is not None else 0)
+
+
+def _rms(x, norm):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def _ln(x, eps=1e-6):
+    mu = x.mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + eps)
+
+
+def _ada_zero(norm, x, temb):
+    shift, scale, gate, shift2, scale2, gate2 = _linear(F.silu(temb), norm.linear).chunk(6, dim=1)
+    return _ln(x) * (1 + scale[:, None]) + shift[:, None], gate, shift2, scale2, gate2
+
+
+def _rope(x, cos, sin):
+    """Rotate consecutive channel pairs of (B, S, H, d) by the angle whose cos/sin the rows give."""
+    z = torch.complex(x[..., 0::2], x[..., 1::2])
+    rot = torch.complex(cos[:, 0::2], sin[:, 0::2])[None, :, None, :]
+    z = z * rot
+    return torch.stack([z.real, z.imag], dim=-1).flatten(-2)
+
+
+def _heads(x, h):
+    return x.reshape(x.shape[0], x.shape[1], h, -1)
+
+
+def _softmax_attention(q, k, v):
+    """Per head: softmax(q k^T / sqrt(d)) v, heads concatenated. q (B,S,H,d)."""
+    w = torch.einsum("bshd,bthd->bhst", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("bhst,bthd->bshd", w.softmax(-1), v).flatten(2)
+
+
+def _gelu_ff(ff, x):
+    return _linear(F.gelu(_linear(x, ff.net[0].proj), approximate="tanh"), ff.net[2])
+
+
+def _flux_block_by_hand(block, img, txt, temb, rope, concepts):
+    """One Flux double-stream block for image, prompt and concept tokens, written out by hand.
+
+    Returns (ConceptAttention score softmaxed over concepts, cross-attention score, updated concepts).
+    """
+    attn, h = block.attn, block.attn.heads
+    cos, sin = rope
+    n_txt = txt.shape[1]
+    x, *_ = _ada_zero(block.norm1, img, temb)
+    t, *_ = _ada_zero(block.norm1_context, txt, temb)
+    c, g_msa, sh, sc, g_mlp = _ada_zero(block.norm1_context, concepts, temb)
+    qi = _rope(_rms(_heads(_linear(x, attn.to_q), h), attn.norm_q), cos[n_txt:], sin[n_txt:])
+    ki = _rope(_rms(_heads(_linear(x, attn.to_k), h), attn.norm_k), cos[n_txt:], sin[n_txt:])
+    vi = _heads(_linear(x, attn.to_v), h)
+    qt = _rope(_rms(_heads(_linear(t, attn.add_q_proj), h), attn.norm_added_q), cos[:n_txt], sin[:n_txt])
+    kt = _rope(_rms(_heads(_linear(t, attn.add_k_proj), h), attn.norm_added_k), cos[:n_txt], sin[:n_txt])
+    vt = _heads(_linear(t, attn.add_v_proj), h)
+    c0 = lambda a: a[:1].expand(concepts.shape[1], -1)  # noqa: E731 - concepts sit at text position 0
+    qc = _rope(_rms(_heads(_linear(c, attn.add_q_proj), h), attn.norm_added_q), c0(cos), c0(sin))
+    kc = _rope(_rms(_heads(_linear(c, attn.add_k_proj), h), attn.norm_added_k), c0(cos), c0(sin))
+    vc = _heads(_linear(c, attn.add_v_proj), h)
+    o_img = _softmax_attention(qi, torch.cat([kt, ki], 1), torch.cat([vt, vi], 1))
+    o_c = _softmax_attention(qc, torch.cat([kc, ki], 1), torch.cat([vc, vi], 1))
+    score = (o_img @ o_c.transpose(1, 2)).softmax(-1)
+    cross = (torch.einsum("bnhd,bchd->bhnc", qi, kc) / qi.shape[-1] ** 0.5).mean(1).softmax(-1)
+    new = concepts + g_msa[:, None] * _linear(o_c, attn.to_add_out)
+    new = new + g_mlp[:, None] * _gelu_ff(block.ff_context, _ln(new) * (1 + sc[:, None]) + sh[:, None])
+    return score, cross, new
+
+
+# --- DAAM ----------------------------------------------------------------------------------------------------
+
+def test_daam_matches_naive_softmax_maps_and_drops_cfg_half(tiny_sd):
+    unet = tiny_sd.unet
+    attn2 = {n: m for n, m in unet.named_modules() if n.endswith("attn2") and not n.startswith("mid_block")}
+    calls, handles = _record_inputs(attn2)
+    try:
+        with trace(tiny_sd) as tc:
+            tiny_sd(PROMPT, num_inference_steps=2, guidance_scale=7.5, height=32, width=32, generator=_gen(),
+                    output_type="latent")
+    finally:
+        for hd in handles:
+            hd.remove()
+    assert set(tc.modules) == set(attn2) and tc.calls == 2
+    expected, count = torch.zeros(32, 8, 8), 0
+    for name, m in attn2.items():
+        assert len(calls[name]) == 2
+        for args, kwargs in calls[name]:
+            x, ctx = args[0], kwargs["encoder_hidden_states"]
+            assert x.shape[0] == 2  # CFG batch: [unconditional, conditional]
+            x, ctx = x[1], ctx[1]  # conditional half only
+            q = (x @ m.to_q.weight.T).reshape(x.shape[0], m.heads, -1)
+            k = (ctx @ m.to_k.weight.T).reshape(ctx.shape[0], m.heads, -1)
+            side = int(x.shape[0] ** 0.5)
+            for h in range(m.heads):
+                p = torch.softmax(q[:, h] @ k[:, h].T / q.shape[-1] ** 0.5, dim=-1)  # (HW, T)
+                maps = p.T.reshape(1, -1, side, side)
+                if side != 8:
+                    maps = F.interpolate(maps, size=(8, 8), mode="bicubic", align_corners=False)
+                expected += maps[0].clamp(min=0)
+                count += 1
+    got = tc.maps()
+    assert got.shape == (1, 32, 8, 8)
+    torch.testing.assert_close(got[0], expected / count, rtol=1e-4, atol=1e-6)
+
+
+def test_daam_word_maps_merge_subtokens_and_name_available_words(tiny_sd):
+    with trace(tiny_sd) as tc:
+        image_a = tiny_sd(PROMPT, num_inference_steps=1, height=32, width=32, generator=_gen(),
+                          output_type="pt").images
+    image_b = tiny_sd(PROMPT, num_inference_steps=1, height=32, width=32, generator=_gen(),
+                          output_type="pt").images
+    assert torch.equal(image_a, image_b)  # tracing does not change the image
+    words = dict(tc.words())
+    assert len(words["bluey"]) == 3 and words["red"] == [2]  # "blu e y" pieces; the start token shifts by one
+    torch.testing.assert_close(tc.word_map("bluey"), tc.maps()[0, words["bluey"]].mean(0))
+    both_a = [p for w, pos in tc.words() if w == "a" for p in pos]
+    assert both_a == [1, 5]
+    torch.testing.assert_close(tc.word_map("a"), tc.maps()[0, both_a].mean(0))  # both occurrences
+    assert (tc.maps() >= 0).all()
+    with pytest.raises(WordNotInPrompt, match="available words: a, red, circle, and, bluey, square"):
+        tc.word_map("dog")
+    for m in tc.modules.values():  # original processors are back
+        assert type(m.processor).__name__ == "AttnProcessor2_0"
+
+
+def test_daam_running_sum_does_not_grow_and_restores_on_error(tiny_sd):
+    before = {n: m.processor for n, m in tiny_sd.unet.named_modules() if n.endswith("attn2")}
+    with pytest.raises(RuntimeError, match="boom"):
+        with trace(tiny_sd, steps=[1, 2]) as tc:
+            tiny_sd(PROMPT, num_inference_steps=3, height=32, width=32, generator=_gen(), output_type="latent")
+            first = tc._sum
+            raise RuntimeError("boom")
+    heads = sum(m.heads for m in tc.modules.values())
+    assert tc.calls == 3 and tc._count == 2 * heads  # only the two chosen steps count
+    assert tc._sum is first and tc._sum.shape == (1, 32, 8, 8)  # one running sum, updated in place
+    assert all(m.processor is before[n] for n, m in tiny_sd.unet.named_modules() if n.endswith("attn2"))
+
+
+def test_dit_cross_attention_daam_matches_naive(tiny_flux):
+    blocks = tiny_flux.transformer.transformer_blocks
+    calls, handles = _record_inputs({str(i): b for i, b in enumerate(blocks)})
+    try:
+        with trace(tiny_flux) as tc:
+            tiny_flux(PROMPT, num_inference_steps=1, height=32, width=48, generator=_gen(), output_type="latent",
+                      max_sequence_length=16)
+    finally:
+        for hd in handles:
+            hd.remove()
+    expected = 0
+    for i, b in enumerate(blocks):
+        _, kw = calls[str(i)][0]
+        img, txt, temb, (cos, sin) = kw["hidden_states"], kw["encoder_hidden_states"], kw["temb"], kw["image_rotary_emb"]
+        attn, h, n_txt = b.attn, b.attn.heads, txt.shape[1]
+        x, *_ = _ada_zero(b.norm1, img, temb)
+        t, *_ = _ada_zero(b.norm1_context, txt, temb)
+        qi = _rope(_rms(_heads(_linear(x, attn.to_q), h), attn.norm_q), cos[n_txt:], sin[n_txt:])
+        ki = _rope(_rms(_heads(_linear(x, attn.to_k), h), attn.norm_k), cos[n_txt:], sin[n_txt:])
+        kt = _rope(_rms(_heads(_linear(t, attn.add_k_proj), h), attn.norm_added_k), cos[:n_txt], sin[:n_txt])
+        w = torch.einsum("bnhd,bthd->bhnt", qi, torch.cat([kt, ki], 1)) / qi.shape[-1] ** 0.5
+        expected = expected + w.softmax(-1)[..., :n_txt].sum(1)  # text columns, summed over heads
+    expected = expected / (len(blocks) * blocks[0].attn.heads)
+    got = tc.maps()
+    assert got.shape == (1, 16, 4, 6)  # T5 tokens on the 4x6 token grid of a 32x48 image
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(1, 16, 4, 6), rtol=1e-4, atol=1e-6)
+    assert [w for w, _ in tc.words()] == ["a", "red", "circle", "and", "a", "bluey", "square"]
+
+
+# --- ConceptAttention ----------------------------------------------------------------------------------------
+
+def test_concept_attention_matches_hand_computation_of_two_blocks(tiny_flux):
+    concepts = ["circle", "bluey", "background"]  # "bluey" is several T5 tokens: mean-pooled
+    blocks = tiny_flux.transformer.transformer_blocks
+    calls, handles = _record_inputs({str(i): b for i, b in enumerate(blocks)})
+    try:
+        with concept_attention(tiny_flux, concepts, layers=[0, 1]) as ca:
+            tiny_flux(PROMPT, num_inference_steps=1, height=32, width=32, generator=_gen(), output_type="latent",
+                      max_sequence_length=16)
+    finally:
+        for hd in handles:
+            hd.remove()
+    with torch.no_grad():
+        rows = []
+        for c in concepts:  # each concept on its own through T5; mean of its tokens (no EOS, no padding)
+            emb, _, _ = tiny_flux.encode_prompt(prompt=[c], prompt_2=[c], device="cpu")
+            n = len(tiny_flux.tokenizer_2(c, add_special_tokens=False).input_ids)
+            rows.append(emb[0, :n].mean(0))
+        stream = _linear(torch.stack(rows), tiny_flux.transformer.context_embedder)[None]
+        scores, crosses = [], []
+        for i in range(2):
+            _, kw = calls[str(i)][0]
+            s, cr, stream = _flux_block_by_hand(blocks[i], kw["hidden_states"], kw["encoder_hidden_states"],
+                                                kw["temb"], kw["image_rotary_emb"], stream)
+            scores.append(s)
+            crosses.append(cr)
+    expected = (scores[0] + scores[1]) / 2
+    got = ca.maps()
+    assert got.shape == (1, 3, 4, 4)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(1, 3, 4, 4), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ca.cross_attention_maps(),
+                               ((crosses[0] + crosses[1]) / 2).transpose(1, 2).reshape(1, 3, 4, 4),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.sum(1), torch.ones(1, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_concept_attention_leaves_the_image_bit_identical(name, tiny_flux):
+    from revelio.zoo import load_pipeline
+
+    pipe = tiny_flux if name == "tiny-flux" else load_pipeline("tiny-sd3")
+    kw = dict(prompt=PROMPT, num_inference_steps=2, height=32, width=48, output_type="pt")
+    if name == "tiny-sd3":
+        kw["guidance_scale"] = 5.0  # CFG batch: the unconditional half must be dropped
+    plain = pipe(**kw, generator=_gen(3)).images
+    originals = [b.attn.processor for b in pipe.transformer.transformer_blocks]
+    with concept_attention(pipe, ["circle", "square", "sky", "background"], layers=[-2, -1]) as ca:
+        traced = pipe(**kw, generator=_gen(3)).images
+    assert torch.equal(plain, traced)
+    assert [b.attn.processor for b in pipe.transformer.transformer_blocks] == originals
+    maps = ca.maps()
+    assert maps.shape == (1, 4, 4, 6) and torch.isfinite(maps).all()
+    torch.testing.assert_close(maps.sum(1), torch.ones(1, 4, 6))
+
+
+def test_concept_attention_refuses_bad_input(tiny_sd, tiny_flux):
+    with pytest.raises(RevelioError, match="use DAAM"):
+        concept_attention(tiny_sd, ["circle"])
+    with pytest.raises(RevelioError, match="concept list is empty"):
+        concept_attention(tiny_flux, [])
+    with pytest.raises(RevelioError, match="4 double-stream blocks"):
+        concept_attention(tiny_flux, ["circle"], layers=[7])
