@@ -1,0 +1,120 @@
+"""Do the trained zoo models draw what they are asked? Colour and shape accuracy of generations.
+
+For every single-object prompt "a <colour> <shape>" (held-out pairs never seen in training,
+and seen pairs with fresh noise seeds) the model generates images that an independent
+judge (``revelio.zoo.quality``: largest vivid blob -> nearest palette colour, mask features ->
+a shape classifier trained on real shapes images) names. Prints a table and optionally
+writes a picture grid.
+
+    python benchmarks/zoo_quality.py                       # both models, all pairs, 4 seeds
+    python benchmarks/zoo_quality.py --grid docs/zoo_grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from revelio.datasets.shapes import COLORS, SHAPES
+from revelio.zoo import load_pipeline, shipped_path
+from revelio.zoo.quality import ShapesJudge, all_pairs, caption, generate, score
+from revelio.zoo.train import DEFAULT_HOLDOUT, TRAIN_CONFIG_FILE
+
+DEFAULTS = {"tiny-sd": {"steps": 50, "guidance": 4.0}, "tiny-flux": {"steps": 28, "guidance": 4.0}}
+
+
+def holdout_of(model: str) -> list[str]:
+    """The pairs kept out of the model's training images (from its saved training config)."""
+    folder = shipped_path(model)
+    cfg_file = folder / TRAIN_CONFIG_FILE if folder else None
+    if cfg_file and cfg_file.exists():
+        return json.loads(cfg_file.read_text())["holdout"]
+    return list(DEFAULT_HOLDOUT)
+
+
+def grid_order(pair: str) -> tuple[int, int]:
+    """Sort key spreading a grid over colours and shapes: pairs on the same colour-shape diagonal come first."""
+    colour, shape = pair.split(" ")
+    c, k = list(COLORS).index(colour), SHAPES.index(shape)
+    return (k - c) % len(SHAPES), c
+
+
+def grid(results: dict[str, tuple[list[str], list[np.ndarray]]], path: str, columns: int) -> Path:
+    """One row per model, the first ``columns`` generations titled with their prompts."""
+    import matplotlib.pyplot as plt
+
+    from revelio.viz import save_figure
+
+    fig, axes = plt.subplots(len(results), columns, figsize=(1.3 * columns, 1.55 * len(results)), squeeze=False)
+    for r, (model, (prompts, images)) in enumerate(results.items()):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c])
+                ax.set_title(prompts[c], fontsize=6)
+        axes[r, 0].text(-8, 32, model, rotation=90, va="center", ha="right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(DEFAULTS), choices=list(DEFAULTS))
+    ap.add_argument("--pairs", default="both", choices=["heldout", "seen", "both"],
+                    help="held-out colour x shape pairs, pairs seen in training (new seeds), or both")
+    ap.add_argument("--seeds", type=int, default=4, help="noise seeds per pair")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N pairs of each group (0: all)")
+    ap.add_argument("--steps", type=int, default=0, help="sampling steps (0: the model's default)")
+    ap.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0: default)")
+    ap.add_argument("--random-init", action="store_true", help="score the untrained builds instead (a baseline)")
+    ap.add_argument("--grid", default="", help="write a PNG grid of generations here")
+    ap.add_argument("--json", default="", help="write the scores as JSON here")
+    ap.add_argument("--judge-images", type=int, default=600, help="real images the judge's shape classifier trains on")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    judge = ShapesJudge.fit(n_train=args.judge_images, n_val=max(30, args.judge_images // 2))
+    print(f"judge on real shapes images: colour {judge.real_colour_accuracy:.1%}, shape {judge.real_shape_accuracy:.1%}")
+    report: dict = {"judge": {"colour": judge.real_colour_accuracy, "shape": judge.real_shape_accuracy}}
+    shown: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    print(f"{'model':<10} {'pairs':<8} {'n':>4} {'colour':>7} {'shape':>7} {'both':>7} {'s/img':>6}")
+    for model in args.models:
+        pipe = load_pipeline(model, random_init=args.random_init)
+        held = holdout_of(model)
+        groups = {"heldout": held, "seen": [p for p in all_pairs() if p not in held]}
+        steps = args.steps or DEFAULTS[model]["steps"]
+        guidance = args.guidance or DEFAULTS[model]["guidance"]
+        first: tuple[list[str], list[np.ndarray]] = ([], [])
+        for group, pairs in groups.items():
+            if args.pairs not in (group, "both"):
+                continue
+            pairs = pairs[: args.limit] if args.limit else pairs
+            want = [p for p in pairs for _ in range(args.seeds)]
+            seeds = [1000 + k for _ in pairs for k in range(args.seeds)]
+            t0 = time.perf_counter()
+            images = generate(pipe, [caption(*p.split(" ")) for p in want], seeds, steps, guidance)
+            per = (time.perf_counter() - t0) / len(images)
+            s = score(judge, images, want)
+            report[f"{model}/{group}"] = s | {"steps": steps, "guidance": guidance}
+            print(f"{model:<10} {group:<8} {s['n']:>4} {s['colour']:>7.1%} {s['shape']:>7.1%} {s['both']:>7.1%} {per:>6.2f}")
+            picked = sorted(range(len(pairs)), key=lambda i: grid_order(pairs[i]))[:6]
+            first[0].extend(pairs[i] for i in picked)
+            first[1].extend(images[i * args.seeds] for i in picked)
+        shown[model] = first
+    if args.grid:
+        print(f"grid -> {grid(shown, args.grid, columns=max(len(v[1]) for v in shown.values()))}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
