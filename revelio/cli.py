@@ -21,6 +21,7 @@ from . import config as C
 # Modules that declare subcommands; imported lazily so `revelio --help` stays fast.
 COMMAND_MODULES = [
     "revelio.commands.basic",
+    "revelio.commands.zoo_train",
     "revelio.commands.extract",
     "revelio.commands.sae",
     "revelio.commands.probe",
