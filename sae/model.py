@@ -240,7 +240,7 @@ class SparseAutoencoder(nn.Module):
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         """Training objective on raw activations x: FVU (mean over Matryoshka prefixes) + aux_coef * AuxK.
 
-        Returns the loss and the metrics of the batch, with ``fired`` (d_sae,) bool for the dead-latent counters.
+        Returns the loss and the metrics of the batch, with ``fires`` (d_sae,): how often each latent fired.
         """
         B = x.shape[0]
         xn = x.to(self.W_enc) * self.norm_scale
@@ -252,10 +252,9 @@ class SparseAutoencoder(nn.Module):
         recon = full if len(self.prefixes) == 1 else torch.stack(
             [fvu(xn, self.decode_sparse(codes, m)) for m in self.prefixes[:-1]] + [full]).mean()
         auxk = self._auxk(xn, x_hat, pre)
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[codes.latents[codes.values > 0]] = True
+        fires = torch.bincount(codes.latents[codes.values > 0], minlength=self.d_sae)
         out = {"loss": recon + self.aux_coef * auxk, "fvu": full.detach(), "auxk": auxk.detach(),
-               "l0": codes.l0(B), "fired": fired}
+               "l0": codes.l0(B), "fires": fires}
         if self.architecture == "batchtopk":
             out["min_active"] = codes.values[codes.values > 0].min().detach() if codes.values.gt(0).any() else None
         return out

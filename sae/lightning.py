@@ -1,0 +1,198 @@
+"""Lightning wrapper of the SAE: optimiser, decoder constraint, dead-latent counters, metrics and histograms.
+
+The math stays in ``sae.model``; this module only schedules it: loss -> backward -> remove the
+parallel decoder gradient -> Adam step -> renormalise the decoder -> update the counters.
+DDP: gradients are averaged by Lightning; the fired masks, sample counts and the BatchTopK
+threshold are reduced across ranks here, so every rank keeps identical counters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+
+from .metrics import EvalAccumulator, log10_density
+from .model import SparseAutoencoder
+
+
+class SAEModule(L.LightningModule):
+    """Trains a ``SparseAutoencoder`` on batches of (activations, store rows).
+
+    Args:
+        d_in: activation width (from the data). d_sae: dictionary size, or expansion * d_in when None.
+        k, architecture, matryoshka, k_aux, aux_coef, dead_after: see ``SparseAutoencoder``.
+        b_dec_init: "mean", "geometric_median" or "zeros"; normalize: scale inputs to mean norm sqrt(d_in).
+        init_samples: data samples used for b_dec and the normalisation constant.
+        lr: Adam learning rate; None = 2e-4 / sqrt(d_sae / 2^14) (Gao et al.).
+        warmup_steps: linear lr warm-up; decay_fraction: linear decay to 0 over this last share of max_steps.
+        hist_every: steps between density / decoder-norm histograms (0: never).
+    """
+
+    def __init__(self, d_in: int, expansion: int = 16, d_sae: int | None = None, k: int = 32,
+                 architecture: Literal["topk", "batchtopk"] = "topk", matryoshka: list[int] | None = None,
+                 k_aux: int | None = None, aux_coef: float = 1 / 32, dead_after: int = 10_000_000,
+                 b_dec_init: Literal["mean", "geometric_median", "zeros"] = "geometric_median",
+                 normalize: bool = True, init_samples: int = 16384, lr: float | None = None,
+                 warmup_steps: int = 100, decay_fraction: float = 0.0, hist_every: int = 500, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        d_sae = d_sae or expansion * d_in
+        self.sae = SparseAutoencoder(d_in, d_sae, k, architecture, matryoshka or (), k_aux, aux_coef, dead_after, seed)
+        self.lr = lr if lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("window_fires", torch.zeros(d_sae, dtype=torch.float64))  # fires since last histogram
+        self.register_buffer("window_samples", torch.zeros((), dtype=torch.float64))
+        self._epoch_batches = 0
+        self._val: EvalAccumulator | None = None
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and getattr(dm, "d_in", self.sae.d_in) != self.sae.d_in:
+            raise ValueError(f"d_in mismatch: the model has d_in={self.sae.d_in}, the data {dm.hook} has d_in={dm.d_in}")
+        if not bool(self.initialized):
+            x = dm.sample(self.hparams.init_samples)
+            self.sae.init_from_data(x, self.hparams.b_dec_init, self.hparams.normalize)
+            self.initialized.fill_(True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        warm = max(1, self.hparams.warmup_steps)
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
+        decay = int(self.hparams.decay_fraction * total) if total else 0
+
+        def factor(step: int) -> float:
+            f = min(1.0, (step + 1) / warm)
+            if decay and step >= total - decay:
+                f = min(f, max(0.0, (total - step) / decay))
+            return f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def _sum(self, t: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_batches = getattr(self.trainer.datamodule, "start_batch", 0)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, rows = batch
+        out = self.sae.loss(x)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(self._nonfinite_message(x, rows))
+        n = self._sum(torch.tensor(float(x.shape[0]), device=x.device))
+        fired = self._sum(out["fires"].double()) > 0
+        self.sae.update_dead_counters(fired, int(n))
+        if self.sae.architecture == "batchtopk" and out["min_active"] is not None:
+            self.sae.update_threshold(self._sum(out["min_active"].double()).float() / self.trainer.world_size)
+        self.samples_seen += int(n)
+        self._epoch_batches += 1
+        if self.hparams.hist_every:  # per-rank counts; summed over ranks when the histogram is drawn
+            self.window_fires += out["fires"].double()
+            self.window_samples += x.shape[0]
+        self.log_dict({"train/loss": out["loss"].detach(), "train/fvu": out["fvu"],
+                       "train/explained_variance": 1 - out["fvu"], "train/l0": out["l0"], "train/auxk": out["auxk"],
+                       "train/dead_fraction": self.sae.dead_mask().float().mean(),
+                       "train/samples_seen": float(self.samples_seen),
+                       "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}, on_step=True, on_epoch=False)
+        return out["loss"]
+
+    def _nonfinite_message(self, x: Tensor, rows: Tensor) -> str:
+        bad = ~torch.isfinite(x).all(dim=1)
+        ids = self.trainer.datamodule.ids[np.unique(rows[bad].cpu().numpy())] if bad.any() else []
+        where = f"NaN/inf activations of images {', '.join(map(str, ids[:20]))}" if len(ids) else "finite inputs"
+        return f"non-finite loss at step {self.global_step} from {where}; set data.check_finite true to scan the store"
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.sae.remove_parallel_grads()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.sae.set_decoder_unit_norm()
+        every = self.hparams.hist_every
+        if every and self.global_step % every == 0 and self.global_step > 0:
+            self._log_histograms()
+
+    # ---- histograms -----------------------------------------------------------------------------------------
+    def _log_histograms(self) -> None:
+        fires = self._sum(self.window_fires.clone())
+        n = float(self._sum(self.window_samples.clone()))
+        self.window_fires.zero_()
+        self.window_samples.zero_()
+        if self.global_rank != 0 or n == 0:
+            return
+        dens = log10_density((fires / n).cpu().numpy())
+        norms = self.sae.W_dec.detach().norm(dim=1).cpu().numpy()
+        hists = {"log10 firing frequency": np.histogram(dens, bins=50),
+                 "decoder row norm": np.histogram(norms, bins=50, range=(norms.min() - 1e-3, norms.max() + 1e-3))}
+        png = self._histogram_png(hists)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                h_dens, h_norm = hists.values()
+                logger.log_metrics({"hist/log10_density": wandb.Histogram(np_histogram=h_dens),
+                                    "hist/decoder_norm": wandb.Histogram(np_histogram=h_norm),
+                                    "hist/png": wandb.Image(str(png))}, step=self.global_step)
+
+    def _histogram_png(self, hists: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+        """Both histograms side by side, written atomically to <run>/histograms/step_XXXXXXXX.png."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        root = Path(self.trainer.default_root_dir) / "histograms"
+        root.mkdir(parents=True, exist_ok=True)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+        for ax, (label, (counts, edges)) in zip(axes, hists.items()):
+            ax.stairs(counts, edges, fill=True)
+            ax.set_xlabel(label)
+        axes[0].set_title(f"feature density, step {self.global_step}")
+        fig.tight_layout()
+        out = root / f"step_{self.global_step:08d}.png"
+        fd, tmp = tempfile.mkstemp(suffix=".png", dir=root)
+        os.close(fd)
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+    # ---- validation -----------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = EvalAccumulator(self.sae.d_in, self.sae.d_sae, self.device)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._val.update(self.sae, batch[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.world_size > 1:
+            self._val.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        if float(self._val.sums["n"]) == 0 or self.trainer.sanity_checking:
+            return
+        res = self._val.result()
+        self.log_dict({f"val/{k}": float(v) for k, v in res.items() if k != "density"}, sync_dist=False)
+
+    # ---- exact resume ---------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["data_position"] = {"epoch": self.current_epoch, "batches": self._epoch_batches}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint["state_dict"]["sae.W_dec"].shape[1]
+        if saved != self.sae.d_in:
+            raise ValueError(f"d_in mismatch: the checkpoint was trained on d_in={saved}, this run has d_in={self.sae.d_in}")
+        pos = checkpoint.get("data_position")
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if pos and dm is not None:
+            dm.resume_at(pos["epoch"], pos["batches"])

@@ -1,0 +1,127 @@
+"""Training and evaluation runs: Trainer + loggers + checkpoints around ``SAEModule`` and ``StoreDataModule``.
+
+Used by ``revelio sae fit`` / ``revelio sae eval`` and from Python (``sae.fit_from_store``).
+A run folder holds ``checkpoints/`` (every N steps and ``last.ckpt``), ``csv/`` (CSVLogger),
+``wandb/`` (offline unless asked otherwise), ``histograms/`` and, when training ends, the SAE
+folder ``sae/`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from extraction.store import open_store
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from .data import StoreDataModule
+from .io import load, save
+from .lightning import SAEModule
+from .metrics import evaluate
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def _loggers(out: Path, wandb_mode: str, project: str, name: str | None, csv: bool) -> list:
+    if wandb_mode not in WANDB_MODES:
+        raise ValueError(f"logging.wandb_mode {wandb_mode!r} is not one of {list(WANDB_MODES)}")
+    loggers: list = []
+    if csv:
+        loggers.append(CSVLogger(str(out), name="csv", version=""))
+    if wandb_mode != "disabled":
+        loggers.append(WandbLogger(project=project, name=name, save_dir=str(out), offline=wandb_mode == "offline"))
+    return loggers
+
+
+def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None, trainer: dict[str, Any] | None = None, checkpoint_every_n_steps: int = 1000,
+        wandb_mode: str = "offline", project: str = "revelio-sae", run_name: str | None = None, csv: bool = True,
+        ckpt_path: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Train an SAE on ``hook`` at ``timestep`` of ``store`` and export it to ``out_dir/sae``.
+
+    ``model``, ``data`` and ``trainer`` are keyword arguments of ``SAEModule``, ``StoreDataModule`` and
+    ``lightning.Trainer``. ``ckpt_path`` resumes a run exactly. Returns paths and held-out metrics.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True, verbose=False)
+    dm = StoreDataModule(str(store), hook, timestep, seed=seed, **(data or {}))
+    dm.setup("fit")
+    module = SAEModule(d_in=dm.d_in, seed=seed, **(model or {}))
+    tkw = {"max_steps": 1000, "log_every_n_steps": 10, **(trainer or {})}
+    if len(dm.val_rows) == 0:
+        tkw["limit_val_batches"] = 0
+    ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="step{step:08d}", every_n_train_steps=checkpoint_every_n_steps,
+                           save_top_k=-1, save_last=True, auto_insert_metric_name=False)
+    tr = L.Trainer(default_root_dir=str(out), logger=_loggers(out, wandb_mode, project, run_name, csv),
+                   callbacks=[ckpt], **tkw)
+    tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    result: dict[str, Any] = {"steps": tr.global_step, "samples_seen": int(module.samples_seen)}
+    if tr.global_rank == 0:
+        if len(dm.val_rows):
+            val = evaluate(module.sae, (x for x, _ in dm.loader(dm.val_rows, shuffle=False)))
+            result["val"] = {k: v for k, v in val.items() if k != "density"}
+        with open_store(store) as st:
+            source = {"model": st.attrs.get("model"), "dataset": st.attrs.get("dataset")}
+        extra = {"hook": hook, "timestep": int(timestep), "source_store": str(Path(store).resolve()), **source,
+                 "samples": dm.samples, "layout": dm.layout, "split": {"val_fraction": dm.val_fraction, "seed": seed},
+                 "trained_steps": tr.global_step, "samples_seen": int(module.samples_seen)}
+        result["sae"] = str(save(module.sae, out / "sae", extra=extra))
+        result["checkpoints"] = str(out / "checkpoints")
+        write_json(out / "metrics.json", result)
+    return result
+
+
+def fit_from_store(store_path: str | Path, hook: str, timestep: int, out_dir: str | Path, *, expansion: int = 8,
+                   k: int = 16, samples: str = "pooled", batch_size: int = 256, max_steps: int = 200,
+                   lr: float | None = None, wandb_mode: str = "disabled", **model_kw: Any) -> Path:
+    """Train a small SAE quickly on one CPU process (for demos and notebooks); returns the SAE folder."""
+    res = fit(store_path, hook, timestep, out_dir,
+              model={"expansion": expansion, "k": k, "lr": lr, "warmup_steps": 10, "hist_every": 0,
+                     "dead_after": 100 * batch_size, **model_kw},
+              data={"samples": samples, "batch_size": batch_size},
+              trainer={"max_steps": max_steps, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                       "enable_model_summary": False},
+              checkpoint_every_n_steps=max_steps, wandb_mode=wandb_mode)
+    return Path(res["sae"])
+
+
+def evaluate_sae(sae_dir: str | Path, store: str | Path | None = None, split: str = "val", batch_size: int = 4096,
+                 device: str = "cpu") -> dict[str, Any]:
+    """FVU, L0, dead fraction and density of a saved SAE on the held-out (or train / all) split of its store."""
+    splits = ("val", "train", "all")
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not one of {list(splits)}")
+    cfg = json.loads((Path(sae_dir) / "cfg.json").read_text()) if (Path(sae_dir) / "cfg.json").exists() else {}
+    store = store or cfg.get("source_store")
+    if not store or "hook" not in cfg:
+        raise ValueError(f"{sae_dir}/cfg.json names no source store / hook; pass the store explicitly")
+    sp = cfg.get("split", {})
+    dm = StoreDataModule(str(store), cfg["hook"], cfg["timestep"], samples=cfg.get("samples", "pooled"),
+                         batch_size=batch_size, val_fraction=sp.get("val_fraction", 0.1), seed=sp.get("seed", 0))
+    dm.setup("validate")
+    model = load(sae_dir, device=device, d_in=dm.d_in)
+    rows = {"val": dm.val_rows, "train": dm.train_rows}.get(split)
+    if rows is None:
+        rows = np.sort(np.concatenate([dm.train_rows, dm.val_rows]))
+    if len(rows) == 0:
+        raise ValueError(f"the {split} split of {store} is empty (val_fraction {dm.val_fraction})")
+    res = evaluate(model, (x for x, _ in dm.loader(rows, shuffle=False)), device)
+    res.update({"split": split, "n_images": len(rows), "hook": cfg["hook"], "timestep": cfg["timestep"]})
+    return res
