@@ -1,0 +1,116 @@
+"""Per-latent statistics over a store: how often each latent fires, its top images, their labels.
+
+One pass over the store encodes every position of every image and keeps, per image and
+latent, the peak activation over positions (``peak``, n x d_sae) and the number of positions
+where the latent fires. Everything the feature browser shows is derived from those:
+
+* frequency: fraction of all positions (tokens) where the latent is non-zero;
+* image frequency: fraction of images where it fires anywhere;
+* top images: the images with the highest peak;
+* purity: share of the top images that carry the most common label among them, and the
+  label entropy (bits) of the same images; monosemantic latents are pure.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class LatentStats:
+    """Activation statistics of every latent of one SAE on one store (see module docstring)."""
+
+    hook: str
+    timestep: int
+    rows: np.ndarray  # (n,) store rows, increasing
+    labels: np.ndarray  # (n,) label of each row (-1: none)
+    peak: np.ndarray  # (n, d_sae) max activation over positions
+    fired: np.ndarray  # (n, d_sae) positions where the latent is non-zero
+    positions: int  # positions per image
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.peak.shape[1])
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """(d_sae,) fraction of positions (tokens) where each latent fires."""
+        return self.fired.sum(axis=0) / max(1, self.fired.shape[0] * self.positions)
+
+    @property
+    def image_frequency(self) -> np.ndarray:
+        """(d_sae,) fraction of images where each latent fires somewhere."""
+        return (self.fired > 0).mean(axis=0) if len(self.rows) else np.zeros(self.d_sae)
+
+    def top_images(self, latent: int, k: int = 8) -> np.ndarray:
+        """Indices into ``rows`` of the ``k`` images with the highest peak of ``latent`` (only images where it fires)."""
+        self._check(latent)
+        col = self.peak[:, latent]
+        order = np.argsort(-col, kind="stable")[:k]
+        return order[col[order] > 0]
+
+    def label_counts(self, latent: int, k: int = 8) -> dict[int, int]:
+        """Label -> count among the latent's top ``k`` images (unlabelled images are left out)."""
+        labs = self.labels[self.top_images(latent, k)]
+        return dict(Counter(int(x) for x in labs if x >= 0).most_common())
+
+    def purity(self, k: int = 8) -> np.ndarray:
+        """(d_sae,) share of each latent's top-``k`` labelled images that carry their most common label (NaN: none)."""
+        out = np.full(self.d_sae, np.nan)
+        for j in range(self.d_sae):
+            counts = self.label_counts(j, k)
+            if counts:
+                out[j] = max(counts.values()) / sum(counts.values())
+        return out
+
+    def label_entropy(self, k: int = 8) -> np.ndarray:
+        """(d_sae,) entropy in bits of the labels of each latent's top-``k`` images (NaN: none)."""
+        out = np.full(self.d_sae, np.nan)
+        for j in range(self.d_sae):
+            c = np.array(list(self.label_counts(j, k).values()), dtype=np.float64)
+            if c.size:
+                p = c / c.sum()
+                out[j] = float(-(p * np.log2(p)).sum()) + 0.0
+        return out
+
+    def histogram(self, latent: int, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, edges) of the latent's per-image peak activation over the images where it fires."""
+        self._check(latent)
+        v = self.peak[:, latent]
+        v = v[v > 0]
+        return np.histogram(v, bins=bins) if v.size else (np.zeros(bins, dtype=np.int64), np.linspace(0, 1, bins + 1))
+
+    def _check(self, latent: int) -> None:
+        if not 0 <= int(latent) < self.d_sae:
+            raise IndexError(f"latent {latent} out of range [0, {self.d_sae})")
+
+
+def latent_stats(store: Any, model: Any, rows: Sequence[int] | np.ndarray | None = None, batch_size: int = 32,
+                 progress: bool = True) -> LatentStats:
+    """One pass over ``rows`` (default: every done row) of ``store`` at the SAE's site."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .feature_maps import _check_spatial, encode_tokens, sae_site
+
+    hook, t = sae_site(model)
+    _check_spatial(store, hook, t)
+    rows = np.flatnonzero(store.done) if rows is None else np.asarray(rows, dtype=np.int64)
+    h, w = store.spatial(hook, t)
+    p = h * w
+    peak = np.zeros((len(rows), model.d_sae), dtype=np.float32)
+    fired = np.zeros((len(rows), model.d_sae), dtype=np.int32)
+    for b0 in tqdm(range(0, len(rows), batch_size), desc="latent stats", unit="batch", disable=not progress,
+                   dynamic_ncols=True):
+        r = rows[b0:b0 + batch_size]
+        x, _ = store.tokens(hook, t, r)
+        codes = torch.from_numpy(encode_tokens(model, x)).view(len(r), p, -1)
+        peak[b0:b0 + len(r)] = codes.amax(dim=1).numpy()
+        fired[b0:b0 + len(r)] = (codes > 0).sum(dim=1).numpy()
+    labels = store.labels[rows] if len(rows) else np.zeros(0, dtype=np.int64)
+    return LatentStats(hook=hook, timestep=t, rows=rows, labels=labels, peak=peak, fired=fired, positions=p)
