@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,8 @@ def run(argv: list[str]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns at import about optional torchvision image processors we never use.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(sys.argv[1:] if argv is None else argv)
