@@ -1,0 +1,111 @@
+"""Image-level features for probes, read through ``extraction.store``: pooled activations, SAE codes, random features."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ._checks import ProbeError, check_labels
+
+log = logging.getLogger(__name__)
+
+
+def labelled_rows(store: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, labels) of the store's done rows that carry a label; a store without labels is an error.
+
+    Unlabelled rows (-1) among labelled ones are dropped with a warning.
+    """
+    rows = np.flatnonzero(store.done)
+    labels = store.labels[rows]
+    if len(rows) == 0:
+        raise ProbeError(f"{store.path} holds no finished rows")
+    if np.all(labels < 0):
+        raise ProbeError(f"{store.path} has no labels (every /images/label is -1; data set "
+                         f"{store.attrs.get('dataset', '?')!r}): probes need a labelled data set such as "
+                         "data.name digits or shapes, or folder images sorted into class folders")
+    keep = labels >= 0
+    if not keep.all():
+        log.warning("%s: dropping %d unlabelled row(s)", store.path, int((~keep).sum()))
+    rows, labels = rows[keep], labels[keep]
+    check_labels(labels)
+    return rows, labels
+
+
+def check_key(store: Any, hook: str, timestep: int) -> None:
+    """Raise KeyError naming what the store has when (hook, timestep) is not in it."""
+    store.d_in(hook, int(timestep))  # the store's KeyError lists its hooks / timesteps
+
+
+def pooled_features(store: Any, hook: str, timestep: int, rows: np.ndarray) -> np.ndarray:
+    """(n, C) spatial mean of the activation maps (or tokens) of ``rows``."""
+    check_key(store, hook, timestep)
+    return store.pooled(hook, int(timestep), rows)
+
+
+def sae_input_kind(cfg: dict[str, Any], layout: str) -> str:
+    """Whether an SAE was trained on pooled image vectors ("pooled") or on every position ("tokens")."""
+    if layout == "NC":
+        return "pooled"
+    for key in ("samples", "input", "pooling"):
+        v = cfg.get(key)
+        if v in ("pooled", "mean", "tokens", "positions", "none"):
+            return "pooled" if v in ("pooled", "mean") else "tokens"
+    return "tokens"
+
+
+def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64,
+              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Image-level SAE codes and per-latent token firing frequency.
+
+    Returns (codes (n, d_sae), token_frequency (d_sae,)). For an SAE trained on positions, an
+    image's code for a latent is its mean over the image's positions (the pooled-code analogue
+    of pooled activations) and the frequency counts positions; for a pooled SAE both are per image.
+    """
+    import torch
+
+    cfg = getattr(model, "cfg", {}) or {}
+    hook, t = cfg.get("hook"), cfg.get("timestep")
+    if hook is None or t is None:
+        raise ProbeError("the SAE's cfg.json names no hook/timestep; it cannot be matched to a store's activations")
+    check_key(store, hook, int(t))
+    kind = sae_input_kind(cfg, store.layout(hook, int(t)))
+    if store.d_in(hook, int(t)) != int(model.d_in):
+        raise ProbeError(f"the SAE has d_in={model.d_in} but {hook} t={t} in {store.path} has "
+                         f"{store.d_in(hook, int(t))} channels")
+    codes = np.zeros((len(rows), int(model.d_sae)), dtype=np.float32)
+    fired = np.zeros(int(model.d_sae), dtype=np.int64)
+    n_samples = 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            sel = rows[start:start + batch_size]
+            if kind == "pooled":
+                x = store.pooled(hook, int(t), sel)
+                z = model.encode(torch.from_numpy(x).to(device)).float().cpu().numpy()
+                codes[start:start + len(sel)] = z
+            else:
+                x, owner = store.tokens(hook, int(t), sel)
+                z = model.encode(torch.from_numpy(x).to(device)).float().cpu().numpy()
+                per = len(x) // len(sel)
+                codes[start:start + len(sel)] = z.reshape(len(sel), per, -1).mean(axis=1)
+            fired += (z > 0).sum(axis=0)
+            n_samples += len(z)
+    return codes, fired / max(1, n_samples)
+
+
+def random_features(X: np.ndarray, width: int, seed: int) -> np.ndarray:
+    """Random ReLU features of ``X``: relu(X_std W + b), W ~ N(0, 1/d), b ~ N(0, 1), ``width`` columns.
+
+    The baseline "a random nonlinear map of the same width as the diffusion features": what a
+    probe gets from width alone, without learned structure.
+    """
+    if width < 1:
+        raise ProbeError(f"width must be positive, got {width}")
+    X = np.asarray(X, dtype=np.float64)
+    mu, sd = X.mean(axis=0), X.std(axis=0)
+    Xs = (X - mu) / np.where(sd > 0, sd, 1.0)
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((X.shape[1], width)) / np.sqrt(X.shape[1])
+    b = rng.standard_normal(width)
+    return np.maximum(Xs @ W + b, 0.0).astype(np.float32)

@@ -1,0 +1,102 @@
+"""Sweep probes over every (hook, timestep) of a store, SAE codes and baselines, into one results table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .evaluate import evaluate, sparse_probing
+from .features import check_key, labelled_rows, pooled_features, random_features, sae_codes
+from .linear import DEFAULT_CS
+from .splits import make_splits
+
+BACKENDS = ("sklearn", "torch")
+
+
+def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Sequence[str | Path] = (),
+          baselines: dict[str, np.ndarray] | None = None, random_baseline: bool = True, seeds: Sequence[int] = (0, 1, 2),
+          test_fraction: float = 0.25, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5, max_iter: int = 1000,
+          ks: Sequence[int] | None = None, k_max: int = 64, sparse_raw: bool = True, sae_device: str = "cpu",
+          backend: str = "sklearn", streaming: dict[str, Any] | None = None,
+          progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Probe every (hook, t) of ``store`` (an open ``ActivationStore``); returns (records, context).
+
+    ``baselines`` maps a name ("pixels") to an (n_labelled_rows, d) matrix aligned with
+    ``labelled_rows(store)``. With ``random_baseline`` the first baseline also feeds random ReLU
+    features of every distinct activation width. SAE folders add linear and k-sparse probes on
+    their codes (and, with ``sparse_raw``, k-sparse probes on the raw features of the same
+    hook/timestep for comparison). All rows share the same image splits (one per seed).
+    ``backend="torch"`` probes the store's (hook, t) features with ``StreamingLinearProbe``
+    (keyword arguments in ``streaming``, e.g. ``samples="tokens"``) instead of scikit-learn.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    rows, y = labelled_rows(store)
+    splits = make_splits(y, test_fraction, list(seeds))
+    keys = list(store.keys()) if keys is None else [(h, int(t)) for h, t in keys]
+    for h, t in keys:
+        check_key(store, h, t)
+    models = []
+    if saes:
+        import sae as sae_pkg
+
+        models = [sae_pkg.load(p, device=sae_device) for p in saes]
+    for m in models:
+        check_key(store, m.cfg.get("hook", "?"), int(m.cfg.get("timestep", -1)))
+    kw = dict(Cs=Cs, cv=cv, max_iter=max_iter)
+    baselines = dict(baselines or {})
+    n_jobs = len(keys) + len(baselines) + 2 * len(models)
+    bar = tqdm(total=n_jobs, desc="probes", disable=not progress)
+    records: list[dict[str, Any]] = []
+
+    def add(rec: dict[str, Any], **ident: Any) -> None:
+        records.append({**ident, **rec})
+
+    widths: dict[int, list[str]] = {}
+    for h, t in keys:
+        bar.set_postfix_str(f"{h} t={t}")
+        widths.setdefault(store.d_in(h, t), []).append(f"{h}@t{t}")
+        if backend == "torch":
+            from .streaming import evaluate_streaming
+
+            rec = evaluate_streaming(store.path, h, t, rows, y, splits, **(streaming or {}))
+        else:
+            rec = evaluate(pooled_features(store, h, t, rows), y, splits, **kw)
+        add(rec, features="raw", hook=h, timestep=t, source=str(store.path))
+        bar.update()
+    for name, Xb in baselines.items():
+        if len(Xb) != len(y):
+            raise ValueError(f"baseline {name!r} has {len(Xb)} rows, the store has {len(y)} labelled rows")
+        add(evaluate(Xb, y, splits, **kw), features=name, hook=name, timestep=None, source="baseline")
+        bar.update()
+        if random_baseline and name == next(iter(baselines)):
+            for d in sorted(widths):
+                bar.total += 1
+                Xr = random_features(Xb, d, seed=int(seeds[0]))
+                add(evaluate(Xr, y, splits, **kw), features="random", hook=f"random-{d}", timestep=None,
+                    source=f"random ReLU features of {name}, width of {', '.join(widths[d])}")
+                bar.update()
+    for p, m in zip(saes, models):
+        h, t = m.cfg["hook"], int(m.cfg["timestep"])
+        bar.set_postfix_str(f"SAE {h} t={t}")
+        Z, _ = sae_codes(store, m, rows, device=sae_device)
+        ident = dict(features="sae", hook=h, timestep=t, source=str(p))
+        add(evaluate(Z, y, splits, **kw), **ident)
+        for rec in sparse_probing(Z, y, splits, ks, k_max, **kw):
+            add(rec, **ident)
+        bar.update()
+        if sparse_raw:
+            X = pooled_features(store, h, t, rows)
+            for rec in sparse_probing(X, y, splits, ks, k_max, **kw):
+                add(rec, features="raw", hook=h, timestep=t, source=str(store.path))
+        bar.update()
+    bar.close()
+    context = {"store": str(store.path), "model": store.attrs.get("model"), "dataset": store.attrs.get("dataset"),
+               "n_images": int(len(y)), "classes": np.unique(y).tolist(), "seeds": list(seeds),
+               "test_fraction": test_fraction, "splits": [{"seed": s.seed, "test_rows": rows[s.test].tolist()}
+                                                          for s in splits]}
+    return records, context

@@ -1,0 +1,331 @@
+"""``revelio probe``: probe every layer x timestep of a store; ``revelio probe report``: SAE monosemanticity.
+
+The probes themselves live in the ``probes`` stage; this module adds what needs the rest of
+Revelio: re-rendering the store's images for the pixel baseline (from the data-set config
+the store recorded), class names, the result files and the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from probes.linear import DEFAULT_CS
+
+from ..cli import command
+from ..config import ConfigError, field, to_dict
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class BaselineConfig:
+    pixels: bool = field(True, help="probe raw pixels of the same images (re-rendered from the store's data config)")
+    pixel_size: int = field(16, help="side the images are resized to before flattening (0: the store's image size)")
+    random: bool = field(True, help="probe random ReLU features of the pixels, one per distinct activation width")
+
+
+@dataclass
+class StreamingConfig:
+    samples: Literal["pooled", "tokens"] = field("pooled", help="pooled image vectors | every position (tokens)")
+    epochs: int = field(10, help="passes over the training images")
+    batch_size: int = field(256, help="samples per optimiser step")
+    chunk_images: int = field(256, help="images read from the store at once (bounds RAM)")
+    lr: float = field(0.01, help="Adam learning rate")
+    weight_decays: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2],
+                                       help="L2 path, one head each, chosen on held-out training images")
+    val_fraction: float = field(0.2, help="share of the training images held out to choose the L2 strength")
+    accelerator: str = field("cpu", help="Lightning accelerator: cpu | gpu | auto")
+    precision: str = field("32-true", help="Lightning precision: 32-true | bf16-mixed | 16-mixed")
+    threads: int | None = field(None, help="torch CPU threads while training (null: leave torch's setting)")
+
+
+@dataclass
+class ProbeConfig:
+    store: str = field("runs/activations.h5", help="activation store written by `revelio extract`")
+    hooks: list[str] | None = field(None, help="hooks to probe (null: every hook in the store)")
+    timesteps: list[int] | None = field(None, help="timesteps to probe (null: every timestep of each hook)")
+    sae: list[str] = field(default_factory=list, help="SAE folders: add probes on their codes (linear and k-sparse)")
+    out: str = field("runs/probes", help="output folder: probes.csv, probes.json, heatmap.png")
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="split seeds; spread over them is reported")
+    test_fraction: float = field(0.25, help="share of each class's images in the test split (never used to choose C)")
+    cv_folds: int = field(5, help="cross-validation folds on the training images for choosing C")
+    Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS), help="inverse L2 strengths of the path")
+    max_iter: int = field(1000, help="L-BFGS iterations per fit")
+    ks: list[int] | None = field(None, help="k values of the sparse probes (null: 1, 2, 4, ... up to k_max)")
+    k_max: int = field(64, help="largest default k of the sparse probes")
+    sparse_raw: bool = field(True, help="also run k-sparse probes on the raw features of each SAE's hook/timestep")
+    backend: Literal["sklearn", "torch"] = field("sklearn", help="sklearn (in RAM) | torch (Lightning, streams the store)")
+    streaming: StreamingConfig = field(default_factory=StreamingConfig, help="")
+    baselines: BaselineConfig = field(default_factory=BaselineConfig, help="")
+    device: str = field("cpu", help="torch device for SAE encoding")
+    progress: bool = field(True, help="show a progress bar")
+
+
+@dataclass
+class ReportConfig:
+    store: str = field("runs/activations.h5", help="activation store the SAEs were trained on")
+    sae: list[str] = field(default_factory=list, help="SAE folders to report on (one report per SAE)")
+    out: str = field("runs/probe_report", help="output folder: one subfolder per SAE hook/timestep, summary.csv")
+    top_n: int = field(16, help="top-activating images per latent that purity and entropy are computed on")
+    seed: int = field(0, help="seed of the label shuffle behind purity_shuffled")
+    n_show: int = field(8, help="latents shown in the top-image figure (best ranked)")
+    device: str = field("cpu", help="torch device for SAE encoding")
+    batch_size: int = field(64, help="images encoded at once")
+
+
+def _dataset_of(store: Any):
+    """The data set a store was extracted from, rebuilt from the data config it recorded."""
+    from ..datasets import DataConfig, load_dataset
+
+    data = (store.config or {}).get("data")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{store.path} records no data-set config (root attr 'config' has no 'data' section); "
+                          "set baselines.pixels false to probe without the pixel baseline")
+    return load_dataset(DataConfig(**data))
+
+
+def store_images(store: Any, rows: np.ndarray, ds: Any = None) -> list[Any]:
+    """The store's images ``rows`` (PIL, in row order), re-rendered from the data set it recorded."""
+    ds = _dataset_of(store) if ds is None else ds
+    index = {sid: i for i, sid in enumerate(ds.ids())}
+    ids = store.ids[rows]
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ConfigError(f"{len(missing)} image id(s) of {store.path} (e.g. {missing[0]!r}) are not in the data set "
+                          "its config describes; was the data set changed since extraction?")
+    samples = {s.id: s for s in ds.iter_samples([index[i] for i in ids])}
+    if len(samples) != len(ids):
+        raise ConfigError(f"{len(ids) - len(samples)} image(s) of {store.path} can no longer be read from its data set "
+                          "(set baselines.pixels false to probe without pixels)")
+    return [samples[sid].image for sid in ids]
+
+
+def store_pixels(store: Any, rows: np.ndarray, size: int) -> np.ndarray:
+    """(n, size*size*3) pixels in [0, 1] of the store's images ``rows`` (resized to ``size``; 0 keeps them)."""
+    from PIL import Image
+
+    out = []
+    for img in store_images(store, rows):
+        if size:
+            img = img.resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(img.convert("RGB"), dtype=np.float32).ravel() / 255.0)
+    return np.stack(out)
+
+
+def _keys(store: Any, hooks: list[str] | None, timesteps: list[int] | None) -> list[tuple[str, int]]:
+    keys = []
+    for h in hooks if hooks is not None else store.hooks:
+        ts = store.timesteps(h)  # KeyError naming the store's hooks
+        for t in timesteps if timesteps is not None else ts:
+            store.d_in(h, int(t))  # KeyError naming the hook's timesteps
+            keys.append((h, int(t)))
+    if not keys:
+        raise ConfigError(f"no (hook, timestep) selected; the store has {store.keys()}")
+    return keys
+
+
+def plot_heatmap(records: list[dict[str, Any]], keys: list[tuple[str, int]], path: Path, title: str) -> Path:
+    """Layer x timestep accuracy of the raw linear probes, baselines and chance in the title."""
+    import matplotlib.pyplot as plt
+
+    from ..viz import save_figure
+
+    hooks = list(dict.fromkeys(h for h, _ in keys))
+    ts = sorted({t for _, t in keys})
+    acc = np.full((len(hooks), len(ts)), np.nan)
+    sd = np.full_like(acc, np.nan)
+    for r in records:
+        if r["features"] == "raw" and r["probe"].startswith("linear"):
+            i, j = hooks.index(r["hook"]), ts.index(r["timestep"])
+            acc[i, j], sd[i, j] = r["accuracy_mean"], r["accuracy_std"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(ts), 1.2 + 0.55 * len(hooks)))
+    im = ax.imshow(acc, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(hooks)):
+        for j in range(len(ts)):
+            if np.isfinite(acc[i, j]):
+                ax.text(j, i, f"{acc[i, j]:.2f}\n±{sd[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if acc[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(ts)), [str(t) for t in ts])
+    ax.set_yticks(range(len(hooks)), hooks)
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("layer (hook)")
+    base = [f"{r['hook']} {r['accuracy_mean']:.2f}" for r in records if r["features"] not in ("raw", "sae")]
+    chance = np.mean([r["chance_mean"] for r in records]) if records else float("nan")
+    ax.set_title(f"{title}\nlinear probe test accuracy (mean ± std over seeds)\nchance {chance:.2f}"
+                 + (f"; baselines: {', '.join(base)}" if base else ""), fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    return save_figure(fig, path)
+
+
+def plot_sparse(records: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy vs k of the k-sparse probes (SAE codes and raw features), one line per source."""
+    import matplotlib.pyplot as plt
+
+    from ..viz import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    lines: dict[str, list[tuple[int, float, float]]] = {}
+    for r in records:
+        if r["probe"] == "k-sparse":
+            lines.setdefault(f"{r['features']} {r['hook']} t={r['timestep']}", []).append(
+                (r["k"], r["accuracy_mean"], r["accuracy_std"]))
+    for name, pts in lines.items():
+        k, a, s = map(np.array, zip(*sorted(pts)))
+        ax.errorbar(k, a, yerr=s, marker="o", capsize=2, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (latents / features used)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("sparse probing", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+COLUMNS = ["features", "hook", "timestep", "probe", "k", "d", "accuracy_mean", "accuracy_std", "macro_f1_mean",
+           "macro_f1_std", "cv_accuracy_mean", "cv_accuracy_std", "cv_fold_std", "chance_mean", "n_images", "n_train",
+           "n_test", "n_classes", "n_seeds", "accuracy_per_seed", "macro_f1_per_seed", "C_per_seed", "source"]
+
+
+@command("probe", ProbeConfig)
+def probe_cmd(cfg: ProbeConfig) -> dict[str, Any]:
+    """Probe every hook x timestep of a store (and SAE codes) with baselines; write CSV, JSON and a heat map."""
+    import probes
+    from extraction.store import open_store
+    from probes.io import write_csv, write_json
+
+    out = Path(cfg.out)
+    with open_store(cfg.store) as st:
+        keys = _keys(st, cfg.hooks, cfg.timesteps)
+        rows, _ = probes.labelled_rows(st)
+        baselines = {}
+        if cfg.baselines.pixels:
+            baselines["pixels"] = store_pixels(st, rows, cfg.baselines.pixel_size)
+        streaming = {k: v for k, v in to_dict(cfg.streaming).items() if k not in ("samples", "chunk_images")}
+        records, context = probes.sweep(
+            st, keys=keys, saes=cfg.sae, baselines=baselines, random_baseline=cfg.baselines.random and bool(baselines),
+            seeds=cfg.seeds, test_fraction=cfg.test_fraction, Cs=cfg.Cs, cv=cfg.cv_folds, max_iter=cfg.max_iter,
+            ks=cfg.ks, k_max=cfg.k_max, sparse_raw=cfg.sparse_raw, sae_device=cfg.device, backend=cfg.backend,
+            streaming={**streaming, "samples": cfg.streaming.samples, "chunk_images": cfg.streaming.chunk_images,
+                       "progress": False},
+            progress=cfg.progress)
+        title = f"{st.attrs.get('model', '?')} on {st.attrs.get('dataset', '?')} ({context['n_images']} images)"
+    files = {"csv": write_csv(out / "probes.csv", records, COLUMNS),
+             "json": write_json(out / "probes.json", {"config": to_dict(cfg), "context": context, "results": records}),
+             "heatmap": plot_heatmap(records, keys, out / "heatmap.png", title)}
+    if any(r["probe"] == "k-sparse" for r in records):
+        files["sparse"] = plot_sparse(records, out / "sparse_probing.png")
+    for r in records:
+        if r["probe"] != "k-sparse":
+            print(f"{r['features']:<7} {str(r['hook']):<28} t={str(r['timestep']):<5} "
+                  f"acc {r['accuracy_mean']:.3f}±{r['accuracy_std']:.3f}  macro-F1 {r['macro_f1_mean']:.3f}  "
+                  f"chance {r['chance_mean']:.3f}")
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return {"records": records, "context": context, "files": {k: str(v) for k, v in files.items()}}
+
+
+def plot_report(latents: list[dict[str, Any]], summary: dict[str, Any], path: Path, title: str) -> Path:
+    """Four panels: purity (vs label-shuffled), firing frequency, purity vs frequency, AUROC of the ranking."""
+    import matplotlib.pyplot as plt
+
+    from ..viz import save_figure
+
+    alive = [r for r in latents if not r["dead"]]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    pur = np.array([r["purity"] for r in alive])
+    shuf = np.array([r["purity_shuffled"] for r in alive])
+    bins = np.linspace(0, 1, 21)
+    axes[0].hist([pur, shuf], bins=bins, label=["labels", "labels shuffled"])
+    axes[0].set_xlabel(f"label purity of top-{summary['top_n']} images")
+    axes[0].legend(fontsize=7)
+    freq = np.array([r["frequency"] for r in latents])
+    axes[1].hist(np.log10(np.clip(freq, 1e-6, None)), bins=30)
+    axes[1].set_xlabel(f"log10 firing frequency (images; {summary['dead_fraction']:.0%} dead)")
+    if alive:
+        sc = axes[2].scatter([r["frequency"] for r in alive], pur, c=[r["auroc"] for r in alive], s=8,
+                             cmap="viridis", vmin=0.5, vmax=1)
+        fig.colorbar(sc, ax=axes[2], label="best one-vs-rest AUROC")
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("firing frequency")
+    axes[2].set_ylabel("purity")
+    top = alive[:15]
+    axes[3].barh(range(len(top)), [r["auroc"] for r in top])
+    axes[3].set_yticks(range(len(top)), [f"#{r['latent']} {r['best_class']}" for r in top], fontsize=7)
+    axes[3].invert_yaxis()
+    axes[3].set_xlim(0.5, 1)
+    axes[3].set_xlabel("AUROC (latent separates its class)")
+    fig.suptitle(f"{title}: mean purity {summary['mean_purity']:.2f} (shuffled {summary['mean_purity_shuffled']:.2f})",
+                 fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_top_images(latents: list[dict[str, Any]], images: list[Any], names: list[str], n_show: int, top: int,
+                    path: Path) -> Path:
+    """A row of top-activating images (titled by label) for each of the best-ranked latents."""
+    import matplotlib.pyplot as plt
+
+    from ..viz import save_figure
+
+    show = [r for r in latents if not r["dead"]][:n_show]
+    cols = max(1, min(top, max((len(r["top_images"]) for r in show), default=1)))
+    fig, axes = plt.subplots(max(1, len(show)), cols, figsize=(1.1 * cols, 1.25 * max(1, len(show))), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, r in enumerate(show):
+        axes[i, 0].set_title(f"#{r['latent']} purity {r['purity']:.2f}", fontsize=6, loc="left")
+        for j, img in enumerate(r["top_images"][:cols]):
+            axes[i, j].imshow(images[img])
+            axes[i, j].text(0, -2, names[img], fontsize=5)
+    return save_figure(fig, path)
+
+
+@command("probe report", ReportConfig)
+def report_cmd(cfg: ReportConfig) -> dict[str, Any]:
+    """Monosemanticity report of SAEs: label purity/entropy of each latent's top images, frequency, ranking."""
+    import probes
+    import sae as sae_pkg
+    from extraction.store import open_store
+    from probes.io import write_csv, write_json
+
+    if not cfg.sae:
+        raise ConfigError("probe report needs at least one SAE folder: --sae '[runs/sae/up_blocks.1_t25]'")
+    out = Path(cfg.out)
+    summaries = []
+    with open_store(cfg.store) as st:
+        rows, labels = probes.labelled_rows(st)
+        try:
+            ds = _dataset_of(st)
+            class_names = list(ds.class_names) or None
+        except ConfigError:
+            ds, class_names = None, None
+        images = None
+        for folder in cfg.sae:
+            model = sae_pkg.load(folder, device=cfg.device)
+            hook, t = model.cfg.get("hook"), model.cfg.get("timestep")
+            codes, tok_freq = probes.sae_codes(st, model, rows, cfg.batch_size, cfg.device)
+            rep = probes.monosemanticity(codes, labels, cfg.top_n, tok_freq, class_names, cfg.seed)
+            for r in rep["latents"]:
+                r["top_ids"] = [str(st.ids[rows[i]]) for i in r["top_images"]]
+            sub = out / f"{hook}_t{t}"
+            title = f"SAE {Path(folder).name} ({hook} t={t}, d_sae={model.d_sae}, k={model.k})"
+            files = {"csv": write_csv(sub / "latents.csv", rep["latents"]),
+                     "json": write_json(sub / "report.json", {"sae": str(folder), "store": str(st.path), **rep}),
+                     "figure": plot_report(rep["latents"], rep["summary"], sub / "monosemanticity.png", title)}
+            if ds is not None:
+                if images is None:
+                    images = [np.asarray(im) for im in store_images(st, rows, ds)]
+                names = [class_names[y] if class_names and y < len(class_names) else str(y) for y in labels]
+                files["top_images"] = plot_top_images(rep["latents"], images, names, cfg.n_show, cfg.top_n,
+                                                      sub / "top_images.png")
+            s = {"sae": str(folder), "hook": hook, "timestep": t, "d_sae": model.d_sae, "k": model.k,
+                 **{k: v for k, v in rep["summary"].items() if k != "best_latent_per_class"}}
+            summaries.append(s)
+            print(f"{hook} t={t}: mean purity {s['mean_purity']:.3f} (shuffled {s['mean_purity_shuffled']:.3f}), "
+                  f"dead {s['dead_fraction']:.1%}; wrote {sub}")
+    write_csv(out / "summary.csv", summaries)
+    return {"summaries": summaries, "out": str(out)}
+
