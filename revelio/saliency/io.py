@@ -1,0 +1,71 @@
+"""Saliency files: per-image ``.npz`` maps with their concept list, PNG overlays; all written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..viz import overlay, save_figure
+
+
+def save_maps(path: str | Path, maps: np.ndarray, concepts: Sequence[str], **meta: str) -> Path:
+    """Write ``maps`` (concepts, h, w) float32 and ``concepts`` (plus string metadata) to ``path`` (.npz), atomically."""
+    path = Path(path)
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3 or maps.shape[0] != len(concepts):
+        raise ValueError(f"maps must be (concepts, h, w) with {len(concepts)} concepts, got {maps.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, maps=maps, concepts=np.array(list(concepts), dtype=str),
+                     **{k: np.array(str(v)) for k, v in meta.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_maps(path: str | Path) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """Read a file written by :func:`save_maps`: (maps, concepts, metadata)."""
+    with np.load(path) as z:
+        meta = {k: str(z[k]) for k in z.files if k not in ("maps", "concepts")}
+        return z["maps"], [str(c) for c in z["concepts"]], meta
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_overlays(path: str | Path, image: Image.Image, maps: np.ndarray, concepts: Sequence[str],
+                  title: str = "") -> Path:
+    """A PNG row: the image, then one heat-map overlay per concept (each map min-max normalised)."""
+    import matplotlib.pyplot as plt
+
+    n = len(concepts) + 1
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.5), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title(title, fontsize=7, wrap=True)
+    for ax, m, c in zip(axes[0, 1:], maps, concepts):
+        ax.imshow(overlay(image, m))
+        ax.set_title(c, fontsize=8)
+    for ax in axes[0]:
+        ax.axis("off")
+    return save_figure(fig, path)
