@@ -13,8 +13,11 @@ half, so the selection among thousands of latents does not flatter the latent.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +44,8 @@ def image_concepts(sample: Sample, vocabulary: Sequence[str] | None = None) -> l
 
 
 class SaliencyMaps:
-    """Saliency maps of real images: noise to ``t``, ONE denoiser call with the caption, traced.
+    """Saliency maps of real images: noise to ``t``, ONE denoiser call with the caption, traced
+    (``revelio.saliency.real_image``).
 
     ``method``: ``daam`` (UNets; also DiT cross-attention for MM-DiTs), ``concept_attention`` or
     ``cross_attention`` (the ConceptAttention paper's baseline; both MM-DiT only) or ``auto``
@@ -55,9 +59,8 @@ class SaliencyMaps:
 
         if method not in SALIENCY_METHODS or method == "none":
             raise ValueError(f"saliency method {method!r} is not one of {', '.join(m for m in SALIENCY_METHODS if m != 'none')}")
-        self.adapter = get_adapter(pipe)
         if method == "auto":
-            method = "daam" if self.adapter.family == "unet" else "concept_attention"
+            method = "daam" if get_adapter(pipe).family == "unet" else "concept_attention"
         if method in ("concept_attention", "cross_attention") and not vocabulary:
             raise ValueError(f"saliency method {method!r} needs a concept vocabulary (e.g. ['circle', 'square', "
                              "'background'])")
@@ -67,18 +70,13 @@ class SaliencyMaps:
     @torch.no_grad()
     def __call__(self, samples: Sequence[Sample], concepts: Sequence[Sequence[str]]) -> list[dict[str, np.ndarray]]:
         """Per sample, {concept: (h, w) map} for the ``concepts`` of that sample that the method can map."""
-        from extraction.adapters import sample_generators
+        from ..saliency import WordNotInPrompt
+        from ..saliency.real_image import concept_attention_on_images, daam_on_images
 
-        from ..saliency import WordNotInPrompt, concept_attention, trace
-
-        ad = self.adapter
-        latents = ad.encode_images(ad.preprocess([s.image for s in samples], self.size))
-        noisy = ad.noise(latents, self.t, sample_generators(self.seed, [s.id for s in samples], self.t))
-        prompts = [s.caption for s in samples]
+        images, captions = [s.image for s in samples], [s.caption for s in samples]
         out: list[dict[str, np.ndarray]] = [{} for _ in samples]
         if self.method == "daam":
-            with trace(self.pipe) as tc:
-                ad.forward(noisy, self.t, ad.encode_prompts(prompts))
+            tc = daam_on_images(self.pipe, images, captions, t=self.t, seeds=(self.seed,), size=self.size)
             for i, cs in enumerate(concepts):
                 for c in cs:
                     try:
@@ -86,9 +84,8 @@ class SaliencyMaps:
                     except WordNotInPrompt:
                         continue  # DAAM has no map for a word the caption does not contain
             return out
-        cond = ad.encode_prompts(prompts)
-        with concept_attention(self.pipe, self.vocabulary) as ca:
-            ad.forward(noisy, self.t, cond)
+        ca = concept_attention_on_images(self.pipe, images, self.vocabulary, captions, t=self.t, seeds=(self.seed,),
+                                         size=self.size)
         maps = (ca.maps() if self.method == "concept_attention" else ca.cross_attention_maps()).float().numpy()
         for i, cs in enumerate(concepts):
             for c in cs:
@@ -256,6 +253,42 @@ class AlignmentTable:
                             row[f"{r}_{m}"] = None if not rec.n_images[r] or np.isnan(v) else round(float(v), 6)
                     rows.append(row)
         return rows
+
+    def save(self, path: str | Path) -> Path:
+        """Write the accumulated scores to an ``.npz`` file (atomically), to browse or re-rank later."""
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {}
+        meta = {"d_sae": self.d_sae, "eval_size": self.size[0], "tau": self.tau, "concepts": list(self.concepts)}
+        for i, rec in enumerate(self.concepts.values()):
+            for ref in REFERENCES:
+                arrays[f"c{i}_{ref}_sums"], arrays[f"c{i}_{ref}_counts"] = rec.sums[ref], rec.counts[ref]
+            arrays[f"c{i}_n_images"] = np.array([rec.n_images[r] for r in REFERENCES])
+            arrays[f"c{i}_saliency_vs_mask"] = np.array(rec.saliency_vs_mask).reshape(-1, len(METRICS))
+            arrays[f"c{i}_paired_latents"] = np.array([p[0] for p in rec.paired], dtype=np.float32).reshape(
+                -1, len(METRICS), self.d_sae)
+            arrays[f"c{i}_paired_saliency"] = np.array([p[1] for p in rec.paired]).reshape(-1, len(METRICS))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> AlignmentTable:
+        """Read a table written by ``save``."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"alignment file {str(path)!r} does not exist (write one with `revelio compare`)")
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            table = cls(meta["d_sae"], meta["eval_size"], meta["tau"])
+            for i, c in enumerate(meta["concepts"]):
+                rec = table._record(c)
+                for ref in REFERENCES:
+                    rec.sums[ref], rec.counts[ref] = z[f"c{i}_{ref}_sums"], z[f"c{i}_{ref}_counts"]
+                rec.n_images = {r: int(n) for r, n in zip(REFERENCES, z[f"c{i}_n_images"])}
+                rec.saliency_vs_mask = list(z[f"c{i}_saliency_vs_mask"])
+                rec.paired = list(zip(z[f"c{i}_paired_latents"], z[f"c{i}_paired_saliency"]))
+        return table
 
     def summary(self, metric: str = "iou", top: int = 5) -> dict[str, Any]:
         """Everything per concept (best latents, saliency baseline, held-out comparison) plus the overall win rate."""
