@@ -1,5 +1,6 @@
 """Saliency: DAAM and ConceptAttention checked against independent re-computations from module weights."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,3 +257,31 @@ def test_concept_attention_refuses_bad_input(tiny_sd, tiny_flux):
         concept_attention(tiny_flux, [])
     with pytest.raises(RevelioError, match="4 double-stream blocks"):
         concept_attention(tiny_flux, ["circle"], layers=[7])
+
+
+# --- the command -------------------------------------------------------------------------------------------
+
+def test_saliency_command_writes_maps_and_overlays(tmp_path):
+    from revelio.cli import run
+    from revelio.saliency.io import load_maps
+
+    out = tmp_path / "sal"
+    written = run(["saliency", "--concepts", "[circle, square, background]", "--steps", "1", "--size", "32",
+                   "--prompts", "[a red circle and a blue square]", "--out", str(out), "--progress", "false"])
+    assert [p.suffix for p in written] == [".png"] and written[0].stat().st_size > 0
+    maps, concepts, meta = load_maps(written[0].with_suffix(".npz"))
+    assert concepts == ["circle", "square", "background"] and maps.shape == (3, 4, 4)
+    assert meta["method"] == "concept_attention" and meta["model"] == "tiny-flux"
+    np.testing.assert_allclose(maps.sum(0), 1, rtol=1e-5)
+    run(["saliency", "--method", "daam", "--model.id", "tiny-sd", "--source", "images", "--data.count", "1",
+         "--size", "32", "--out", str(out / "img"), "--progress", "false"])
+    (npz,) = (out / "img").glob("*.npz")
+    maps, concepts, meta = load_maps(npz)
+    assert maps.shape == (len(concepts), 8, 8) and "background" not in concepts  # words of the caption only
+    with pytest.raises(WordNotInPrompt, match="available words: a, red, circle"):
+        run(["saliency", "--method", "daam", "--model.id", "tiny-sd", "--concepts", "[dog]", "--steps", "1",
+             "--size", "32", "--prompts", "[a red circle]", "--out", str(out), "--progress", "false"])
+    with pytest.raises(RevelioError, match="concept list is empty"):
+        run(["saliency", "--out", str(out)])
+    with pytest.raises(RevelioError, match="valid: concept_attention, cross_attention, daam"):
+        run(["saliency", "--method", "gradcam"])
