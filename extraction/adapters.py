@@ -296,7 +296,8 @@ class DiTAdapter(Adapter):
 
     @property
     def is_class_conditional(self) -> bool:
-        return getattr(self.pipe, "text_encoder", None) is None
+        """DiT (class labels) rather than PixArt (T5 captions, ``caption_channels``)."""
+        return getattr(self.denoiser.config, "caption_channels", None) is None
 
     def patch(self) -> int:
         return int(self.denoiser.config.patch_size)

@@ -18,17 +18,19 @@ class ActivationCapture:
 
     ``capture``: ``output``, ``input`` or ``delta`` (output - input). ``pooling``: ``none`` keeps
     maps (B, C, H, W) or tokens (B, T, C); ``mean`` averages them to (B, C). Tensors are moved
-    to CPU in ``dtype`` inside the hook, so nothing else of the graph is kept alive.
+    to ``device`` (None: stay where computed) in ``dtype`` inside the hook, so nothing else of the
+    graph is kept alive.
     """
 
     def __init__(self, adapter: Adapter, hooks: Sequence[str], capture: str = "output", pooling: str = "none",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: str | None = "cpu"):
         if capture not in CAPTURES:
             raise ValueError(f"capture {capture!r} is not one of {', '.join(CAPTURES)}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
         adapter.check_hooks(hooks)
-        self.adapter, self.hooks, self.capture, self.pooling, self.dtype = adapter, list(hooks), capture, pooling, dtype
+        self.adapter, self.hooks, self.capture, self.pooling = adapter, list(hooks), capture, pooling
+        self.dtype, self.device = dtype, device
         self.n_img: int | None = None
         self.acts: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -76,6 +78,6 @@ class ActivationCapture:
                                  "(B, C, H, W) or tokens (B, T, C)")
             if self.pooling == "mean":
                 x = x.float().mean(dim=(2, 3) if x.ndim == 4 else 1)
-            self.acts[name] = x.to("cpu", self.dtype)
+            self.acts[name] = x.to(self.device or x.device, self.dtype)
 
         return fn
