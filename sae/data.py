@@ -77,6 +77,9 @@ class _Stream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        # DataLoader asks workers 0, 1, ... in turn; a pass resumed after `start` batches must begin with the
+        # worker that owns batch `start`, so worker `wid` plays logical worker (wid + start) % workers.
+        wid = (wid + self.start) % workers
         n_shards, shard = self.world * workers, self.rank * workers + wid
         groups = self.groups(self.epoch)[shard::n_shards]
         with open_store(self.path) as st:
@@ -164,6 +167,7 @@ class StoreDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.check_finite, self.nonfinite, self.seed = check_finite, nonfinite, seed
         self._resume: tuple[int, int] | None = None
+        self.position = [0, 0]  # [epoch, batches consumed in it]
         self._epoch_counter = -1
         self._ready = False
 
@@ -256,12 +260,23 @@ class StoreDataModule(L.LightningDataModule):
         if self._resume is not None and self._resume[0] == epoch:
             start = self._resume[1]
         self._resume = None
-        self.start_batch = start
+        self.position = [epoch, start]
         return epoch, start
+
+    def mark_consumed(self) -> None:
+        """Called by the training step once per batch: the data position a checkpoint records."""
+        self.position[1] += 1
 
     def resume_at(self, epoch: int, batches: int) -> None:
         """Make the next pass over ``epoch`` start after ``batches`` consumed batches (checkpoint resume)."""
         self._resume = (int(epoch), int(batches))
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position (saved in Lightning checkpoints)."""
+        return {"epoch": int(self.position[0]), "batches": int(self.position[1])}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at(state["epoch"], state["batches"])
 
     def sample(self, n: int) -> torch.Tensor:
         """Up to ``n`` training samples from seeded random chunks (the same on every rank): for b_dec init."""

@@ -52,7 +52,6 @@ class SAEModule(L.LightningModule):
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("window_fires", torch.zeros(d_sae, dtype=torch.float64))  # fires since last histogram
         self.register_buffer("window_samples", torch.zeros((), dtype=torch.float64))
-        self._epoch_batches = 0
         self._val: EvalAccumulator | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------------------
@@ -84,9 +83,6 @@ class SAEModule(L.LightningModule):
     def _sum(self, t: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
 
-    def on_train_epoch_start(self) -> None:
-        self._epoch_batches = getattr(self.trainer.datamodule, "start_batch", 0)
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, rows = batch
         out = self.sae.loss(x)
@@ -98,7 +94,8 @@ class SAEModule(L.LightningModule):
         if self.sae.architecture == "batchtopk" and out["min_active"] is not None:
             self.sae.update_threshold(self._sum(out["min_active"].double()).float() / self.trainer.world_size)
         self.samples_seen += int(n)
-        self._epoch_batches += 1
+        if hasattr(self.trainer.datamodule, "mark_consumed"):
+            self.trainer.datamodule.mark_consumed()
         if self.hparams.hist_every:  # per-rank counts; summed over ranks when the histogram is drawn
             self.window_fires += out["fires"].double()
             self.window_samples += x.shape[0]
@@ -118,8 +115,11 @@ class SAEModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_parallel_grads()
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.sae.set_decoder_unit_norm()  # before any checkpoint of this step is written
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.sae.set_decoder_unit_norm()
         every = self.hparams.hist_every
         if every and self.global_step % every == 0 and self.global_step > 0:
             self._log_histograms()
@@ -184,15 +184,8 @@ class SAEModule(L.LightningModule):
         res = self._val.result()
         self.log_dict({f"val/{k}": float(v) for k, v in res.items() if k != "density"}, sync_dist=False)
 
-    # ---- exact resume ---------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["data_position"] = {"epoch": self.current_epoch, "batches": self._epoch_batches}
-
+    # ---- resume ---------------------------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint["state_dict"]["sae.W_dec"].shape[1]
         if saved != self.sae.d_in:
             raise ValueError(f"d_in mismatch: the checkpoint was trained on d_in={saved}, this run has d_in={self.sae.d_in}")
-        pos = checkpoint.get("data_position")
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if pos and dm is not None:
-            dm.resume_at(pos["epoch"], pos["batches"])

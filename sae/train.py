@@ -19,6 +19,7 @@ import numpy as np
 from extraction.store import open_store
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 
 from .data import StoreDataModule
 from .io import load, save
@@ -65,6 +66,10 @@ def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model:
     dm.setup("fit")
     module = SAEModule(d_in=dm.d_in, seed=seed, **(model or {}))
     tkw = {"max_steps": 1000, "log_every_n_steps": 10, **(trainer or {})}
+    if tkw.get("strategy") in ("ddp", "ddp_spawn"):
+        # Ranks keep identical buffers by explicit reductions; DDP's per-forward buffer broadcast would also
+        # deadlock validation, whose shards differ in length across ranks.
+        tkw["strategy"] = DDPStrategy(broadcast_buffers=False, start_method="popen" if tkw["strategy"] == "ddp" else "spawn")
     if len(dm.val_rows) == 0:
         tkw["limit_val_batches"] = 0
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="step{step:08d}", every_n_train_steps=checkpoint_every_n_steps,

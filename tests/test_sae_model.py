@@ -48,7 +48,7 @@ def train(m, world, steps, B=256, lr=1e-2):
         m.remove_parallel_grads()
         opt.step()
         m.set_decoder_unit_norm()
-        m.update_dead_counters(out["fired"], B)
+        m.update_dead_counters(out["fires"] > 0, B)
         if m.architecture == "batchtopk":
             m.update_threshold(out["min_active"])
         hist.append({k: float(v) for k, v in out.items() if k in ("fvu", "l0", "auxk")})

@@ -1,0 +1,183 @@
+"""SAE training from an activation store: data module, CLI + YAML, logging, exact resume, DDP, bad input."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import sae
+from revelio.cli import run
+from sae.data import StoreDataModule
+from sae.lightning import SAEModule
+from sae.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "configs" / "sae" / "tiny-sd.yaml"
+SMALL = ["--trainer.enable_progress_bar", "false", "--model.init_samples", "1024", "--data.chunk_images", "4",
+         "--data.buffer_chunks", "2"]
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def batches(dm, rows, start=0, epoch=0, workers=0):
+    dm.num_workers = workers
+    loader = dm.loader(rows, shuffle=True)
+    dm.resume_at(epoch, start)
+    dm._epoch_counter = epoch - 1
+    return [(x.numpy().copy(), r.numpy().copy()) for x, r in loader]
+
+
+def test_stream_splits_by_image_shuffles_and_resumes(sd_store):
+    dm = StoreDataModule(str(sd_store), "up_blocks.1", 25, samples="tokens", batch_size=100, val_fraction=0.2,
+                         chunk_images=2, buffer_chunks=3, seed=0)
+    dm.setup()
+    assert dm.d_in == 64 and dm.per_image == 256
+    assert len(np.intersect1d(dm.train_rows, dm.val_rows)) == 0 and len(dm.val_rows) == 5
+    full = batches(dm, dm.train_rows)
+    rows = np.concatenate([r for _, r in full])
+    assert set(rows) <= set(dm.train_rows)
+    per_image = np.bincount(rows, minlength=24)
+    assert per_image.max() <= 256  # no sample twice in an epoch
+    assert len(full) == len(dm.train_rows) * 256 // 100
+    assert len(set(rows[:100])) > 3  # the buffer mixes images within a batch
+    # every sample is the store's token: row r, some position
+    with sae.data.open_store(sd_store) as st:
+        tok, tok_rows = st.tokens("up_blocks.1", 25, [int(rows[0])])
+    assert np.any(np.all(np.isclose(tok, full[0][0][0]), axis=1))
+    # a resumed pass yields exactly the tail, without reading what it skips
+    tail = batches(dm, dm.train_rows, start=7)
+    assert len(tail) == len(full) - 7
+    for (a, ra), (b, rb) in zip(full[7:], tail):
+        np.testing.assert_array_equal(ra, rb)
+        np.testing.assert_array_equal(a, b)
+    other = batches(dm, dm.train_rows, epoch=1)
+    assert not np.array_equal(np.concatenate([r for _, r in other]), rows)
+    # two workers: a fixed round-robin, so resuming is exact there too
+    two = batches(dm, dm.train_rows, workers=2)
+    two_tail = batches(dm, dm.train_rows, start=5, workers=2)
+    for (a, ra), (b, rb) in zip(two[5:], two_tail):
+        np.testing.assert_array_equal(ra, rb)
+    assert len(two_tail) == len(two) - 5
+
+
+def test_missing_hook_or_timestep_lists_what_the_store_has(sd_store):
+    with pytest.raises(KeyError, match=r"mid_block: \[25, 250\]; up_blocks.1: \[25, 250\]"):
+        StoreDataModule(str(sd_store), "down_blocks.0", 25).setup()
+    with pytest.raises(KeyError, match=r"timesteps \[25, 250\]"):
+        StoreDataModule(str(sd_store), "mid_block", 999).setup()
+    with pytest.raises(ValueError, match="pooled.*tokens"):
+        StoreDataModule(str(sd_store), "mid_block", 25, samples="patches")
+    with pytest.raises(FileNotFoundError):
+        StoreDataModule(str(sd_store) + ".missing", "mid_block", 25).setup()
+
+
+def test_nonfinite_activations_reported_with_image_ids(sd_store, tmp_path):
+    bad = tmp_path / "bad.h5"
+    shutil.copy(sd_store, bad)
+    with h5py.File(bad, "r+") as f:
+        f["acts/mid_block/t25"][3, 0, 1, 1] = np.nan
+        f["acts/mid_block/t25"][10, 2, 0, 0] = np.inf
+        ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["images/id"][[3, 10]]]
+    with pytest.raises(ValueError, match=f"2 image.*{ids[0]}.*{ids[1]}.*nonfinite skip"):
+        StoreDataModule(str(bad), "mid_block", 25).setup()
+    dm = StoreDataModule(str(bad), "mid_block", 25, nonfinite="skip")
+    dm.setup()
+    assert 3 not in dm.train_rows and 10 not in dm.val_rows and len(dm.train_rows) + len(dm.val_rows) == 22
+    assert dm.skipped_ids == ids
+
+
+def test_fit_cli_yaml_logs_checkpoints_and_eval(sd_store, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    res = run(["sae", "fit", "--config", str(YAML), "--data.store", str(sd_store), "--out", str(out),
+               "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "3", "--model.hist_every", "6",
+               "--data.batch_size", "256", "--logging.checkpoint_every_n_steps", "6", *SMALL])
+    assert res["steps"] == 12 and res["samples_seen"] == 12 * 256
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    logged = [r for r in rows if r.get("train/fvu")]
+    assert len(logged) == 4
+    for key in ("train/fvu", "train/explained_variance", "train/l0", "train/dead_fraction", "train/auxk", "train/lr",
+                "train/samples_seen"):
+        assert logged[-1][key] != ""
+    assert float(logged[-1]["train/l0"]) == 8.0 and float(logged[-1]["train/fvu"]) < float(logged[0]["train/fvu"])
+    assert sorted(p.name for p in (out / "histograms").glob("*.png")) == ["step_00000006.png", "step_00000012.png"]
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert {p.name for p in (out / "checkpoints").glob("*.ckpt")} >= {"step00000006.ckpt", "step00000012.ckpt", "last.ckpt"}
+    m = sae.load(out / "sae")
+    assert (m.d_in, m.d_sae, m.k, m.cfg["hook"], m.cfg["timestep"]) == (64, 256, 8, "up_blocks.1", 25)
+    capsys.readouterr()
+    ev = run(["sae", "eval", "--sae", str(out / "sae")])
+    assert ev["l0"] == 8.0 and 0 < ev["fvu"] < 1 and ev["n_images"] == 2
+    assert ev["fvu"] == pytest.approx(json.loads((out / "metrics.json").read_text())["val"]["fvu"], rel=1e-6)
+    assert "FVU" in capsys.readouterr().out and (out / "sae" / "eval_val.png").exists()
+    with pytest.raises(Exception, match="unknown key.*'model.kk'"):
+        run(["sae", "fit", "--config", str(YAML), "--model.kk", "3"])
+
+
+def test_resume_is_exact(sd_store, tmp_path, one_thread):
+    """12 steps straight == 6 steps, checkpoint, resume for 6 more (crossing an epoch end mid-way)."""
+    kw = dict(model={"expansion": 2, "k": 4, "lr": 3e-3, "warmup_steps": 4, "hist_every": 0, "dead_after": 40,
+                     "init_samples": 256, "b_dec_init": "mean"},
+              data={"samples": "pooled", "batch_size": 4, "chunk_images": 4, "buffer_chunks": 2},
+              checkpoint_every_n_steps=6, wandb_mode="disabled", csv=False)
+    tr = {"enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1}
+    fit(sd_store, "mid_block", 25, tmp_path / "a", trainer={"max_steps": 12, **tr}, **kw)
+    fit(sd_store, "mid_block", 25, tmp_path / "b", trainer={"max_steps": 12, **tr},
+        ckpt_path=str(tmp_path / "a" / "checkpoints" / "step00000006.ckpt"), **kw)
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["StoreDataModule"] == b["StoreDataModule"] == {"epoch": 2, "batches": 2}  # 5 batches per epoch
+    for key, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], v, atol=1e-6, rtol=1e-5, msg=key)
+    assert int(a["state_dict"]["sae.since_fired"].max()) > 0
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in opt_a:
+        torch.testing.assert_close(opt_b[i]["exp_avg_sq"], opt_a[i]["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def test_d_in_mismatch_on_resume_fails_clearly(sd_store, tmp_path, one_thread):
+    sae_dir = sae.fit_from_store(sd_store, "mid_block", 25, tmp_path / "f", expansion=2, k=4, batch_size=8, max_steps=3)
+    assert sae.load(sae_dir).d_in == 64
+    ckpt = torch.load(tmp_path / "f" / "checkpoints" / "last.ckpt", weights_only=False)
+    with pytest.raises(ValueError, match="d_in mismatch: the checkpoint was trained on d_in=64, this run has d_in=32"):
+        SAEModule(d_in=32, expansion=2, k=4).on_load_checkpoint(ckpt)
+
+
+def _final_val_fvu(out: Path) -> float:
+    return json.loads((out / "metrics.json").read_text())["val"]["fvu"]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_single_process(sd_store, tmp_path):
+    """The same config on 2 gloo processes (half the batch each) ends at the single-process held-out FVU."""
+    common = ["sae", "fit", "--config", str(YAML), "--data.store", str(sd_store), "--trainer.max_steps", "30",
+              "--trainer.accelerator", "cpu", "--logging.wandb_mode", "disabled", "--logging.csv", "false",
+              "--model.hist_every", "10", *SMALL]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(Path(sys.executable).parent / "revelio"), *common, "--out", str(ddp), "--data.batch_size", "256",
+                    "--trainer.devices", "2", "--trainer.strategy", "ddp"], check=True, env=env, cwd=tmp_path,
+                   capture_output=True, timeout=300)
+    torch.set_num_threads(1)
+    res = run([*common, "--out", str(single), "--data.batch_size", "512"])
+    torch.set_num_threads(2)
+    d = json.loads((ddp / "metrics.json").read_text())
+    assert d["samples_seen"] == res["samples_seen"] == 30 * 512
+    assert abs(d["val"]["fvu"] - res["val"]["fvu"]) < 0.03
+    assert d["val"]["l0"] == res["val"]["l0"] == 8.0
+    assert d["val"]["fvu"] < 0.9
