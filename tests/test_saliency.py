@@ -201,7 +201,7 @@ def test_concept_attention_matches_hand_computation_of_two_blocks(tiny_flux):
     blocks = tiny_flux.transformer.transformer_blocks
     calls, handles = _record_inputs({str(i): b for i, b in enumerate(blocks)})
     try:
-        with concept_attention(tiny_flux, concepts, layers=[0, 1]) as ca:
+        with concept_attention(tiny_flux, concepts, layers=[0, 1], baseline=True) as ca:
             tiny_flux(PROMPT, num_inference_steps=1, height=32, width=32, generator=_gen(), output_type="latent",
                       max_sequence_length=16)
     finally:
@@ -209,9 +209,11 @@ def test_concept_attention_matches_hand_computation_of_two_blocks(tiny_flux):
             hd.remove()
     with torch.no_grad():
         rows = []
-        for c in concepts:  # each concept on its own through T5; mean of its tokens (no EOS, no padding)
-            emb, _, _ = tiny_flux.encode_prompt(prompt=[c], prompt_2=[c], device="cpu")
+        max_len = max(len(tiny_flux.tokenizer_2(c, add_special_tokens=False).input_ids) for c in concepts)
+        for c in concepts:  # each on its own through T5, padded to the longest concept; mean of its tokens
             n = len(tiny_flux.tokenizer_2(c, add_special_tokens=False).input_ids)
+            emb, _, _ = tiny_flux.encode_prompt(prompt=[c], prompt_2=[c], device="cpu",
+                                                max_sequence_length=max_len + 1)
             rows.append(emb[0, :n].mean(0))
         stream = _linear(torch.stack(rows), tiny_flux.transformer.context_embedder)[None]
         scores, crosses = [], []
@@ -236,7 +238,7 @@ def test_concept_attention_leaves_the_image_bit_identical(name, tiny_flux):
     from revelio.zoo import load_pipeline
 
     pipe = tiny_flux if name == "tiny-flux" else load_pipeline("tiny-sd3")
-    kw = dict(prompt=PROMPT, num_inference_steps=2, height=32, width=48, output_type="pt")
+    kw = dict(prompt=PROMPT, num_inference_steps=1, height=32, width=48, output_type="pt")
     if name == "tiny-sd3":
         kw["guidance_scale"] = 5.0  # CFG batch: the unconditional half must be dropped
     plain = pipe(**kw, generator=_gen(3)).images

@@ -93,7 +93,7 @@ def _generate(pipe, cfg: SaliencyConfig, prompt: str, concepts: list[str]):
             image = pipe(prompt, **kw).images[0]
         words = concepts or list(dict.fromkeys(w for w, _ in tc.words()))
         return image, tc.word_maps(words).numpy(), words
-    with concept_attention(pipe, concepts, layers=cfg.layers) as ca:
+    with concept_attention(pipe, concepts, layers=cfg.layers, baseline=cfg.method == "cross_attention") as ca:
         image = pipe(prompt, **kw).images[0]
     maps = ca.maps() if cfg.method == "concept_attention" else ca.cross_attention_maps()
     return image, maps[0].numpy(), concepts
@@ -110,7 +110,7 @@ def _on_image(pipe, cfg: SaliencyConfig, image, caption: str, concepts: list[str
         words = [c for c in concepts if normalise(c) in present] or list(dict.fromkeys(present))
         return tc.word_maps(words).numpy(), words
     ca = concept_attention_on_images(pipe, [image], concepts, [caption], t=cfg.t, seeds=cfg.seeds, size=cfg.size,
-                                     layers=cfg.layers)
+                                     layers=cfg.layers, baseline=cfg.method == "cross_attention")
     maps = ca.maps() if cfg.method == "concept_attention" else ca.cross_attention_maps()
     return maps[0].numpy(), concepts
 

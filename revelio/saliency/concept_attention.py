@@ -68,10 +68,11 @@ class ConceptAttention:
     negative indices count from the end). ``steps``: indices of the denoiser calls that
     count (None: all). The concept stream itself runs through every block at every call.
     ``cfg``: whether calls are classifier-free-guidance batches (None: detect).
+    ``baseline``: also accumulate the cross-attention baseline (``cross_attention_maps()``).
     """
 
     def __init__(self, pipe, concepts: Sequence[str], layers: Sequence[int] | None = None,
-                 steps: Sequence[int] | None = None, cfg: bool | None = None):
+                 steps: Sequence[int] | None = None, cfg: bool | None = None, baseline: bool = False):
         self.kind = mmdit_kind(pipe)
         self.concepts = check_concepts(concepts)
         self.pipe = pipe
@@ -86,6 +87,7 @@ class ConceptAttention:
             self.layers = list(range(n))
         self.steps = None if steps is None else set(steps)
         self.cfg = cfg
+        self.baseline = baseline
         self._stack: ExitStack | None = None
         self.reset()
 
@@ -145,7 +147,9 @@ class ConceptAttention:
     def _block(self, i: int, block: nn.Module, attn: nn.Module, cap: dict, rotary, text_len: int) -> None:
         rows = self._rows
         temb = self._temb[i][rows]
-        img = image_heads(attn, {k: v[rows] for k, v in cap.items() if k != "in_o"}, self.kind, rotary, text_len)
+        scoring = self._active and i in self.layers
+        names = ("q", "k", "v") if scoring and self.baseline else ("k", "v")
+        img = image_heads(attn, {k: cap[k][rows] for k in names}, self.kind, rotary, text_len, names=names)
         c = self._stream
         pre_only = getattr(block, "context_pre_only", False)
         if pre_only:
@@ -157,24 +161,28 @@ class ConceptAttention:
         values = torch.cat([con["v"], img["v"]], dim=1).transpose(1, 2)
         o_c = F.scaled_dot_product_attention(con["q"].transpose(1, 2), keys, values)  # (B, H, C, d)
         o_c = o_c.transpose(1, 2).flatten(2)  # heads concatenated, before the output projection
-        if self._active and i in self.layers:
+        if scoring:
             o_img = cap["in_o"][rows]
-            self._add(torch.einsum("bnd,bcd->bnc", o_img.float(), o_c.float()).softmax(-1),
-                      torch.einsum("bnhd,bchd->bnc", img["q"].float(), con["k"].float())
-                      .div(attn.heads * img["q"].shape[-1] ** 0.5).softmax(-1))
+            cross = None
+            if self.baseline:
+                cross = torch.einsum("bnhd,bchd->bnc", img["q"].float(), con["k"].float()) \
+                    .div(attn.heads * img["q"].shape[-1] ** 0.5).softmax(-1)
+            self._add(torch.einsum("bnd,bcd->bnc", o_img.float(), o_c.float()).softmax(-1), cross)
         if not pre_only:
             c = c + g_msa.unsqueeze(1) * attn.to_add_out(o_c)
             h = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
             self._stream = c + g_mlp.unsqueeze(1) * block.ff_context(h)
 
-    def _add(self, concept: torch.Tensor, cross: torch.Tensor) -> None:
+    def _add(self, concept: torch.Tensor, cross: torch.Tensor | None) -> None:
         if self._sum is None:
-            self._sum, self._cross = torch.zeros_like(concept), torch.zeros_like(cross)
+            self._sum = torch.zeros_like(concept)
+            self._cross = None if cross is None else torch.zeros_like(cross)
         if self._sum.shape != concept.shape:
             raise RevelioError(f"the batch or resolution changed within one trace ({tuple(self._sum.shape)} -> "
                                f"{tuple(concept.shape)}); use one trace per batch or call reset()")
         self._sum += concept
-        self._cross += cross
+        if cross is not None:
+            self._cross += cross
         self._count += 1
 
     # -- results ------------------------------------------------------------------------------
@@ -190,11 +198,14 @@ class ConceptAttention:
         return self._grid(self._sum)
 
     def cross_attention_maps(self) -> torch.Tensor:
-        """The DiT cross-attention baseline (q_img k_concept^T) from the same pass, same shape."""
+        """The DiT cross-attention baseline (q_img k_concept^T) from the same pass, same shape (needs ``baseline``)."""
+        if not self.baseline:
+            raise RevelioError("cross-attention maps were not recorded: create the trace with baseline=True")
         return self._grid(self._cross)
 
 
 def concept_attention(pipe, concepts: Sequence[str], layers: Sequence[int] | None = None,
-                      steps: Sequence[int] | None = None, cfg: bool | None = None) -> ConceptAttention:
+                      steps: Sequence[int] | None = None, cfg: bool | None = None,
+                      baseline: bool = False) -> ConceptAttention:
     """``with concept_attention(pipe, concepts) as ca: pipe(prompt)`` then ``ca.maps()``; see :class:`ConceptAttention`."""
-    return ConceptAttention(pipe, concepts, layers=layers, steps=steps, cfg=cfg)
+    return ConceptAttention(pipe, concepts, layers=layers, steps=steps, cfg=cfg, baseline=baseline)

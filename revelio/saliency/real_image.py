@@ -46,9 +46,10 @@ def daam_on_images(pipe, images: Sequence[Image.Image], captions: Sequence[str],
 
 def concept_attention_on_images(pipe, images: Sequence[Image.Image], concepts: Sequence[str],
                                 captions: Sequence[str] | None = None, t: int = 500, seeds: Sequence[int] = (0,),
-                                size: int = 512, layers: Sequence[int] | None = None) -> ConceptAttention:
-    """ConceptAttention (and cross-attention baseline) maps of a real image batch; ``.maps()`` afterwards."""
-    ca = ConceptAttention(pipe, concepts, layers=layers, cfg=False)
+                                size: int = 512, layers: Sequence[int] | None = None,
+                                baseline: bool = False) -> ConceptAttention:
+    """ConceptAttention (and optionally the cross-attention baseline) maps of a real image batch; ``.maps()`` after."""
+    ca = ConceptAttention(pipe, concepts, layers=layers, cfg=False, baseline=baseline)
     with ca:
         forward_on_images(pipe, images, list(captions) if captions is not None else [""] * len(images), t, seeds,
                           size)

@@ -48,7 +48,7 @@ def method_maps(method: str, pipe, image, concepts: list[str], caption: str, t: 
         return center_prior(len(concepts))
     if method in ("concept_attention", "cross_attention"):
         ca = concept_attention_on_images(pipe, [image], concepts, [caption], t=t, seeds=seeds, size=size,
-                                         layers=layers)
+                                         layers=layers, baseline=method == "cross_attention")
         maps = ca.maps() if method == "concept_attention" else ca.cross_attention_maps()
         return maps[0].float().numpy()
     if method == "daam":
