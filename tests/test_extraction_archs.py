@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -187,3 +188,74 @@ def test_shipped_configs_load_and_unsupported_pipeline_is_clear():
         assert cfg.hooks and cfg.timesteps
     with pytest.raises(ValueError, match="supported denoisers"):
         get_adapter(object())
+
+
+def _tiny_family_pipe(kind: str):
+    """Tiny end-to-end pipelines (real text encoders/tokenizers) for the families the zoo does not ship."""
+    import diffusers as D
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from revelio.zoo.builders import build_vae
+    from revelio.zoo.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    torch.manual_seed(0)
+    ddpm = D.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    if kind == "sdxl":
+        tok = build_clip_tokenizer(16)
+        clip = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    max_position_embeddings=16, projection_dim=32, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        unet = D.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+        return D.StableDiffusionXLPipeline(vae=build_vae(), text_encoder=CLIPTextModel(CLIPTextConfig(**clip)),
+                                           text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)),
+                                           tokenizer=tok, tokenizer_2=build_clip_tokenizer(16), unet=unet,
+                                           scheduler=ddpm)
+    if kind == "pixart":
+        tok = build_t5_tokenizer(16)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                     relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id))
+        tr = D.PixArtTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, cross_attention_dim=32,
+                                        caption_channels=32, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                        norm_eps=1e-6, use_additional_conditions=False)
+        return D.PixArtAlphaPipeline(tokenizer=tok, text_encoder=t5, vae=build_vae(), transformer=tr, scheduler=ddpm)
+    tr = D.DiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=4, num_embeds_ada_norm=10,
+                                 norm_type="ada_norm_zero")
+    return D.DiTPipeline(transformer=tr, vae=build_vae(), scheduler=ddpm, id2label={0: "circle", 1: "square"})
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "pixart", "dit", "tiny-sd3"])
+def test_other_families_extract_end_to_end(kind, tmp_path):
+    """Prompt encoding (SDXL pooled + time ids, PixArt T5, DiT class ids, SD3 3 encoders) through a full run."""
+    from extraction.run import ExtractionPlan, Extractor
+    from extraction.store import open_store
+    from revelio.datasets import Shapes
+    from revelio.zoo import load_pipeline
+
+    pipe = load_pipeline("tiny-sd3") if kind == "tiny-sd3" else _tiny_family_pipe(kind)
+    hook = {"sdxl": "up_blocks.0", "pixart": "transformer_blocks.1", "dit": "transformer_blocks.1",
+            "tiny-sd3": "transformer_blocks.3"}[kind]
+    prompt, template = ("template", "{label_id}") if kind == "dit" else ("caption", "")
+    plan = ExtractionPlan(hooks=[hook], timesteps=[25, 600], out="", size=32, batch_size=3, progress=False,
+                          prompt=prompt, template=template, pooling="none")
+    ds = Shapes(size=32, count=3, seed=0)
+    s = Extractor(pipe, plan).run(ds, tmp_path / "s.h5")
+    with open_store(s.path) as st:
+        x = st.read(hook, 600, slice(None))
+        assert st.n_images == 3 and np.isfinite(x).all()
+        if kind == "sdxl":
+            assert st.layout(hook, 25) == "NCHW" and x.shape == (3, 64, 8, 8)
+        else:  # 32 px -> 8x8 latents -> 4x4 patches
+            assert st.layout(hook, 25) == "NTC" and st.spatial(hook, 25) == (4, 4) and x.shape[1] == 16
+        assert not np.allclose(x, st.read(hook, 25, slice(None)))
+    if kind == "dit":
+        ad = get_adapter(pipe)
+        assert ad.class_ids(["", "3", "square"]).tolist() == [10, 3, 1]
+        with pytest.raises(ValueError, match="class-conditional"):
+            ad.class_ids(["a red circle"])
