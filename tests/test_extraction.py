@@ -216,3 +216,20 @@ def test_interrupted_store_is_not_readable_as_finished(tiny_sd, tmp_path):
         np.testing.assert_allclose(a.read("mid_block", 25, slice(None)), b.read("mid_block", 25, slice(None)),
                                    rtol=1e-4, atol=1e-5)
         assert list(a.ids) == list(b.ids)
+
+
+def test_compressed_float16_store_reads_back(tiny_sd, tmp_path):
+    import h5py
+
+    ds = _shapes(3)
+    a = Extractor(tiny_sd, _plan(tmp_path, storage_dtype="float32")).run(ds, tmp_path / "a.h5")
+    b = Extractor(tiny_sd, _plan(tmp_path, storage_dtype="float16", compression="gzip")).run(ds, tmp_path / "b.h5")
+    with h5py.File(b.path, "r") as f:
+        d = f["acts/mid_block/t25"]
+        assert d.compression == "gzip" and d.dtype == np.float16
+    with open_store(a.path) as sa, open_store(b.path) as sb:
+        x, y = sa.read("mid_block", 25, slice(None)), sb.read("mid_block", 25, slice(None))
+        assert y.dtype == np.float32
+        np.testing.assert_allclose(y, x, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="none, gzip, lzf"):
+        _plan(tmp_path, compression="zstd").validate()
