@@ -18,20 +18,21 @@ class Split:
     test: np.ndarray
 
 
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> Split:
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int, min_train: int = 2) -> Split:
     """Split images so each class keeps about ``test_fraction`` of its images in the test set.
 
-    Every class gets at least one test and two train images (so cross-validation on the train
-    part can still see every class twice); the result depends only on ``y`` and ``seed``.
+    Every class gets at least one test and ``min_train`` train images (2 by default, so
+    cross-validation on the train part still sees every class twice); the result depends only
+    on ``y``, ``seed`` and ``min_train``.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ProbeError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    y = check_labels(y, min_per_class=3)
+    y = check_labels(y, min_per_class=min_train + 1)
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        n_test = min(max(1, round(test_fraction * len(idx))), len(idx) - 2)
+        n_test = min(max(1, round(test_fraction * len(idx))), len(idx) - min_train)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return Split(seed=seed, train=np.sort(np.concatenate(train)), test=np.sort(np.concatenate(test)))

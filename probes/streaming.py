@@ -188,13 +188,13 @@ class StreamingLinearProbe:
     def _fit(self, source: StoreSource, y: np.ndarray) -> StreamingLinearProbe:
         import lightning as L
 
-        y = check_labels(y, min_per_class=3)
+        y = check_labels(y, min_per_class=2 if len(self.weight_decays) > 1 else 1)
         if len(y) != len(source.rows):
             raise ProbeError(f"y has {len(y)} labels but the source has {len(source.rows)} images")
         self.classes_ = np.unique(y)
         yi = np.searchsorted(self.classes_, y)
         if len(self.weight_decays) > 1:
-            split = stratified_split(yi, self.val_fraction, self.seed)
+            split = stratified_split(yi, self.val_fraction, self.seed, min_train=1)
             train, val = split.train, split.test
         else:
             train, val = np.arange(len(y)), np.zeros(0, dtype=np.int64)
@@ -246,11 +246,11 @@ class StreamingLinearProbe:
 
 
 def evaluate_streaming(path: str | Path, hook: str, timestep: int, rows: np.ndarray, y: np.ndarray,
-                       splits: Sequence, samples: str = "pooled", **probe_kw) -> dict:
+                       splits: Sequence, samples: str = "pooled", chunk_images: int = 256, **probe_kw) -> dict:
     """``evaluate``'s protocol with a ``StreamingLinearProbe`` per split (features never all in RAM)."""
     from .evaluate import chance_accuracy, macro_f1, summarise
 
-    src = StoreSource(path, hook, int(timestep), rows, samples)
+    src = StoreSource(path, hook, int(timestep), rows, samples, chunk_images)
     per_seed = []
     for s in splits:
         probe = StreamingLinearProbe(seed=s.seed, **probe_kw).fit(src.subset(s.train), y[s.train])

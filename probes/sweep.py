@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,14 @@ from .linear import DEFAULT_CS
 from .splits import make_splits
 
 BACKENDS = ("sklearn", "torch")
+log = logging.getLogger(__name__)
 
 
 def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Sequence[str | Path] = (),
           baselines: dict[str, np.ndarray] | None = None, random_baseline: bool = True, seeds: Sequence[int] = (0, 1, 2),
           test_fraction: float = 0.25, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5, max_iter: int = 1000,
           ks: Sequence[int] | None = None, k_max: int = 64, sparse_raw: bool = True, sae_device: str = "cpu",
-          backend: str = "sklearn", streaming: dict[str, Any] | None = None,
+          min_class_images: int = 3, backend: str = "sklearn", streaming: dict[str, Any] | None = None,
           progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Probe every (hook, t) of ``store`` (an open ``ActivationStore``); returns (records, context).
 
@@ -30,12 +32,23 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
     features of every distinct activation width. SAE folders add linear and k-sparse probes on
     their codes (and, with ``sparse_raw``, k-sparse probes on the raw features of the same
     hook/timestep for comparison). All rows share the same image splits (one per seed).
+    Classes with fewer than ``min_class_images`` images are left out (named in the context).
     ``backend="torch"`` probes the store's (hook, t) features with ``StreamingLinearProbe``
     (keyword arguments in ``streaming``, e.g. ``samples="tokens"``) instead of scikit-learn.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     rows, y = labelled_rows(store)
+    classes, counts = np.unique(y, return_counts=True)
+    rare = classes[counts < min_class_images]
+    keep = ~np.isin(y, rare)
+    if rare.size:
+        log.warning("leaving out classes %s: fewer than %d images each", rare.tolist(), min_class_images)
+    rows, y = rows[keep], y[keep]
+    for name, Xb in (baselines or {}).items():
+        if len(Xb) != len(keep):
+            raise ValueError(f"baseline {name!r} has {len(Xb)} rows, the store has {len(keep)} labelled rows")
+    baselines = {name: np.asarray(Xb)[keep] for name, Xb in (baselines or {}).items()}
     splits = make_splits(y, test_fraction, list(seeds))
     keys = list(store.keys()) if keys is None else [(h, int(t)) for h, t in keys]
     for h, t in keys:
@@ -48,7 +61,6 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
     for m in models:
         check_key(store, m.cfg.get("hook", "?"), int(m.cfg.get("timestep", -1)))
     kw = dict(Cs=Cs, cv=cv, max_iter=max_iter)
-    baselines = dict(baselines or {})
     n_jobs = len(keys) + len(baselines) + 2 * len(models)
     bar = tqdm(total=n_jobs, desc="probes", disable=not progress)
     records: list[dict[str, Any]] = []
@@ -69,8 +81,7 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
         add(rec, features="raw", hook=h, timestep=t, source=str(store.path))
         bar.update()
     for name, Xb in baselines.items():
-        if len(Xb) != len(y):
-            raise ValueError(f"baseline {name!r} has {len(Xb)} rows, the store has {len(y)} labelled rows")
+        bar.set_postfix_str(name)
         add(evaluate(Xb, y, splits, **kw), features=name, hook=name, timestep=None, source="baseline")
         bar.update()
         if random_baseline and name == next(iter(baselines)):
@@ -96,7 +107,7 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
         bar.update()
     bar.close()
     context = {"store": str(store.path), "model": store.attrs.get("model"), "dataset": store.attrs.get("dataset"),
-               "n_images": int(len(y)), "classes": np.unique(y).tolist(), "seeds": list(seeds),
+               "n_images": int(len(y)), "classes": np.unique(y).tolist(), "left_out_classes": rare.tolist(), "seeds": list(seeds),
                "test_fraction": test_fraction, "splits": [{"seed": s.seed, "test_rows": rows[s.test].tolist()}
                                                           for s in splits]}
     return records, context

@@ -53,6 +53,7 @@ class ProbeConfig:
     sae: list[str] = field(default_factory=list, help="SAE folders: add probes on their codes (linear and k-sparse)")
     out: str = field("runs/probes", help="output folder: probes.csv, probes.json, heatmap.png")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="split seeds; spread over them is reported")
+    min_class_images: int = field(3, help="classes with fewer images are left out (a split needs 1 test + 2 train)")
     test_fraction: float = field(0.25, help="share of each class's images in the test split (never used to choose C)")
     cv_folds: int = field(5, help="cross-validation folds on the training images for choosing C")
     Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS), help="inverse L2 strengths of the path")
@@ -178,6 +179,9 @@ def plot_sparse(records: list[dict[str, Any]], path: Path) -> Path:
     for name, pts in lines.items():
         k, a, s = map(np.array, zip(*sorted(pts)))
         ax.errorbar(k, a, yerr=s, marker="o", capsize=2, label=name)
+    chance = [r["chance_mean"] for r in records if r["probe"] == "k-sparse"]
+    if chance:
+        ax.axhline(float(np.mean(chance)), color="grey", linestyle="--", label="chance")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (latents / features used)")
     ax.set_ylabel("test accuracy")
@@ -208,7 +212,7 @@ def probe_cmd(cfg: ProbeConfig) -> dict[str, Any]:
         streaming = {k: v for k, v in to_dict(cfg.streaming).items() if k not in ("samples", "chunk_images")}
         records, context = probes.sweep(
             st, keys=keys, saes=cfg.sae, baselines=baselines, random_baseline=cfg.baselines.random and bool(baselines),
-            seeds=cfg.seeds, test_fraction=cfg.test_fraction, Cs=cfg.Cs, cv=cfg.cv_folds, max_iter=cfg.max_iter,
+            seeds=cfg.seeds, test_fraction=cfg.test_fraction, min_class_images=cfg.min_class_images, Cs=cfg.Cs, cv=cfg.cv_folds, max_iter=cfg.max_iter,
             ks=cfg.ks, k_max=cfg.k_max, sparse_raw=cfg.sparse_raw, sae_device=cfg.device, backend=cfg.backend,
             streaming={**streaming, "samples": cfg.streaming.samples, "chunk_images": cfg.streaming.chunk_images,
                        "progress": False},
@@ -235,7 +239,7 @@ def plot_report(latents: list[dict[str, Any]], summary: dict[str, Any], path: Pa
     from ..viz import save_figure
 
     alive = [r for r in latents if not r["dead"]]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
     pur = np.array([r["purity"] for r in alive])
     shuf = np.array([r["purity_shuffled"] for r in alive])
     bins = np.linspace(0, 1, 21)
@@ -248,7 +252,7 @@ def plot_report(latents: list[dict[str, Any]], summary: dict[str, Any], path: Pa
     if alive:
         sc = axes[2].scatter([r["frequency"] for r in alive], pur, c=[r["auroc"] for r in alive], s=8,
                              cmap="viridis", vmin=0.5, vmax=1)
-        fig.colorbar(sc, ax=axes[2], label="best one-vs-rest AUROC")
+        fig.colorbar(sc, ax=axes[2], label="AUROC")
     axes[2].set_xscale("log")
     axes[2].set_xlabel("firing frequency")
     axes[2].set_ylabel("purity")
@@ -276,10 +280,10 @@ def plot_top_images(latents: list[dict[str, Any]], images: list[Any], names: lis
     for ax in axes.flat:
         ax.axis("off")
     for i, r in enumerate(show):
-        axes[i, 0].set_title(f"#{r['latent']} purity {r['purity']:.2f}", fontsize=6, loc="left")
         for j, img in enumerate(r["top_images"][:cols]):
             axes[i, j].imshow(images[img])
-            axes[i, j].text(0, -2, names[img], fontsize=5)
+            head = f"#{r['latent']} purity {r['purity']:.2f}\n" if j == 0 else "\n"
+            axes[i, j].set_title(head + names[img], fontsize=6, loc="left")
     return save_figure(fig, path)
 
 

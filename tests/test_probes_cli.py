@@ -1,0 +1,154 @@
+"""`revelio probe` and `revelio probe report` on features of the zoo models (digits and shapes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import probes
+from extraction.store import open_store
+from revelio.cli import main, run
+from test_probes import make_store
+
+QUICK = ["--Cs", "[0.01, 1, 100]", "--cv_folds", "3", "--progress", "false"]
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    """tiny-sd features of 60 digits (32 px, empty prompt): mid_block and up_blocks.1 at t=25."""
+    from revelio.commands.extract import ExtractConfig, extract_cmd
+    from revelio.config import load
+
+    out = tmp_path_factory.mktemp("probe_digits") / "digits.h5"
+    extract_cmd(load(ExtractConfig, overrides={
+        "model": {"id": "tiny-sd"}, "data": {"name": "digits", "size": 32, "count": 60, "seed": 0},
+        "hooks": ["mid_block", "up_blocks.1"], "timesteps": [25], "prompt": "empty", "storage_dtype": "float32",
+        "batch_size": 30, "seed": 0, "out": str(out), "progress": False}))
+    return out
+
+
+def test_probe_on_digits_beats_chance_with_baselines(digits_store, tmp_path):
+    out = tmp_path / "p"
+    res = run(["probe", "--config", "configs/probes/default.yaml", "--store", str(digits_store), "--out", str(out),
+               *QUICK])
+    recs = {(r["features"], r["hook"]): r for r in res["records"]}
+    assert set(recs) == {("raw", "mid_block"), ("raw", "up_blocks.1"), ("pixels", "pixels"), ("random", "random-64")}
+    best = max(recs[("raw", h)]["accuracy_mean"] for h in ("mid_block", "up_blocks.1"))
+    chance = recs[("raw", "up_blocks.1")]["chance_mean"]
+    assert chance < 0.2  # 9-10 balanced classes
+    # Random-init and trained zoo weights alike: diffusion features carry the digit well above chance.
+    assert best > chance + 0.15, res["records"]
+    # The pixel baseline is a real probe on the re-rendered images: digits are easy from pixels.
+    assert recs[("pixels", "pixels")]["accuracy_mean"] > chance + 0.4
+    assert recs[("pixels", "pixels")]["d"] == 16 * 16 * 3
+    rows = list(csv.DictReader((out / "probes.csv").open()))
+    assert len(rows) == 4 and float(rows[0]["accuracy_mean"]) == pytest.approx(res["records"][0]["accuracy_mean"])
+    saved = json.loads((out / "probes.json").read_text())
+    assert saved["context"]["seeds"] == [0, 1, 2] and len(saved["results"]) == 4
+    assert (out / "heatmap.png").stat().st_size > 5000
+
+
+def test_pixel_baseline_rerenders_the_store_images(digits_store):
+    from revelio.commands.probe import store_pixels
+    from revelio.datasets import Digits
+
+    with open_store(digits_store) as st:
+        rows = np.array([0, 7, 31])
+        pix = store_pixels(st, rows, 0)
+        ds = Digits(size=32, count=60, seed=0)
+        for k, r in enumerate(rows):
+            i = ds.ids().index(st.ids[r])
+            assert np.array_equal(pix[k], np.asarray(ds[i].image, dtype=np.float32).ravel() / 255.0)
+
+
+def test_same_seed_identical_results(digits_store, tmp_path):
+    args = ["probe", "--store", str(digits_store), "--hooks", "[up_blocks.1]", "--seeds", "[4]",
+            "--baselines.pixels", "false", *QUICK]
+    a = run([*args, "--out", str(tmp_path / "a")])["records"]
+    b = run([*args, "--out", str(tmp_path / "b")])["records"]
+    assert a == b
+    assert (tmp_path / "a" / "probes.csv").read_text() == (tmp_path / "b" / "probes.csv").read_text()
+
+
+def test_probe_on_shapes_stores_and_streaming_tokens(sd_store, flux_store, tmp_path):
+    """Shapes (the shared 24-image stores): every key probed, rare classes left out, NTC tokens streamed."""
+    res = run(["probe", "--store", str(sd_store), "--hooks", "[mid_block]", "--out", str(tmp_path / "sd"),
+               "--baselines.random", "false", *QUICK])
+    with open_store(sd_store) as st:
+        counts = np.bincount(st.labels)
+    rare = [c for c, n in enumerate(counts) if 0 < n < 3]
+    assert res["context"]["left_out_classes"] == rare
+    assert {(r["features"], r["timestep"]) for r in res["records"]} == {("raw", 25), ("raw", 250), ("pixels", None)}
+    for r in res["records"]:
+        assert r["n_images"] == sum(n for n in counts if n >= 3) and 0 <= r["accuracy_mean"] <= 1
+    res = run(["probe", "--store", str(flux_store), "--hooks", "[transformer_blocks.3]", "--timesteps", "[25]",
+               "--backend", "torch", "--streaming.samples", "tokens", "--streaming.epochs", "2",
+               "--streaming.threads", "1", "--seeds", "[0]", "--baselines.pixels", "false",
+               "--out", str(tmp_path / "flux"), "--progress", "false", "--min_class_images", "3"])
+    (rec,) = res["records"]
+    assert rec["probe"] == "linear-streaming-tokens" and rec["d"] == 64 and 0 <= rec["accuracy_mean"] <= 1
+
+
+def _untrained_sae(store_path, hook: str, t: int, folder):
+    """A real TopK SAE (tied init, b_dec and scale from the data), saved in the SAE folder format."""
+    import sae
+
+    with open_store(store_path) as st:
+        x, _ = st.tokens(hook, t, np.arange(st.n_images))
+    m = sae.SparseAutoencoder(x.shape[1], 128, 4, seed=0)
+    m.init_from_data(torch.from_numpy(x))
+    return sae.save(m, folder, extra={"hook": hook, "timestep": t, "samples": "tokens"})
+
+
+def test_sae_probes_and_monosemanticity_report(digits_store, tmp_path):
+    folder = _untrained_sae(digits_store, "up_blocks.1", 25, tmp_path / "sae")
+    res = run(["probe", "--store", str(digits_store), "--hooks", "[mid_block]", "--sae", f"[{folder}]",
+               "--ks", "[1, 4]", "--seeds", "[0, 1]", "--baselines.pixels", "false", "--out", str(tmp_path / "p"),
+               *QUICK])
+    kinds = [(r["features"], r["probe"], r["k"]) for r in res["records"]]
+    assert kinds == [("raw", "linear", None), ("sae", "linear", None), ("sae", "k-sparse", 1), ("sae", "k-sparse", 4),
+                     ("raw", "k-sparse", 1), ("raw", "k-sparse", 4)]
+    assert (tmp_path / "p" / "sparse_probing.png").exists()
+
+    rep = run(["probe", "report", "--store", str(digits_store), "--sae", f"[{folder}]", "--top_n", "5",
+               "--out", str(tmp_path / "r")])
+    sub = tmp_path / "r" / "up_blocks.1_t25"
+    for name in ("latents.csv", "report.json", "monosemanticity.png", "top_images.png"):
+        assert (sub / name).stat().st_size > 0, name
+    report = json.loads((sub / "report.json").read_text())
+    lat = report["latents"]
+    assert len(lat) == 128 and [r["rank"] for r in lat] == list(range(128))
+    alive = [r for r in lat if not r["dead"]]
+    assert [r["auroc"] for r in alive] == sorted((r["auroc"] for r in alive), reverse=True)
+    assert all(0 < r["purity"] <= 1 and r["n_top"] <= 5 for r in alive)
+    # token firing frequency, recomputed independently from the store's tokens and the SAE's encode
+    import sae
+
+    m = sae.load(folder)
+    with open_store(digits_store) as st:
+        rows, _ = probes.labelled_rows(st)
+        x, _ = st.tokens("up_blocks.1", 25, rows)
+    freq = (m.encode(torch.from_numpy(x)) > 0).float().mean(0).numpy()
+    by_latent = {r["latent"]: r for r in lat}
+    assert np.allclose([by_latent[j]["token_frequency"] for j in range(128)], freq, atol=1e-6)
+    assert report["summary"]["dead_fraction"] == pytest.approx(float(np.mean(freq == 0)))
+    assert list(csv.DictReader((tmp_path / "r" / "summary.csv").open()))[0]["hook"] == "up_blocks.1"
+
+
+def test_cli_errors_name_the_valid_choices(digits_store, tmp_path, capsys):
+    assert main(["probe", "--store", str(digits_store), "--hooks", "[down_blocks.7]", "--out", str(tmp_path)]) == 2
+    assert "mid_block" in capsys.readouterr().err
+    assert main(["probe", "--store", str(digits_store), "--hooks", "[mid_block]", "--timesteps", "[999]",
+                 "--out", str(tmp_path)]) == 2
+    assert "[25]" in capsys.readouterr().err
+    assert main(["probe", "--store", str(digits_store), "--backend", "jax"]) == 2
+    assert "sklearn" in capsys.readouterr().err
+    nolabel = make_store(tmp_path / "n.h5", {("h", 1): np.ones((6, 2))}, -np.ones(6, dtype=int))
+    assert main(["probe", "--store", str(nolabel), "--baselines.pixels", "false", "--out", str(tmp_path)]) == 2
+    assert "no labels" in capsys.readouterr().err
+    assert main(["probe", "report", "--store", str(digits_store), "--out", str(tmp_path)]) == 2
+    assert "at least one SAE" in capsys.readouterr().err
