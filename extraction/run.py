@@ -303,16 +303,14 @@ def run_extraction(ex: Extractor, dataset: Any) -> Summary:
             shards = [shard_path(out, r, world) for r in range(world)]
             join_shards(shards, out)
             print(f"extract: joined {world} shards into {out} (HDF5 virtual datasets)")
-            summ = Summary(str(out), sum(_rows(s) for s in shards), summ.skipped, out.stat().st_size, summ.seconds)
+            import h5py
+
+            with h5py.File(out, "r") as f:
+                summ = Summary(str(out), int(f.attrs["n_images"]), json.loads(f.attrs["skipped"]),
+                               out.stat().st_size, summ.seconds)
         dist.barrier()
         return summ
     finally:
         if own_group:
             dist.destroy_process_group()
 
-
-def _rows(path: Path) -> int:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return int(f.attrs["n_images"])
