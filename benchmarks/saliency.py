@@ -21,7 +21,10 @@ import subprocess
 import sys
 import time
 
-import torch
+# benchmarks/extraction.py would shadow the `extraction` package: import packages, not sibling scripts.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
 
 CONCEPTS = ["circle", "square", "triangle", "star", "cross", "diamond", "background", "sky", "grass", "tree"]
 PROMPT = "a red circle and a blue square"

@@ -183,3 +183,18 @@ def test_real_image_maps_average_over_noise_seeds(tiny_flux):
     assert both.calls == 2
     torch.testing.assert_close(both.maps(), (one[0].maps() + one[1].maps()) / 2)
     assert not torch.allclose(one[0].maps(), one[1].maps())  # the seeds do change the noise
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    from revelio import config as C
+    from revelio.commands.saliency import SaliencyConfig, SegmentConfig
+
+    root = Path(__file__).parent.parent / "configs"
+    files = {cls: sorted((root / sub).glob("*.yaml")) for cls, sub in ((SaliencyConfig, "saliency"),
+                                                                       (SegmentConfig, "segment"))}
+    assert all(files.values())
+    for cls, paths in files.items():
+        for p in paths:
+            C.load(cls, p)
