@@ -103,8 +103,7 @@ class FeatureBrowser:
         self.alignment = alignment
         if alignment is None and align:
             self.alignment = self._mask_alignment(eval_size)
-        self.purity = self.stats.purity(top_k)
-        self.entropy = self.stats.label_entropy(top_k)
+        self.purity, self.entropy = self.stats.purity_entropy(top_k)
 
     # ---- data ---------------------------------------------------------------------------
     def samples(self, rows: Sequence[int]) -> list[Any]:

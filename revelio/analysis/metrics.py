@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 
 DEFAULT_TAU = 0.4
 
@@ -68,17 +67,15 @@ def pearson(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def auroc(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Area under the ROC curve of each map's values as a score for ``mask`` pixels: (L,), NaN for a one-class mask.
 
-    The Mann-Whitney form: (sum of the positives' ranks - n+(n+ + 1)/2) / (n+ n-), with
-    average ranks for ties, so a constant map scores exactly 0.5.
+    Pixels are the samples and the mask the two classes of the probes stage's Mann-Whitney
+    ``auroc_matrix`` (average ranks for ties, so a constant map scores exactly 0.5).
     """
+    from probes import auroc_matrix
+
     a, m, lead = _flat(maps, np.asarray(mask, dtype=bool))
-    n_pos = int(m.sum())
-    n_neg = m.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if m.all() or not m.any():
         return np.full(lead, np.nan)
-    ranks = rankdata(a, axis=1, method="average")
-    u = ranks[:, m].sum(axis=1) - n_pos * (n_pos + 1) / 2.0
-    return (u / (n_pos * n_neg)).reshape(lead)
+    return auroc_matrix(a.T, m.astype(np.int64))[1].astype(np.float64).reshape(lead)
 
 
 def scores(maps: np.ndarray, reference: np.ndarray, mask: np.ndarray, tau: float = DEFAULT_TAU) -> dict[str, np.ndarray]:

@@ -59,24 +59,20 @@ class LatentStats:
         labs = self.labels[self.top_images(latent, k)]
         return dict(Counter(int(x) for x in labs if x >= 0).most_common())
 
-    def purity(self, k: int = 8) -> np.ndarray:
-        """(d_sae,) share of each latent's top-``k`` labelled images that carry their most common label (NaN: none)."""
-        out = np.full(self.d_sae, np.nan)
-        for j in range(self.d_sae):
-            counts = self.label_counts(j, k)
-            if counts:
-                out[j] = max(counts.values()) / sum(counts.values())
-        return out
+    def purity_entropy(self, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """(d_sae,) purity and (d_sae,) label entropy in bits of each latent's top-``k`` labelled images.
 
-    def label_entropy(self, k: int = 8) -> np.ndarray:
-        """(d_sae,) entropy in bits of the labels of each latent's top-``k`` images (NaN: none)."""
-        out = np.full(self.d_sae, np.nan)
+        Purity is the share of the commonest label (``probes.label_purity_entropy``); NaN where a
+        latent has no labelled top image.
+        """
+        from probes import label_purity_entropy
+
+        n_classes = int(self.labels.max()) + 1 if len(self.labels) and self.labels.max() >= 0 else 1
+        pur, ent = np.full(self.d_sae, np.nan), np.full(self.d_sae, np.nan)
         for j in range(self.d_sae):
-            c = np.array(list(self.label_counts(j, k).values()), dtype=np.float64)
-            if c.size:
-                p = c / c.sum()
-                out[j] = float(-(p * np.log2(p)).sum()) + 0.0
-        return out
+            labs = self.labels[self.top_images(j, k)]
+            pur[j], ent[j] = label_purity_entropy(labs[labs >= 0], n_classes)
+        return pur, ent
 
     def histogram(self, latent: int, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """(counts, edges) of the latent's per-image peak activation over the images where it fires."""

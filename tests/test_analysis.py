@@ -1,0 +1,207 @@
+"""Feature maps, alignment, latent statistics, the dashboard and steering, on the tiny zoo models."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sae
+from extraction.store import open_store
+from revelio.analysis import metrics as M
+from revelio.analysis.alignment import METRICS, AlignmentTable
+from revelio.analysis.browser import FeatureBrowser
+from revelio.analysis.feature_maps import OnTheFly, store_feature_maps, store_samples
+from revelio.analysis.stats import latent_stats
+from revelio.analysis.steering import Steering, SteeringSpec, box_mask, latent_direction
+from revelio.config import load
+
+
+def make_sae(store_path: Path, hook: str, t: int, out: Path, d_sae: int = 96, k: int = 6) -> Path:
+    """A small data-initialised SAE (the sae stage's model and file format) on the store's tokens."""
+    with open_store(store_path) as st:
+        x, _ = st.tokens(hook, t, slice(None))
+    model = sae.SparseAutoencoder(x.shape[1], d_sae, k, seed=1)
+    model.init_from_data(torch.from_numpy(x))
+    return sae.save(model, out, extra={"hook": hook, "timestep": t, "source_store": str(store_path),
+                                       "samples": "tokens"})
+
+
+def encode(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode(x)
+
+
+@pytest.fixture(scope="module")
+def sd_sae(sd_store, tmp_path_factory):
+    return make_sae(sd_store, "up_blocks.1", 25, tmp_path_factory.mktemp("sae") / "sd_sae")
+
+
+def test_store_maps_are_per_position_codes_and_match_the_live_pipeline(sd_store, sd_sae, tiny_sd):
+    model = sae.load(sd_sae)
+    with open_store(sd_store) as st:
+        maps = store_feature_maps(st, model, [1, 4])
+        assert maps.shape == (2, model.d_sae, 16, 16)
+        fmap = st.image_map("up_blocks.1", 25, 4)  # (C, h, w)
+        for y, x in [(0, 0), (3, 11), (15, 7)]:
+            want = encode(model, torch.from_numpy(fmap[:, y, x])[None])[0].numpy()
+            np.testing.assert_allclose(maps[1, :, y, x], want, rtol=1e-5, atol=1e-6)
+        assert ((maps > 0).sum(axis=1) <= model.k).all()
+        live = OnTheFly.from_store(tiny_sd, model, st).sample_maps(store_samples(st, [1, 4]))
+    np.testing.assert_allclose(live, maps, rtol=1e-3, atol=1e-4)
+
+
+def test_token_store_maps_follow_the_row_major_grid(flux_store, tiny_flux, tmp_path):
+    model = sae.load(make_sae(flux_store, "transformer_blocks.3", 250, tmp_path / "flux_sae", d_sae=64, k=4))
+    with open_store(flux_store) as st:
+        h, w = st.spatial("transformer_blocks.3", 250)
+        maps = store_feature_maps(st, model, [2])
+        tokens = st.read("transformer_blocks.3", 250, [2])[0]  # (T, C)
+        want = encode(model, torch.from_numpy(tokens)).numpy()  # (T, d_sae)
+        np.testing.assert_allclose(maps[0].reshape(model.d_sae, h * w).T, want, rtol=1e-5, atol=1e-6)
+        live = OnTheFly.from_store(tiny_flux, model, st).sample_maps(store_samples(st, [2]))
+    np.testing.assert_allclose(live, maps, rtol=1e-3, atol=1e-4)
+
+
+def test_alignment_ranks_the_latent_that_is_the_mask_first_and_compares_with_saliency(tmp_path):
+    rng = np.random.default_rng(0)
+    table = AlignmentTable(d_sae=5, eval_size=8)
+    sal_scores = []
+    for i in range(6):
+        mask = np.zeros((8, 8), bool)
+        mask[i % 4:i % 4 + 4, 2:6] = True
+        maps = np.zeros((5, 8, 8), np.float32)
+        maps[1] = rng.random((8, 8))  # noise
+        maps[2] = mask * 3.0  # fires exactly on the concept
+        saliency = mask * 0.6 + rng.random((8, 8)) * 0.5  # a noisy saliency map
+        table.add(maps, {"circle": saliency}, {"circle": mask}, ["circle"])
+        sal_scores.append(M.scores(saliency, mask.astype(np.float32), mask, 0.4))
+    assert table.ranking("circle", "mask", "auroc", top=1) == [2]
+    means = table.means("circle", "mask")
+    np.testing.assert_allclose(means[:, 2], [1.0, 1.0, 1.0])  # IoU, Pearson, AUROC of a perfect latent
+    # silent latents: IoU 0, correlation 0, AUROC 0.5 on every image
+    np.testing.assert_allclose(means[:, 0], [0.0, 0.0, 0.5])
+    base = table.saliency_baseline("circle")
+    for m in METRICS:
+        assert base[m] == pytest.approx(np.mean([s[m] for s in sal_scores]))
+    b = table.beats("circle", "iou")
+    assert b["latent"] == 2 and b["n_select"] == 3 and b["n_eval"] == 3 and b["win_rate"] == 1.0
+    assert b["saliency_score"] == pytest.approx(np.mean([s["iou"] for s in sal_scores[1::2]]))
+    again = AlignmentTable.load(table.save(tmp_path / "a.npz"))
+    assert again.table("auroc") == table.table("auroc") and again.beats("circle") == b
+
+
+def test_compare_command_writes_tables_with_daam(sd_store, sd_sae, tmp_path):
+    from revelio.commands.analysis import CompareConfig, compare_cmd
+
+    cfg = load(CompareConfig, overrides={"source": {"sae": str(sd_sae)}, "images": 6, "top": 3,
+                                         "out": str(tmp_path / "cmp"), "progress": False})
+    res = compare_cmd(cfg)
+    rows = list(csv.DictReader(open(res["paths"]["csv"])))
+    summary = json.loads(Path(res["paths"]["json"]).read_text())
+    assert summary["method"] == "daam" and summary["images"] == 6
+    with open_store(sd_store) as st:
+        held = {c for s in store_samples(st, range(6)) for c in s.concepts}
+    assert set(summary["concepts"]) == held  # every shape present plus background
+    table = res["table"]
+    for concept, info in summary["concepts"].items():
+        mask_rows = [r for r in rows if r["concept"] == concept and r["ranked_by"] == "mask_iou"]
+        assert [int(r["latent"]) for r in mask_rows] == info["best_latents"]["mask"]
+        best = table.means(concept, "mask")[0]
+        assert float(mask_rows[0]["mask_iou"]) == pytest.approx(np.nanmax(best), abs=1e-6)
+    # DAAM maps words of the caption only: 'background' has masks but no saliency map
+    assert summary["concepts"]["background"]["n_images"]["saliency"] == 0
+    assert any(info["saliency_vs_mask"] for info in summary["concepts"].values())
+    with pytest.raises(ValueError, match="daam"):
+        compare_cmd(load(CompareConfig, overrides={"source": {"sae": str(sd_sae)}, "method": "gradcam"}))
+
+
+def test_latent_stats_against_a_naive_recount(sd_store, sd_sae):
+    model = sae.load(sd_sae)
+    with open_store(sd_store) as st:
+        rows = np.arange(10)
+        stats = latent_stats(st, model, rows, batch_size=4, progress=False)
+        maps = store_feature_maps(st, model, rows)
+        labels = st.labels[rows]
+    np.testing.assert_allclose(stats.peak, maps.max(axis=(2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(stats.frequency, (maps > 0).mean(axis=(0, 2, 3)))
+    j = int(np.argmax(stats.frequency))
+    top = stats.top_images(j, 3)
+    assert list(top) == list(np.argsort(-maps[:, j].max(axis=(1, 2)), kind="stable")[:3])
+    labs = labels[top]
+    pur, ent = stats.purity_entropy(3)
+    assert pur[j] == pytest.approx(np.bincount(labs).max() / 3)
+    p = np.bincount(labs) / 3
+    assert ent[j] == pytest.approx(-(p[p > 0] * np.log2(p[p > 0])).sum())
+    counts, _ = stats.histogram(j, bins=5)
+    assert counts.sum() == (stats.peak[:, j] > 0).sum()
+
+
+def test_dashboard_is_self_contained_and_sorted(sd_store, sd_sae, tmp_path):
+    model = sae.load(sd_sae)
+    with open_store(sd_store) as st:
+        b = FeatureBrowser(st, model, rows=range(12), top_k=4, progress=False)
+        index = b.export(tmp_path / "dash", by="purity", limit=5)
+        order = b.order("purity")
+    pages = sorted((tmp_path / "dash").glob("latent_*.html"))
+    assert [int(p.stem.split("_")[1]) for p in pages] == sorted(order[:5])
+    html = index.read_text()
+    assert re.findall(r"href='latent_(\d+)\.html'", html) == [f"{j:05d}" for j in order[:5]]
+    assert "src='http" not in html and "<script src" not in html  # no server, no network
+    page = pages[0].read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "Activation histogram" in page
+    assert "Best-matching concepts" in page and "mean IoU vs mask" in page  # shapes has masks
+    pur = b.purity[order]
+    assert all(np.nan_to_num(pur[:-1], nan=-1) >= np.nan_to_num(pur[1:], nan=-1))
+    with pytest.raises(ValueError, match="frequency"):
+        b.order("loudness")
+
+
+def test_steering_adds_and_removes_the_decoder_direction_where_and_when_asked(sd_sae, tiny_sd):
+    from extraction.adapters import get_adapter
+    from extraction.hooks import ActivationCapture
+
+    model = sae.load(sd_sae)
+    ad = get_adapter(tiny_sd)
+    g = torch.Generator().manual_seed(0)
+    lat, cond = torch.randn(2, 4, 16, 16, generator=g), ad.encode_prompts(["a red circle", "a blue star"])
+
+    def run(specs=None):
+        with ActivationCapture(ad, ["up_blocks.1"]) as cap:  # registered after the steering hook: sees its edit
+            cap.reset(None)
+            out = ad.forward(lat, 25, cond)
+        return cap.acts["up_blocks.1"], out
+
+    def steered(specs):
+        with Steering(tiny_sd, model, specs):
+            return run()
+
+    x0, out0 = run()
+    d = latent_direction(model, 3)
+    np.testing.assert_allclose(d.numpy(), (model.W_dec[3] / model.norm_scale).detach().numpy(), rtol=1e-5)
+    x1, out1 = steered([SteeringSpec(3, 2.5, mask=box_mask([0, 0.5, 0, 1], 16))])
+    np.testing.assert_allclose((x1 - x0)[:, :, :8], (2.5 * d)[None, :, None, None].expand(2, -1, 8, 16), atol=1e-5)
+    assert (x1 - x0)[:, :, 8:].abs().max() == 0 and not torch.equal(out0, out1)
+    x2, _ = steered([SteeringSpec(3, 1.0, mode="remove")])
+    z = encode(model, x0.permute(0, 2, 3, 1).reshape(-1, x0.shape[1]))[:, 3].view(2, 16, 16)
+    assert z.max() > 0
+    np.testing.assert_allclose(x0 - x2, z[:, None] * d[None, :, None, None], atol=1e-5)
+    x3, out3 = steered([SteeringSpec(3, 2.5, steps=(1, 5))])  # this single call is step 0: untouched
+    assert torch.equal(x3, x0) and torch.equal(out3, out0)
+    with pytest.raises(ValueError, match="add, remove"):
+        SteeringSpec(3, mode="boost").check(model.d_sae)
+    with pytest.raises(ValueError, match="top, bottom"):
+        box_mask([0.5, 0.2, 0, 1])
+
+
+def test_steer_command_before_after(sd_sae, tmp_path):
+    from revelio.commands.analysis import SteerConfig, steer_cmd
+
+    base = {"source": {"sae": str(sd_sae)}, "latent": 3, "inference_steps": 3, "prompt": "a red circle"}
+    res = steer_cmd(load(SteerConfig, overrides={**base, "scale": 40.0, "out": str(tmp_path / "s.png")}))
+    assert res["path"].exists() and res["mean_abs_diff"] > 0.5
+    off = steer_cmd(load(SteerConfig, overrides={**base, "scale": 40.0, "steps": [3, 4], "out": str(tmp_path / "t.png")}))
+    assert off["mean_abs_diff"] == 0.0  # steering outside the denoising steps changes nothing
