@@ -63,7 +63,7 @@ class LinearProbe:
         from threadpoolctl import threadpool_limits
 
         X, y = check_X_y(X, y, min_per_class=2 if self.cv else 1)
-        # Small problems run ~10x faster on one BLAS/OpenMP thread than on contended ones.
+        # Small problems run several times faster on one BLAS/OpenMP thread (benchmarks/probes.py).
         with threadpool_limits(limits=1 if X.size < SMALL_PROBLEM else None):
             return self._fit(X, y)
 
