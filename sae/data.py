@@ -247,7 +247,14 @@ class StoreDataModule(L.LightningDataModule):
         if len(self.train_rows) * self.per_image < self.batch_size:
             raise ValueError(f"{len(self.train_rows)} training images x {self.per_image} samples each is less than one "
                              f"batch ({self.batch_size}); lower data.batch_size or use data.samples tokens")
-        return self.loader(self.train_rows, shuffle=True)
+        loader = self.loader(self.train_rows, shuffle=True)
+        shards = loader.dataset.world * max(1, self.num_workers)
+        if loader.dataset.batches_per_shard(0, shards) == 0:
+            raise ValueError(f"{len(self.train_rows)} training images in chunks of {self.chunk_images}, "
+                             f"{self.buffer_chunks} chunks per buffer, leave some of the {shards} (rank x worker) shards "
+                             "without a full batch; lower data.chunk_images, data.buffer_chunks, data.num_workers "
+                             "or data.batch_size")
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_rows, shuffle=False)

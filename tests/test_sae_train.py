@@ -18,19 +18,12 @@ from revelio.cli import run
 from sae.data import StoreDataModule
 from sae.lightning import SAEModule
 from sae.train import fit
+from test_sae_model import one_thread  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "configs" / "sae" / "tiny-sd.yaml"
 SMALL = ["--trainer.enable_progress_bar", "false", "--model.init_samples", "1024", "--data.chunk_images", "4",
          "--data.buffer_chunks", "2"]
-
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def batches(dm, rows, start=0, epoch=0, workers=0):
