@@ -295,3 +295,33 @@ def test_monosemanticity_ranks_the_planted_latent_first():
     s = rep["summary"]
     assert s["dead_fraction"] == pytest.approx(1 / 20) and s["best_latent_per_class"]["c"] == 9
     assert s["max_entropy_bits"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("samples", ["pooled", "tokens"])
+def test_sae_codes_match_direct_encoding(tmp_path, samples):
+    import torch
+
+    import sae
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 6, 2, 3)).astype(np.float32)
+    path = make_store(tmp_path / "s.h5", {("h", 7): x}, np.arange(10) % 2, layout="NCHW", spatial=(2, 3))
+    m = sae.SparseAutoencoder(6, 24, 3, seed=1)
+    m.init_from_data(torch.from_numpy(x.mean(axis=(2, 3))))
+    m = sae.load(sae.save(m, tmp_path / "sae", extra={"hook": "h", "timestep": 7, "samples": samples}))
+    rows = np.array([1, 2, 5, 8])
+    with open_store(path) as st:
+        codes, freq = probes.sae_codes(st, m, rows, batch_size=3)
+    with torch.no_grad():
+        if samples == "pooled":
+            z = m.encode(torch.from_numpy(x[rows].mean(axis=(2, 3)))).numpy()
+            expect = z
+        else:
+            tok = x[rows].reshape(4, 6, 6).transpose(0, 2, 1).reshape(-1, 6)
+            z = m.encode(torch.from_numpy(np.ascontiguousarray(tok))).numpy()
+            expect = z.reshape(4, 6, 24).mean(axis=1)
+    assert codes == pytest.approx(expect, abs=1e-5)
+    assert freq == pytest.approx((z > 0).mean(axis=0))
+    bad = sae.load(sae.save(sae.SparseAutoencoder(5, 8, 2), tmp_path / "bad", extra={"hook": "h", "timestep": 7}))
+    with open_store(path) as st, pytest.raises(ProbeError, match="d_in=5"):
+        probes.sae_codes(st, bad, rows)

@@ -150,5 +150,8 @@ def test_cli_errors_name_the_valid_choices(digits_store, tmp_path, capsys):
     nolabel = make_store(tmp_path / "n.h5", {("h", 1): np.ones((6, 2))}, -np.ones(6, dtype=int))
     assert main(["probe", "--store", str(nolabel), "--baselines.pixels", "false", "--out", str(tmp_path)]) == 2
     assert "no labels" in capsys.readouterr().err
+    nodata = make_store(tmp_path / "d.h5", {("h", 1): np.ones((6, 2))}, np.arange(6) % 2)
+    assert main(["probe", "--store", str(nodata), "--out", str(tmp_path)]) == 2
+    assert "baselines.pixels false" in capsys.readouterr().err
     assert main(["probe", "report", "--store", str(digits_store), "--out", str(tmp_path)]) == 2
     assert "at least one SAE" in capsys.readouterr().err
