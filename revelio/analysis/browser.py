@@ -100,6 +100,7 @@ class FeatureBrowser:
         self.class_names = list(getattr(self.dataset, "class_names", []) or [])
         self._samples: dict[int, Any] = {}
         self._top: dict[int, list[tuple[int, np.ndarray, float]]] = {}
+        self._scores: dict[str, tuple[list[str], np.ndarray]] = {}
         self.alignment = alignment
         if alignment is None and align:
             self.alignment = self._mask_alignment(eval_size)
@@ -131,14 +132,31 @@ class FeatureBrowser:
         has_mask = any(r.n_images["mask"] for r in self.alignment.concepts.values())
         return "mask" if has_mask else "saliency"
 
+    def concept_scores(self, metric: str = "iou") -> tuple[list[str], np.ndarray]:
+        """(concepts, (n_concepts, d_sae) mean ``metric``) against masks where known, else saliency maps (cached)."""
+        from .alignment import METRICS
+
+        if metric not in self._scores:
+            ref = self._reference()
+            names = [] if ref is None else [c for c, r in self.alignment.concepts.items() if r.n_images[ref]]
+            mat = np.stack([self.alignment.means(c, ref)[METRICS.index(metric)] for c in names]) if names \
+                else np.zeros((0, self.stats.d_sae))
+            self._scores[metric] = (names, mat)
+        return self._scores[metric]
+
     def best_concepts(self, latent: int, metric: str = "iou", top: int = 3) -> list[tuple[str, float]]:
         """[(concept, mean score)] the latent matches best (against masks where known, else saliency maps)."""
-        ref = self._reference()
-        return [] if ref is None else self.alignment.best_concepts(latent, ref, metric, top)
+        names, mat = self.concept_scores(metric)
+        col = mat[:, latent] if len(names) else np.zeros(0)
+        order = [i for i in np.argsort(-np.nan_to_num(col, nan=-np.inf), kind="stable") if not np.isnan(col[i])]
+        return [(names[i], float(col[i])) for i in order[:top]]
 
     def alignment_score(self) -> np.ndarray:
         """(d_sae,) each latent's best concept score (NaN without alignment)."""
-        return np.array([(bc[0][1] if (bc := self.best_concepts(j, top=1)) else np.nan) for j in range(self.stats.d_sae)])
+        names, mat = self.concept_scores()
+        if not len(names) or np.all(np.isnan(mat)):
+            return np.full(self.stats.d_sae, np.nan)
+        return np.nanmax(np.where(np.isnan(mat), -np.inf, mat), axis=0)
 
     def order(self, by: str = "frequency", include_dead: bool = False) -> list[int]:
         """Latent ids sorted by ``by`` (descending; NaN last); dead latents (never fire here) left out by default."""
@@ -173,20 +191,20 @@ class FeatureBrowser:
     def _label(self, y: int) -> str:
         return self.class_names[y] if 0 <= y < len(self.class_names) else str(y)
 
-    def _histogram_png(self, latent: int) -> str:
-        import matplotlib.pyplot as plt
-
+    def _histogram_svg(self, latent: int, width: int = 300, height: int = 130) -> str:
+        """The latent's peak-activation histogram as inline SVG (no image encoding, renders anywhere)."""
         counts, edges = self.stats.histogram(latent)
-        fig, ax = plt.subplots(figsize=(3.6, 2.2), dpi=100)
-        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c78d8")
-        ax.set_xlabel("peak activation per image", fontsize=8)
-        ax.set_ylabel("images", fontsize=8)
-        ax.tick_params(labelsize=7)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        top = max(int(counts.max()), 1)
+        plot_h, bw = height - 30, width / len(counts)
+        bars = "".join(f"<rect x='{i * bw:.1f}' y='{plot_h - plot_h * c / top:.1f}' width='{max(bw - 1, 1):.1f}' "
+                       f"height='{plot_h * c / top:.1f}' fill='#4c78d8'><title>{edges[i]:.3g}-{edges[i + 1]:.3g}: "
+                       f"{int(c)} images</title></rect>" for i, c in enumerate(counts))
+        return (f"<svg width='{width}' height='{height}' font-size='10' font-family='sans-serif'>{bars}"
+                f"<line x1='0' y1='{plot_h}' x2='{width}' y2='{plot_h}' stroke='#888'/>"
+                f"<text x='0' y='{plot_h + 12}'>{edges[0]:.3g}</text>"
+                f"<text x='{width}' y='{plot_h + 12}' text-anchor='end'>{edges[-1]:.3g}</text>"
+                f"<text x='{width / 2}' y='{height - 2}' text-anchor='middle'>peak activation per image "
+                f"(max bar {top} images)</text></svg>")
 
     def latent_html(self, latent: int) -> str:
         """The latent's panel: top images (image + heat-map overlay), histogram, label distribution, best concepts."""
@@ -213,7 +231,7 @@ class FeatureBrowser:
             f"on {s.image_frequency[latent]:.1%} of images &middot; purity {_fmt(self.purity[latent])} &middot; label "
             f"entropy {_fmt(self.entropy[latent])} bits</div>"
             f"<h2>Top-activating images</h2><div class='grid'>{''.join(cards) or '<i>never fires</i>'}</div>"
-            f"<div class='panel'><div><h2>Activation histogram</h2><img src='{self._histogram_png(latent)}' alt='histogram'></div>"
+            f"<div class='panel'><div><h2>Activation histogram</h2>{self._histogram_svg(latent)}</div>"
             f"<div><h2>Labels of the top {self.top_k}</h2><table>{bars or '<tr><td>no labels</td></tr>'}</table></div>"
             f"<div><h2>Best-matching concepts</h2><div class='meta'>{'mean IoU vs ' + ref if ref else 'no alignment'}"
             f"</div><table>{concepts or '<tr><td>-</td></tr>'}</table></div></div>")

@@ -41,7 +41,7 @@ def encode_tokens(model: Any, tokens: np.ndarray | torch.Tensor, batch_size: int
     return (torch.cat(out) if out else torch.zeros(0, model.d_sae)).numpy()
 
 
-def _check_spatial(store: Any, hook: str, t: int) -> None:
+def require_spatial(store: Any, hook: str, t: int) -> None:
     if store.layout(hook, t) == "NC":
         raise ValueError(f"{hook!r} at t={t} is stored pooled (layout NC): feature maps need per-position "
                          "activations; extract again with pooling: none")
@@ -52,7 +52,7 @@ def store_feature_maps(store: Any, model: Any, rows: Sequence[int] | np.ndarray,
     """Maps (n, L, h, w) of ``latents`` (default: all d_sae) for store ``rows`` (increasing), at the SAE's site."""
     if hook is None or t is None:
         hook, t = sae_site(model)
-    _check_spatial(store, hook, t)
+    require_spatial(store, hook, t)
     h, w = store.spatial(hook, t)
     rows = np.asarray(rows, dtype=np.int64)
     x, _ = store.tokens(hook, t, rows)

@@ -92,10 +92,10 @@ def latent_stats(store: Any, model: Any, rows: Sequence[int] | np.ndarray | None
     import torch
     from tqdm.auto import tqdm
 
-    from .feature_maps import _check_spatial, encode_tokens, sae_site
+    from .feature_maps import require_spatial, encode_tokens, sae_site
 
     hook, t = sae_site(model)
-    _check_spatial(store, hook, t)
+    require_spatial(store, hook, t)
     rows = np.flatnonzero(store.done) if rows is None else np.asarray(rows, dtype=np.int64)
     h, w = store.spatial(hook, t)
     p = h * w
