@@ -182,7 +182,8 @@ class SAEModule(L.LightningModule):
         if float(self._val.sums["n"]) == 0 or self.trainer.sanity_checking:
             return
         res = self._val.result()
-        self.log_dict({f"val/{k}": float(v) for k, v in res.items() if k != "density"}, sync_dist=False)
+        # already reduced over ranks: sync_dist averages identical values and keeps Lightning from warning
+        self.log_dict({f"val/{k}": float(v) for k, v in res.items() if k != "density"}, sync_dist=True)
 
     # ---- resume ---------------------------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -34,7 +34,10 @@ def batches(dm, rows, start=0, epoch=0, workers=0):
     return [(x.numpy().copy(), r.numpy().copy()) for x, r in loader]
 
 
-def test_stream_splits_by_image_shuffles_and_resumes(sd_store):
+def test_stream_splits_by_image_shuffles_and_resumes(sd_store, monkeypatch):
+    reads = []
+    real_read = sae.data.read_samples
+    monkeypatch.setattr(sae.data, "read_samples", lambda st, h, t, rows, s: reads.append(len(rows)) or real_read(st, h, t, rows, s))
     dm = StoreDataModule(str(sd_store), "up_blocks.1", 25, samples="tokens", batch_size=100, val_fraction=0.2,
                          chunk_images=2, buffer_chunks=3, seed=0)
     dm.setup()
@@ -47,6 +50,7 @@ def test_stream_splits_by_image_shuffles_and_resumes(sd_store):
     assert per_image.max() <= 256  # no sample twice in an epoch
     assert len(full) == len(dm.train_rows) * 256 // 100
     assert len(set(rows[:100])) > 3  # the buffer mixes images within a batch
+    assert max(reads) <= 2 * 3  # memory: never more than one buffer (chunk_images x buffer_chunks images) read at once
     # every sample is the store's token: row r, some position
     with sae.data.open_store(sd_store) as st:
         tok, tok_rows = st.tokens("up_blocks.1", 25, [int(rows[0])])
@@ -65,6 +69,22 @@ def test_stream_splits_by_image_shuffles_and_resumes(sd_store):
     for (a, ra), (b, rb) in zip(two[5:], two_tail):
         np.testing.assert_array_equal(ra, rb)
     assert len(two_tail) == len(two) - 5
+
+
+def test_dit_tokens_batchtopk_matryoshka(flux_store, tmp_path, one_thread):
+    """DiT image tokens as samples; the BatchTopK + Matryoshka options through the Lightning run."""
+    dm = StoreDataModule(str(flux_store), "transformer_blocks.3", 250, samples="tokens", batch_size=64)
+    dm.setup()
+    with sae.data.open_store(flux_store) as st:
+        assert dm.per_image == st.read("transformer_blocks.3", 250, [0]).shape[1]
+        assert dm.d_in == st.d_in("transformer_blocks.3", 250)
+    folder = sae.fit_from_store(flux_store, "transformer_blocks.3", 250, tmp_path / "f", expansion=4, k=4,
+                                samples="tokens", batch_size=64, max_steps=8, architecture="batchtopk",
+                                matryoshka=[dm.d_in])
+    m = sae.load(folder)
+    assert m.architecture == "batchtopk" and m.threshold > 0 and m.prefixes == [dm.d_in, 4 * dm.d_in]
+    metrics = json.loads((tmp_path / "f" / "metrics.json").read_text())["val"]
+    assert 0 < metrics["l0"] < 3 * 4 and metrics["fvu"] < 1.5
 
 
 def test_missing_hook_or_timestep_lists_what_the_store_has(sd_store):
