@@ -11,7 +11,7 @@ from ._checks import ProbeError
 from .evaluate import chance_accuracy, evaluate, macro_f1, sparse_probing
 from .features import labelled_rows, pooled_features, random_features, sae_codes
 from .linear import DEFAULT_CS, LinearProbe
-from .mono import auroc_matrix, label_purity_entropy, monosemanticity
+from .mono import auroc_matrix, label_purity_entropy, monosemanticity, top_rows
 from .sparse import KSparseProbe, default_ks, mean_difference_scores, top_k_features
 from .splits import Split, make_splits, stratified_folds, stratified_split
 from .sweep import sweep
@@ -34,4 +34,4 @@ __all__ = ["DEFAULT_CS", "KSparseProbe", "LinearProbe", "ProbeError", "Split", "
            "auroc_matrix", "chance_accuracy", "default_ks", "evaluate", "label_purity_entropy", "labelled_rows",
            "macro_f1", "make_splits", "mean_difference_scores", "monosemanticity", "pooled_features",
            "random_features", "sae_codes", "sparse_probing", "stratified_folds", "stratified_split", "streaming_moments",
-           "sweep", "top_k_features"]
+           "sweep", "top_k_features", "top_rows"]

@@ -14,7 +14,7 @@ import numpy as np
 from ._checks import ProbeError, check_X_y
 
 
-def auroc_matrix(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+def auroc_matrix(X: np.ndarray, y: np.ndarray, block: int = 1024) -> np.ndarray:
     """(n_classes, n_features) one-vs-rest AUROC of every feature for every class (ties count 1/2).
 
     Mann-Whitney form: AUROC = (sum of positive ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg).
@@ -22,13 +22,28 @@ def auroc_matrix(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
     X, y = check_X_y(X, y)
-    ranks = rankdata(X, axis=0)  # average ranks for ties
-    out = []
-    for c in np.unique(y):
-        pos = y == c
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        out.append((ranks[pos].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return np.asarray(out)
+    classes = np.unique(y)
+    out = np.zeros((len(classes), X.shape[1]))
+    for j in range(0, X.shape[1], block):  # column blocks bound the memory of the rank matrix
+        ranks = rankdata(X[:, j:j + block], axis=0)  # average ranks for ties
+        for i, c in enumerate(classes):
+            pos = y == c
+            n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+            out[i, j:j + block] = (ranks[pos].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out
+
+
+def top_rows(X: np.ndarray, n: int) -> np.ndarray:
+    """(min(n, rows), cols) row indices of each column's ``n`` largest values, largest first.
+
+    A partial sort (``argpartition``), so large (images x latents) code matrices need no full sort.
+    """
+    n = min(n, X.shape[0])
+    idx = np.argpartition(-X, n - 1, axis=0)[:n] if n < X.shape[0] else np.broadcast_to(
+        np.arange(X.shape[0])[:, None], X.shape).copy()
+    vals = np.take_along_axis(X, idx, axis=0)
+    order = np.lexsort((idx, -vals), axis=0)
+    return np.take_along_axis(idx, order, axis=0)
 
 
 def label_purity_entropy(labels: np.ndarray, n_classes: int) -> tuple[float, float]:
@@ -59,7 +74,7 @@ def monosemanticity(codes: np.ndarray, labels: np.ndarray, top_n: int = 16, toke
     freq = fires.mean(axis=0)
     auc = auroc_matrix(codes, yi)
     shuffled = np.random.default_rng(seed).permutation(yi)
-    order = np.argsort(-codes, axis=0, kind="stable")[:top_n]  # (top_n, d)
+    order = top_rows(codes, top_n)  # (top_n, d)
     latents = []
     for j in range(d):
         top = order[:, j][fires[order[:, j], j]]

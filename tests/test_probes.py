@@ -273,6 +273,14 @@ def test_auroc_matrix_matches_sklearn():
             assert A[c, j] == pytest.approx(roc_auc_score(y == c, X[:, j]))
 
 
+def test_top_rows_matches_a_full_sort():
+    X = np.random.default_rng(0).standard_normal((50, 7))
+    assert np.array_equal(probes.top_rows(X, 6), np.argsort(-X, axis=0)[:6])
+    assert np.array_equal(probes.top_rows(X[:4], 6), np.argsort(-X[:4], axis=0))
+    A = probes.auroc_matrix(X, np.arange(50) % 3, block=3)
+    assert np.allclose(A, probes.auroc_matrix(X, np.arange(50) % 3))
+
+
 def test_purity_entropy_by_hand():
     p, h = probes.label_purity_entropy(np.array([0, 0, 1, 2]), 3)
     assert p == 0.5 and h == pytest.approx(1.5)  # -(.5 log .5 + 2 * .25 log .25)

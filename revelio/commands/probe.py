@@ -267,14 +267,13 @@ def plot_report(latents: list[dict[str, Any]], summary: dict[str, Any], path: Pa
     return save_figure(fig, path)
 
 
-def plot_top_images(latents: list[dict[str, Any]], images: list[Any], names: list[str], n_show: int, top: int,
+def plot_top_images(show: list[dict[str, Any]], images: dict[int, Any], names: dict[int, str], top: int,
                     path: Path) -> Path:
-    """A row of top-activating images (titled by label) for each of the best-ranked latents."""
+    """A row of top-activating images (titled by label) for each latent of ``show``."""
     import matplotlib.pyplot as plt
 
     from ..viz import save_figure
 
-    show = [r for r in latents if not r["dead"]][:n_show]
     cols = max(1, min(top, max((len(r["top_images"]) for r in show), default=1)))
     fig, axes = plt.subplots(max(1, len(show)), cols, figsize=(1.1 * cols, 1.25 * max(1, len(show))), squeeze=False)
     for ax in axes.flat:
@@ -306,7 +305,6 @@ def report_cmd(cfg: ReportConfig) -> dict[str, Any]:
             class_names = list(ds.class_names) or None
         except ConfigError:
             ds, class_names = None, None
-        images = None
         for folder in cfg.sae:
             model = sae_pkg.load(folder, device=cfg.device)
             hook, t = model.cfg.get("hook"), model.cfg.get("timestep")
@@ -320,11 +318,12 @@ def report_cmd(cfg: ReportConfig) -> dict[str, Any]:
                      "json": write_json(sub / "report.json", {"sae": str(folder), "store": str(st.path), **rep}),
                      "figure": plot_report(rep["latents"], rep["summary"], sub / "monosemanticity.png", title)}
             if ds is not None:
-                if images is None:
-                    images = [np.asarray(im) for im in store_images(st, rows, ds)]
-                names = [class_names[y] if class_names and y < len(class_names) else str(y) for y in labels]
-                files["top_images"] = plot_top_images(rep["latents"], images, names, cfg.n_show, cfg.top_n,
-                                                      sub / "top_images.png")
+                show = [r for r in rep["latents"] if not r["dead"]][:cfg.n_show]
+                need = sorted({i for r in show for i in r["top_images"]})
+                images = dict(zip(need, (np.asarray(im) for im in store_images(st, rows[need], ds))))
+                names = {i: class_names[labels[i]] if class_names and labels[i] < len(class_names)
+                         else str(labels[i]) for i in need}
+                files["top_images"] = plot_top_images(show, images, names, cfg.top_n, sub / "top_images.png")
             s = {"sae": str(folder), "hook": hook, "timestep": t, "d_sae": model.d_sae, "k": model.k,
                  **{k: v for k, v in rep["summary"].items() if k != "best_latent_per_class"}}
             summaries.append(s)
