@@ -46,11 +46,16 @@ def _build_store(tmp_path_factory, name: str, model: str, hooks: list[str]):
     from revelio.config import load
 
     out = tmp_path_factory.mktemp(f"store_{name}") / f"{name}.h5"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, and much faster when cores are shared
     cfg = load(ExtractConfig, overrides={
         "model": {"id": model}, "data": {"name": "shapes", "size": 64, "count": 24, "seed": 0},
         "hooks": hooks, "timesteps": [25, 250], "capture": "output", "pooling": "none", "prompt": "caption",
         "storage_dtype": "float32", "batch_size": 12, "seed": 0, "out": str(out), "progress": False})
-    extract_cmd(cfg)
+    try:
+        extract_cmd(cfg)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -64,3 +69,12 @@ def sd_store(tmp_path_factory):
 def flux_store(tmp_path_factory):
     """Path of a tiny-flux store: transformer_blocks.3 and single_transformer_blocks.1, image tokens (64, 64) NTC."""
     return _build_store(tmp_path_factory, "flux", "tiny-flux", ["transformer_blocks.3", "single_transformer_blocks.1"])
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test's tiny-model compute on one thread (faster than two when other jobs share the cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

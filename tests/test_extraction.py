@@ -10,6 +10,8 @@ from extraction.hooks import ActivationCapture
 from extraction.run import ExtractionPlan, Extractor, make_prompt
 from extraction.store import StoreError, open_store
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _plan(tmp_path, **kw):
     base = dict(hooks=["mid_block"], timesteps=[25], out=str(tmp_path) + "/a.h5", size=32, batch_size=4,

@@ -22,6 +22,8 @@ import yaml
 from extraction.adapters import get_adapter
 from extraction.hooks import ActivationCapture
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "extract"
 FULL = os.environ.get("REVELIO_FULL_ARCH_TESTS") == "1"
 

@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import yaml
 
 from extraction.store import open_store
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BIN = Path(sys.executable).parent
 CONFIG = {
     "model": {"id": "tiny-sd"},
-    "data": {"name": "shapes", "size": 32, "count": 12, "seed": 3},
+    "data": {"name": "shapes", "size": 32, "count": 8, "seed": 3},
     "hooks": ["mid_block", "up_blocks.1"],
     "timesteps": [25, 500],
     "prompt": "caption",
@@ -34,9 +37,17 @@ def reference(tmp_path_factory):
     from revelio.commands.extract import ExtractConfig, extract_cmd
     from revelio.config import load
 
+    import torch
+
     out = tmp_path_factory.mktemp("ref") / "ref.h5"
-    extract_cmd(load(ExtractConfig, overrides={**CONFIG, "out": str(out)}))
-    return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        extract_cmd(load(ExtractConfig, overrides={**CONFIG, "out": str(out)}))
+    finally:
+        torch.set_num_threads(threads)
+    return out, time.perf_counter() - t0
 
 
 def _config_file(tmp_path):
@@ -52,7 +63,7 @@ def _env():
 
 def _assert_same(a, b):
     with open_store(a) as x, open_store(b) as y:
-        assert list(x.ids) == list(y.ids) and len(x.ids) == 12
+        assert list(x.ids) == list(y.ids) and len(x.ids) == 8
         assert list(x.captions) == list(y.captions)
         np.testing.assert_array_equal(x.labels, y.labels)
         assert x.keys() == y.keys()
@@ -61,20 +72,27 @@ def _assert_same(a, b):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path):
+    reference, _ = reference
     out = tmp_path / "killed.h5"
-    cmd = [str(BIN / "revelio"), "extract", "--config", str(_config_file(tmp_path)), "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while not out.exists() and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.05)
-    time.sleep(random.Random().uniform(0.0, 1.5))  # somewhere inside the batch loop (or before/after it)
+    # batch 1: one commit per image in the killed run (batch size does not change the data); the progress
+    # bar on stderr tells how far it got, and it is killed right after a random number of images
+    cmd = [str(BIN / "revelio"), "extract", "--config", str(_config_file(tmp_path)), "--out", str(out),
+           "--batch_size", "1", "--progress", "true"]
+    target = random.Random().randint(0, CONFIG["data"]["count"] - 1)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, buf, t0 = -1, b"", time.time()
+    while seen < target and proc.poll() is None and time.time() - t0 < 180:
+        buf = (buf + os.read(proc.stderr.fileno(), 256))[-200:]
+        counts = re.findall(rb"(\d+)/8 ", buf)
+        seen = int(counts[-1]) if counts else -1
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
     done_before = 0
     if out.exists():
         with h5py.File(out, "r") as f:
             done_before = int(f["images/done"][...].sum())
-    print(f"killed with {done_before} of 12 rows done")
+    print(f"killed after the bar showed {seen} (target {target}): {done_before} of 8 rows done")
     from revelio.commands.extract import ExtractConfig, extract_cmd
     from revelio.config import load
 
@@ -83,6 +101,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path):
 
 
 def test_torchrun_two_ranks_join_equals_single_process(reference, tmp_path):
+    reference, _ = reference
     out = tmp_path / "joined" / "acts.h5"
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
            str(BIN / "revelio"), "extract", "--config", str(_config_file(tmp_path)), "--out", str(out)]
