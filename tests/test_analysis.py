@@ -66,6 +66,39 @@ def test_token_store_maps_follow_the_row_major_grid(flux_store, tiny_flux, tmp_p
     np.testing.assert_allclose(live, maps, rtol=1e-3, atol=1e-4)
 
 
+def test_flux_concept_attention_alignment_and_token_steering(flux_store, tiny_flux, tmp_path):
+    from extraction.adapters import get_adapter
+    from extraction.hooks import ActivationCapture
+    from revelio.analysis.alignment import SaliencyMaps, align_store
+
+    hook = "transformer_blocks.3"
+    model = sae.load(make_sae(flux_store, hook, 250, tmp_path / "flux_sae", d_sae=48, k=4))
+    with open_store(flux_store) as st:
+        samples = store_samples(st, [0, 1])
+        sal = SaliencyMaps(tiny_flux, "auto", t=250, vocabulary=["circle", "square", "background"])
+        assert sal.method == "concept_attention"
+        table = align_store(st, model, [0, 1], samples, sal, progress=False)
+    for c, rec in table.concepts.items():  # ConceptAttention maps every concept of the vocabulary an image holds
+        assert rec.n_images["saliency"] == (rec.n_images["mask"] if c in sal.vocabulary else 0)
+    ad = get_adapter(tiny_flux)
+    lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = ad.encode_prompts(["a red circle"])
+
+    def run():
+        with ActivationCapture(ad, [hook]) as cap:
+            cap.reset(ad.n_image_tokens(lat))
+            ad.forward(lat, 250, cond)
+        return cap.acts[hook]  # (1, 64 tokens, C), row-major 8x8 grid
+
+    x0 = run()
+    with Steering(tiny_flux, model, [SteeringSpec(2, 3.0, mask=box_mask([0, 1, 0, 0.5], 8))]):
+        x1 = run()
+    diff = (x1 - x0).view(1, 8, 8, -1)
+    d = latent_direction(model, 2)
+    np.testing.assert_allclose(diff[:, :, :4], (3.0 * d).expand(1, 8, 4, -1), atol=1e-5)  # left half of the grid
+    assert diff[:, :, 4:].abs().max() == 0
+
+
 def test_alignment_ranks_the_latent_that_is_the_mask_first_and_compares_with_saliency(tmp_path):
     rng = np.random.default_rng(0)
     table = AlignmentTable(d_sae=5, eval_size=8)

@@ -85,7 +85,7 @@ class SaliencyMaps:
                         continue  # DAAM has no map for a word the caption does not contain
             return out
         ca = concept_attention_on_images(self.pipe, images, self.vocabulary, captions, t=self.t, seeds=(self.seed,),
-                                         size=self.size)
+                                         size=self.size, baseline=self.method == "cross_attention")
         maps = (ca.maps() if self.method == "concept_attention" else ca.cross_attention_maps()).float().numpy()
         for i, cs in enumerate(concepts):
             for c in cs:
