@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 PROMPT_MODES = ("empty", "caption", "template")
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 COMPRESSIONS = ("none", "gzip", "lzf")
+PROMPT_CACHE = 1024  # distinct prompts whose embeddings are kept
 
 
 @dataclass
@@ -120,11 +122,11 @@ class Extractor:
         self.adapter: Adapter = get_adapter(pipe)
         self.adapter.check_hooks(plan.hooks)  # before any work
         self.dtype = STORAGE_DTYPES[plan.storage_dtype]
-        self._prompt_cache: dict[str, dict[str, Any]] = {}
+        self._prompt_cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     # --- compute ---------------------------------------------------------------------------------------------
     def _cond(self, prompts: list[str]) -> dict[str, Any]:
-        """Prompt conditioning for a batch, encoding each distinct prompt once per run."""
+        """Prompt conditioning for a batch; recent distinct prompts are cached (bounded, so RAM stays flat)."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if todo:
             enc = self.adapter.encode_prompts(todo)
@@ -132,6 +134,10 @@ class Extractor:
                 self._prompt_cache[p] = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and k != "txt_ids" else v)
                                          for k, v in enc.items()}
         parts = [self._prompt_cache[p] for p in prompts]
+        for p in prompts:
+            self._prompt_cache.move_to_end(p)
+        while len(self._prompt_cache) > PROMPT_CACHE:
+            self._prompt_cache.popitem(last=False)
         return {k: (torch.cat([q[k] for q in parts]) if k != "txt_ids" else parts[0][k]) for k in parts[0]}
 
     def compute(self, images: list[Any], ids: list[str], prompts: list[str]) -> dict[tuple[str, int], torch.Tensor]:
