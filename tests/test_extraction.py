@@ -174,7 +174,7 @@ def test_different_config_is_refused(tiny_sd, tmp_path):
         Extractor(tiny_sd, _plan(tmp_path, timesteps=[50], identity={"timesteps": [50]})).run(ds, tmp_path / "a.h5")
 
 
-def test_unreadable_images_are_skipped_and_recorded(tiny_sd, tmp_path):
+def test_unreadable_images_are_skipped_and_recorded(tiny_sd, tmp_path, capsys):
     from revelio.datasets import ImageFolder
 
     root = tmp_path / "imgs"
@@ -186,6 +186,7 @@ def test_unreadable_images_are_skipped_and_recorded(tiny_sd, tmp_path):
     ds = ImageFolder(root, size=32)
     s = Extractor(tiny_sd, _plan(tmp_path, prompt="template", batch_size=2)).run(ds, tmp_path / "f.h5")
     assert s.images == 3 and s.skipped == ["cat/1.png"]
+    assert "extract: 3 images done, 1 skipped" in capsys.readouterr().out  # the end summary
     with open_store(s.path) as st:
         assert list(st.ids) == ["cat/0.png", "dog/0.png", "dog/1.png"]
         assert list(st.labels) == [0, 1, 1] and st.captions[1] == "a photo of a dog"

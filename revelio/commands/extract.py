@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from ..datasets import DataConfig
 class ModelConfig:
     id: str = field("tiny-sd", help="zoo name (tiny-sd, tiny-flux, tiny-sd3), local pipeline folder or hub id")
     dtype: str = field("float32", help="compute dtype of the pipeline: float32 | float16 | bfloat16")
-    device: str = field("cpu", help="torch device: cpu | cuda | cuda:1 | mps")
+    device: str = field("cpu", help="torch device: cpu | cuda | cuda:1 | mps (under torchrun 'cuda' means cuda:LOCAL_RANK)")
 
 
 @dataclass
@@ -71,6 +72,9 @@ def extract_cmd(cfg: ExtractConfig) -> Any:
 
     plan = plan_from_config(cfg)
     plan.validate()
-    pipe = load_pipeline(cfg.model.id, device=cfg.model.device, dtype=cfg.model.dtype)
+    device = cfg.model.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    pipe = load_pipeline(cfg.model.id, device=device, dtype=cfg.model.dtype)
     extractor = Extractor(pipe, plan)  # wrong hook names fail here, before the data set is touched
     return run_extraction(extractor, load_dataset(cfg.data))
