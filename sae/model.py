@@ -14,6 +14,7 @@ multiplies a dense (batch x d_sae) matrix by the dictionary.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,8 +85,10 @@ class _SelectedPreacts(torch.autograd.Function):
         gx = gW = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.sparse.mm(G, W_enc.t())
-        if ctx.needs_input_grad[1]:
-            gW = torch.sparse.mm(G.t(), x).t()
+        if ctx.needs_input_grad[1]:  # x^T G with G in CSR: the result has W_enc's own (contiguous) layout
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                gW = torch.mm(x.t(), G.to_sparse_csr())
         if ctx.needs_input_grad[2]:
             gb = grad.new_zeros(W_enc.shape[1]).index_add_(0, latents, grad)
         return gx, gW, gb, None, None, None
