@@ -18,7 +18,8 @@ def notebook_env(sd_store, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("REVELIO_STORE", str(sd_store))
     monkeypatch_module.setenv("REVELIO_SAE", str(folder))
     monkeypatch_module.setenv("REVELIO_NOTEBOOK_DIR", str(work))
-    monkeypatch_module.setenv("REVELIO_STEPS", "3")
+    monkeypatch_module.setenv("REVELIO_STEPS", "2")
+    monkeypatch_module.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch: tiny models run faster on one thread
     return work
 
 
