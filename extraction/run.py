@@ -146,7 +146,8 @@ class Extractor:
         latents = ad.encode_images(ad.preprocess(images, plan.size))
         cond = self._cond(prompts)
         out: dict[tuple[str, int], torch.Tensor] = {}
-        with ActivationCapture(ad, plan.hooks, plan.capture, plan.pooling, self.dtype) as cap:
+        # activations stay on the device until the batch's last forward, so no copy interrupts the kernel queue
+        with ActivationCapture(ad, plan.hooks, plan.capture, plan.pooling, self.dtype, device=None) as cap:
             for t in plan.timesteps:
                 noisy = ad.noise(latents, int(t), sample_generators(plan.seed, ids, int(t)))
                 cap.reset(ad.n_image_tokens(latents))
@@ -156,7 +157,7 @@ class Extractor:
                         raise RuntimeError(f"hook {h!r} did not run in the forward pass at t={t}")
                     out[(h, int(t))] = cap.acts[h]
         self._latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
-        return out
+        return {k: v.to("cpu") for k, v in out.items()}
 
     def specs(self, acts: dict[tuple[str, int], torch.Tensor]) -> list[ActSpec]:
         """Store layout of each (hook, t) from one computed batch."""
