@@ -160,6 +160,7 @@ def test_latent_stats_against_a_naive_recount(sd_store, sd_sae):
         rows = np.arange(10)
         stats = latent_stats(st, model, rows, batch_size=4, progress=False)
         maps = store_feature_maps(st, model, rows)
+        np.testing.assert_array_equal(store_feature_maps(st, model, rows, max_positions=300), maps)  # 1 row/chunk
         labels = st.labels[rows]
     np.testing.assert_allclose(stats.peak, maps.max(axis=(2, 3)), rtol=1e-6)
     np.testing.assert_allclose(stats.frequency, (maps > 0).mean(axis=(0, 2, 3)))

@@ -328,11 +328,10 @@ def align_store(store: Any, model: Any, rows: Sequence[int], samples: Sequence[S
         for b0 in range(0, len(rows), batch_size):
             r = np.asarray(rows[b0:b0 + batch_size], dtype=np.int64)
             batch = list(samples[b0:b0 + batch_size])
-            maps = store_feature_maps(store, model, r)
             concepts = [image_concepts(s, vocabulary) for s in batch]
             sal = saliency(batch, concepts) if saliency is not None else [{} for _ in batch]
-            for i, s in enumerate(batch):
-                table.add(maps[i], sal[i], s.masks, concepts[i])
+            for i, s in enumerate(batch):  # one image's (d_sae, h, w) maps at a time: bounded memory
+                table.add(store_feature_maps(store, model, r[i:i + 1])[0], sal[i], s.masks, concepts[i])
             bar.update(len(r))
     finally:
         bar.close()

@@ -48,18 +48,28 @@ def require_spatial(store: Any, hook: str, t: int) -> None:
 
 
 def store_feature_maps(store: Any, model: Any, rows: Sequence[int] | np.ndarray, hook: str | None = None,
-                       t: int | None = None, latents: Sequence[int] | None = None) -> np.ndarray:
-    """Maps (n, L, h, w) of ``latents`` (default: all d_sae) for store ``rows`` (increasing), at the SAE's site."""
+                       t: int | None = None, latents: Sequence[int] | None = None,
+                       max_positions: int = 8192) -> np.ndarray:
+    """Maps (n, L, h, w) of ``latents`` (default: all d_sae) for store ``rows`` (increasing), at the SAE's site.
+
+    Rows are encoded in chunks of at most ``max_positions`` positions, so the dense codes held at
+    once stay bounded whatever the image count.
+    """
     if hook is None or t is None:
         hook, t = sae_site(model)
     require_spatial(store, hook, t)
     h, w = store.spatial(hook, t)
     rows = np.asarray(rows, dtype=np.int64)
-    x, _ = store.tokens(hook, t, rows)
-    codes = encode_tokens(model, x)
-    if latents is not None:
-        codes = codes[:, np.asarray(latents, dtype=np.int64)]
-    return codes.reshape(len(rows), h, w, -1).transpose(0, 3, 1, 2)
+    keep = None if latents is None else np.asarray(latents, dtype=np.int64)
+    step = max(1, max_positions // (h * w))
+    parts = []
+    for i in range(0, len(rows), step):
+        x, _ = store.tokens(hook, t, rows[i:i + step])
+        codes = encode_tokens(model, x)
+        parts.append(codes if keep is None else codes[:, keep])
+    width = model.d_sae if keep is None else len(keep)
+    codes = np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
+    return codes.reshape(len(rows), h, w, width).transpose(0, 3, 1, 2)
 
 
 def extract_config(store: Any) -> Any:

@@ -86,9 +86,13 @@ class LatentStats:
             raise IndexError(f"latent {latent} out of range [0, {self.d_sae})")
 
 
-def latent_stats(store: Any, model: Any, rows: Sequence[int] | np.ndarray | None = None, batch_size: int = 32,
-                 progress: bool = True) -> LatentStats:
-    """One pass over ``rows`` (default: every done row) of ``store`` at the SAE's site."""
+def latent_stats(store: Any, model: Any, rows: Sequence[int] | np.ndarray | None = None, batch_size: int | None = None,
+                 progress: bool = True, max_positions: int = 8192) -> LatentStats:
+    """One pass over ``rows`` (default: every done row) of ``store`` at the SAE's site.
+
+    ``batch_size`` images are encoded at once (default: as many as fit ``max_positions`` positions,
+    which bounds the dense (positions x d_sae) codes in memory).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -99,6 +103,7 @@ def latent_stats(store: Any, model: Any, rows: Sequence[int] | np.ndarray | None
     rows = np.flatnonzero(store.done) if rows is None else np.asarray(rows, dtype=np.int64)
     h, w = store.spatial(hook, t)
     p = h * w
+    batch_size = batch_size or max(1, max_positions // p)
     peak = np.zeros((len(rows), model.d_sae), dtype=np.float32)
     fired = np.zeros((len(rows), model.d_sae), dtype=np.int32)
     for b0 in tqdm(range(0, len(rows), batch_size), desc="latent stats", unit="batch", disable=not progress,
