@@ -229,11 +229,12 @@ def steer_cmd(cfg: SteerConfig) -> dict[str, Any]:
     from ..viz import save_figure
 
     model, store = open_sources(cfg.source)
-    with store:
-        pipe = load_model_pipeline(cfg.source, store)
     spec = SteeringSpec(latent=cfg.latent, scale=cfg.scale, mode=cfg.mode,
                         mask=box_mask(cfg.box) if cfg.box is not None else None,
                         steps=tuple(cfg.steps) if cfg.steps is not None else None)
+    spec.check(model.d_sae)  # bad input fails before the pipeline loads
+    with store:
+        pipe = load_model_pipeline(cfg.source, store)
     before, after = steer(pipe, model, cfg.prompt, [spec], seed=cfg.seed, steps=cfg.inference_steps,
                           guidance_scale=cfg.guidance_scale, size=cfg.size)
     fig, axes = plt.subplots(1, 2, figsize=(6, 3.3))
