@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 import yaml
@@ -30,62 +31,50 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # This file is named like the `extraction` package; keep its folder from shadowing the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from extraction.adapters import get_adapter, sample_generators  # noqa: E402
-from extraction.hooks import ActivationCapture  # noqa: E402
+from extraction.adapters import sample_generators  # noqa: E402
 from extraction.run import ExtractionPlan, Extractor  # noqa: E402
-from extraction.store import ActSpec, AsyncWriter, Batch, StoreWriter, create_store  # noqa: E402
+from extraction.store import AsyncWriter, Batch, StoreWriter, create_store  # noqa: E402
 from revelio.datasets import Shapes  # noqa: E402
 from revelio.zoo import load_pipeline  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "extract"
 
 
-def prepare(ad, ds, timesteps, batch, seed=0):
-    """The same inputs for both paths: (noisy latents, t, cond, ids, labels, captions) per call."""
-    calls = []
+def prepare(ex, ds, batch):
+    """The same inputs for both paths: clean latents, conditioning and samples per batch."""
+    ad, out = ex.adapter, []
     samples = list(ds.iter_samples())
     for i in range(0, len(samples), batch):
         part = samples[i:i + batch]
-        ids = [s.id for s in part]
         lat = ad.encode_images(ad.preprocess([s.image for s in part], ds.size))
-        cond = ad.encode_prompts([""] * len(part))
-        for t in timesteps:
-            calls.append((ad.noise(lat, t, sample_generators(seed, ids, t)), t, cond, ids, part))
-    return calls
+        out.append((lat, [s.id for s in part], ex._cond([""] * len(part)), part))
+    return out
 
 
-def bare(ad, calls) -> float:
-    t0 = time.perf_counter()
+def bare(ex, batches) -> float:
+    """Noise + denoiser forward per timestep, no hooks: the baseline."""
+    ad, t0 = ex.adapter, time.perf_counter()
     with torch.no_grad():
-        for noisy, t, cond, *_ in calls:
-            ad.forward(noisy, t, cond)
+        for lat, ids, cond, _ in batches:
+            for t in ex.plan.timesteps:
+                ad.forward(ad.noise(lat, t, sample_generators(ex.plan.seed, ids, t)), t, cond)
     return time.perf_counter() - t0
 
 
-def hooked(ad, calls, hooks, timesteps, path) -> tuple[float, int]:
-    """Forward with hooks; each batch's activations (all timesteps) go to the writer thread -> HDF5."""
-    t0 = time.perf_counter()
-    aw = None
-    row = 0
-    with ActivationCapture(ad, hooks) as cap:
-        for k in range(0, len(calls), len(timesteps)):
-            acts = {}
-            for noisy, t, cond, ids, part in calls[k:k + len(timesteps)]:
-                cap.reset(ad.n_image_tokens(noisy))
-                ad.forward(noisy, t, cond)
-                acts.update({(h, t): cap.acts[h] for h in hooks})
-            if aw is None:
-                n = len(calls) // len(timesteps) * len(ids)
-                specs = [ActSpec(h, t, tuple(x.shape[1:]), "NCHW" if x.ndim == 4 else "NTC", "output", (0, 0))
-                         for (h, t), x in acts.items()]
-                create_store(path, source_index=list(range(n)), source_ids=[str(i) for i in range(n)], specs=specs,
-                             attrs={}, storage_dtype="float32", batch_size=len(ids))
-                aw = AsyncWriter(StoreWriter(path))
-            aw.put(Batch(positions=torch.arange(row, row + len(ids)).numpy(), ids=ids,
-                         labels=torch.tensor([s.label for s in part]).numpy(), captions=[s.caption for s in part],
-                         acts={key: v.numpy() for key, v in acts.items()},
-                         skipped_positions=torch.zeros(0, dtype=torch.long).numpy()))
-            row += len(ids)
+def hooked(ex, batches, path) -> tuple[float, int]:
+    """The extraction hot loop: hooked forwards, then the batch goes to the writer thread -> HDF5."""
+    t0, aw, row = time.perf_counter(), None, 0
+    n = sum(len(b[1]) for b in batches)
+    for lat, ids, cond, part in batches:
+        acts = ex.capture_batch(lat, ids, cond)
+        if aw is None:
+            create_store(path, source_index=list(range(n)), source_ids=[s.id for b in batches for s in b[3]],
+                         specs=ex.specs(acts), attrs={}, storage_dtype="float32", batch_size=len(ids))
+            aw = AsyncWriter(StoreWriter(path))
+        aw.put(Batch(positions=np.arange(row, row + len(ids)), ids=ids, labels=np.array([s.label for s in part]),
+                     captions=[s.caption for s in part], acts={k: v.numpy() for k, v in acts.items()},
+                     skipped_positions=np.zeros(0, np.int64)))
+        row += len(ids)
     aw.close()
     aw.writer.close()
     return time.perf_counter() - t0, aw.bytes_written
@@ -135,18 +124,18 @@ def main() -> None:
             cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
             hooks, timesteps = cfg["hooks"], cfg["timesteps"]
             pipe = load_pipeline(name)
-            ad = get_adapter(pipe)
-            calls = prepare(ad, Shapes(size=64, count=args.images, seed=0), timesteps, args.batch)
-            bare(ad, calls[:2])  # warm-up
+            ex = Extractor(pipe, ExtractionPlan(hooks=hooks, timesteps=timesteps, out="", storage_dtype="float32"))
+            batches = prepare(ex, Shapes(size=64, count=args.images, seed=0), args.batch)
+            bare(ex, batches[:1])  # warm-up
             b_times, h_times, written = [], [], 0
             for r in range(args.rounds):
-                b_times.append(bare(ad, calls))
-                secs, written = hooked(ad, calls, hooks, timesteps, tmp / f"{name}-{r}.h5")
+                b_times.append(bare(ex, batches))
+                secs, written = hooked(ex, batches, tmp / f"{name}-{r}.h5")
                 h_times.append(secs)
             b, h = statistics.median(b_times), statistics.median(h_times)
             n = args.images
             print(f"{name}: hooks {hooks} x timesteps {timesteps}")
-            print(f"  bare denoiser forward : {n / b:8.1f} img/s ({len(calls)} calls)")
+            print(f"  bare denoiser forward : {n / b:8.1f} img/s ({len(batches) * len(timesteps)} calls)")
             print(f"  hooked extraction     : {n / h:8.1f} img/s  ratio hooked/bare = {b / h:.3f} (target >= 0.9)")
             print(f"  written               : {written / 1e6:.1f} MB, {written / h / 1e6:.1f} MB/s")
             e1, m1 = end_to_end(pipe, name, hooks, timesteps, n, args.batch, tmp)

@@ -141,10 +141,15 @@ class Extractor:
         return {k: (torch.cat([q[k] for q in parts]) if k != "txt_ids" else parts[0][k]) for k in parts[0]}
 
     def compute(self, images: list[Any], ids: list[str], prompts: list[str]) -> dict[tuple[str, int], torch.Tensor]:
-        """Activations of every (hook, t) for one batch: one denoiser call per timestep."""
+        """Activations of every (hook, t) for one batch of images (on CPU, storage dtype)."""
+        ad = self.adapter
+        latents = ad.encode_images(ad.preprocess(images, self.plan.size))
+        return self.capture_batch(latents, ids, self._cond(prompts))
+
+    def capture_batch(self, latents: torch.Tensor, ids: list[str], cond: dict[str, Any]
+                      ) -> dict[tuple[str, int], torch.Tensor]:
+        """Noise clean latents to each timestep and run ONE hooked denoiser call per timestep."""
         ad, plan = self.adapter, self.plan
-        latents = ad.encode_images(ad.preprocess(images, plan.size))
-        cond = self._cond(prompts)
         out: dict[tuple[str, int], torch.Tensor] = {}
         # activations stay on the device until the batch's last forward, so no copy interrupts the kernel queue
         with ActivationCapture(ad, plan.hooks, plan.capture, plan.pooling, self.dtype, device=None) as cap:
