@@ -9,7 +9,7 @@ torch/Lightning head streaming from the HDF5 store). ``sweep`` runs them over a 
 
 from ._checks import ProbeError
 from .evaluate import chance_accuracy, evaluate, macro_f1, sparse_probing
-from .features import labelled_rows, pooled_features, random_features, sae_codes
+from .features import labelled_rows, pooled_features, random_features, sae_codes, sae_key
 from .linear import DEFAULT_CS, LinearProbe
 from .mono import auroc_matrix, label_purity_entropy, monosemanticity, top_rows
 from .sparse import KSparseProbe, default_ks, mean_difference_scores, top_k_features
@@ -30,8 +30,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["DEFAULT_CS", "KSparseProbe", "LinearProbe", "ProbeError", "Split", "StoreSource", "StreamingLinearProbe",
-           "evaluate_streaming",
-           "auroc_matrix", "chance_accuracy", "default_ks", "evaluate", "label_purity_entropy", "labelled_rows",
-           "macro_f1", "make_splits", "mean_difference_scores", "monosemanticity", "pooled_features",
-           "random_features", "sae_codes", "sparse_probing", "stratified_folds", "stratified_split", "streaming_moments",
-           "sweep", "top_k_features", "top_rows"]
+           "auroc_matrix", "chance_accuracy", "default_ks", "evaluate", "evaluate_streaming", "label_purity_entropy",
+           "labelled_rows", "macro_f1", "make_splits", "mean_difference_scores", "monosemanticity", "pooled_features",
+           "random_features", "sae_codes", "sae_key", "sparse_probing", "stratified_folds", "stratified_split",
+           "streaming_moments", "sweep", "top_k_features", "top_rows"]

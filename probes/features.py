@@ -1,4 +1,4 @@
-"""Image-level features for probes, read through ``extraction.store``: pooled activations, SAE codes, random features."""
+"""Image-level features for probes via ``extraction.store``: pooled activations, SAE codes, random features."""
 
 from __future__ import annotations
 
@@ -55,6 +55,19 @@ def sae_input_kind(cfg: dict[str, Any], layout: str) -> str:
     return "tokens"
 
 
+def sae_key(store: Any, model: Any) -> tuple[str, int]:
+    """The (hook, timestep) an SAE was trained on, checked against the store (present, same width)."""
+    cfg = getattr(model, "cfg", {}) or {}
+    hook, t = cfg.get("hook"), cfg.get("timestep")
+    if hook is None or t is None:
+        raise ProbeError("the SAE's cfg.json names no hook/timestep; it cannot be matched to a store's activations")
+    check_key(store, hook, int(t))
+    if store.d_in(hook, int(t)) != int(model.d_in):
+        raise ProbeError(f"the SAE has d_in={model.d_in} but {hook} t={t} in {store.path} has "
+                         f"{store.d_in(hook, int(t))} channels")
+    return hook, int(t)
+
+
 def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64,
               device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Image-level SAE codes and per-latent token firing frequency.
@@ -65,15 +78,8 @@ def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64,
     """
     import torch
 
-    cfg = getattr(model, "cfg", {}) or {}
-    hook, t = cfg.get("hook"), cfg.get("timestep")
-    if hook is None or t is None:
-        raise ProbeError("the SAE's cfg.json names no hook/timestep; it cannot be matched to a store's activations")
-    check_key(store, hook, int(t))
-    kind = sae_input_kind(cfg, store.layout(hook, int(t)))
-    if store.d_in(hook, int(t)) != int(model.d_in):
-        raise ProbeError(f"the SAE has d_in={model.d_in} but {hook} t={t} in {store.path} has "
-                         f"{store.d_in(hook, int(t))} channels")
+    hook, t = sae_key(store, model)
+    kind = sae_input_kind(model.cfg, store.layout(hook, t))
     codes = np.zeros((len(rows), int(model.d_sae)), dtype=np.float32)
     fired = np.zeros(int(model.d_sae), dtype=np.int64)
     n_samples = 0
@@ -81,11 +87,11 @@ def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64,
         for start in range(0, len(rows), batch_size):
             sel = rows[start:start + batch_size]
             if kind == "pooled":
-                x = store.pooled(hook, int(t), sel)
+                x = store.pooled(hook, t, sel)
                 z = model.encode(torch.from_numpy(x).to(device)).float().cpu().numpy()
                 codes[start:start + len(sel)] = z
             else:
-                x, owner = store.tokens(hook, int(t), sel)
+                x, _ = store.tokens(hook, t, sel)
                 z = model.encode(torch.from_numpy(x).to(device)).float().cpu().numpy()
                 per = len(x) // len(sel)
                 codes[start:start + len(sel)] = z.reshape(len(sel), per, -1).mean(axis=1)

@@ -1,4 +1,4 @@
-"""A linear probe trained by streaming batches from the HDF5 store (torch + Lightning), for data that does not fit in RAM.
+"""A linear probe streaming batches from the HDF5 store (torch + Lightning), for data that does not fit in RAM.
 
 One pass computes the standardisation (chunked mean/variance, merged exactly), then a bank of
 linear heads, one per L2 strength, trains on the same batches (their losses are independent, so
@@ -169,7 +169,8 @@ class StreamingLinearProbe:
                  accelerator: str = "cpu", precision: str = "32-true", threads: int | None = None,
                  progress: bool = False):
         if not weight_decays or min(weight_decays) < 0:
-            raise ProbeError(f"weight_decays must be a non-empty list of non-negative L2 strengths, got {weight_decays}")
+            raise ProbeError(f"weight_decays must be a non-empty list of non-negative L2 strengths, "
+                             f"got {weight_decays}")
         self.weight_decays = [float(w) for w in weight_decays]
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.val_fraction, self.seed = val_fraction, seed
@@ -234,7 +235,8 @@ class StreamingLinearProbe:
     def decision_function(self, source: StoreSource) -> np.ndarray:
         check_fitted(self)
         if source.width() != self.bank_.W.shape[1]:
-            raise ProbeError(f"the source has {source.width()} features, the probe was fitted on {self.bank_.W.shape[1]}")
+            raise ProbeError(f"the source has {source.width()} features, "
+                             f"the probe was fitted on {self.bank_.W.shape[1]}")
         return self._image_logits(source)[self.head_]
 
     def predict(self, source: StoreSource) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate, sparse_probing
-from .features import check_key, labelled_rows, pooled_features, random_features, sae_codes
+from .features import check_key, labelled_rows, pooled_features, random_features, sae_codes, sae_key
 from .linear import DEFAULT_CS
 from .splits import make_splits
 
@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Sequence[str | Path] = (),
-          baselines: dict[str, np.ndarray] | None = None, random_baseline: bool = True, seeds: Sequence[int] = (0, 1, 2),
-          test_fraction: float = 0.25, Cs: Sequence[float] = DEFAULT_CS, cv: int = 5, max_iter: int = 1000,
+          baselines: dict[str, np.ndarray] | None = None, random_baseline: bool = True,
+          seeds: Sequence[int] = (0, 1, 2), test_fraction: float = 0.25, Cs: Sequence[float] = DEFAULT_CS,
+          cv: int = 5, max_iter: int = 1000,
           ks: Sequence[int] | None = None, k_max: int = 64, sparse_raw: bool = True, sae_device: str = "cpu",
           min_class_images: int = 3, backend: str = "sklearn", streaming: dict[str, Any] | None = None,
           progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -58,8 +59,7 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
         import sae as sae_pkg
 
         models = [sae_pkg.load(p, device=sae_device) for p in saes]
-    for m in models:
-        check_key(store, m.cfg.get("hook", "?"), int(m.cfg.get("timestep", -1)))
+    sae_keys = [sae_key(store, m) for m in models]  # every SAE matches the store before any work
     kw = dict(Cs=Cs, cv=cv, max_iter=max_iter)
     n_jobs = len(keys) + len(baselines) + 2 * len(models)
     bar = tqdm(total=n_jobs, desc="probes", disable=not progress)
@@ -91,8 +91,7 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
                 add(evaluate(Xr, y, splits, **kw), features="random", hook=f"random-{d}", timestep=None,
                     source=f"random ReLU features of {name}, width of {', '.join(widths[d])}")
                 bar.update()
-    for p, m in zip(saes, models):
-        h, t = m.cfg["hook"], int(m.cfg["timestep"])
+    for p, m, (h, t) in zip(saes, models, sae_keys):
         bar.set_postfix_str(f"SAE {h} t={t}")
         Z, _ = sae_codes(store, m, rows, device=sae_device)
         ident = dict(features="sae", hook=h, timestep=t, source=str(p))
@@ -107,7 +106,7 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
         bar.update()
     bar.close()
     context = {"store": str(store.path), "model": store.attrs.get("model"), "dataset": store.attrs.get("dataset"),
-               "n_images": int(len(y)), "classes": np.unique(y).tolist(), "left_out_classes": rare.tolist(), "seeds": list(seeds),
-               "test_fraction": test_fraction, "splits": [{"seed": s.seed, "test_rows": rows[s.test].tolist()}
-                                                          for s in splits]}
+               "n_images": int(len(y)), "classes": np.unique(y).tolist(), "left_out_classes": rare.tolist(),
+               "seeds": list(seeds), "test_fraction": test_fraction,
+               "splits": [{"seed": s.seed, "test_rows": rows[s.test].tolist()} for s in splits]}
     return records, context

@@ -61,7 +61,8 @@ class ProbeConfig:
     ks: list[int] | None = field(None, help="k values of the sparse probes (null: 1, 2, 4, ... up to k_max)")
     k_max: int = field(64, help="largest default k of the sparse probes")
     sparse_raw: bool = field(True, help="also run k-sparse probes on the raw features of each SAE's hook/timestep")
-    backend: Literal["sklearn", "torch"] = field("sklearn", help="sklearn (in RAM) | torch (Lightning, streams the store)")
+    backend: Literal["sklearn", "torch"] = field("sklearn",
+                                                 help="sklearn (in RAM) | torch (Lightning, streams the store)")
     streaming: StreamingConfig = field(default_factory=StreamingConfig, help="")
     baselines: BaselineConfig = field(default_factory=BaselineConfig, help="")
     device: str = field("cpu", help="torch device for SAE encoding")
@@ -209,13 +210,11 @@ def probe_cmd(cfg: ProbeConfig) -> dict[str, Any]:
         baselines = {}
         if cfg.baselines.pixels:
             baselines["pixels"] = store_pixels(st, rows, cfg.baselines.pixel_size)
-        streaming = {k: v for k, v in to_dict(cfg.streaming).items() if k not in ("samples", "chunk_images")}
         records, context = probes.sweep(
             st, keys=keys, saes=cfg.sae, baselines=baselines, random_baseline=cfg.baselines.random and bool(baselines),
-            seeds=cfg.seeds, test_fraction=cfg.test_fraction, min_class_images=cfg.min_class_images, Cs=cfg.Cs, cv=cfg.cv_folds, max_iter=cfg.max_iter,
-            ks=cfg.ks, k_max=cfg.k_max, sparse_raw=cfg.sparse_raw, sae_device=cfg.device, backend=cfg.backend,
-            streaming={**streaming, "samples": cfg.streaming.samples, "chunk_images": cfg.streaming.chunk_images,
-                       "progress": False},
+            seeds=cfg.seeds, test_fraction=cfg.test_fraction, min_class_images=cfg.min_class_images, Cs=cfg.Cs,
+            cv=cfg.cv_folds, max_iter=cfg.max_iter, ks=cfg.ks, k_max=cfg.k_max, sparse_raw=cfg.sparse_raw,
+            sae_device=cfg.device, backend=cfg.backend, streaming={**to_dict(cfg.streaming), "progress": False},
             progress=cfg.progress)
         title = f"{st.attrs.get('model', '?')} on {st.attrs.get('dataset', '?')} ({context['n_images']} images)"
     files = {"csv": write_csv(out / "probes.csv", records, COLUMNS),
