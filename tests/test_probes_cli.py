@@ -153,5 +153,5 @@ def test_cli_errors_name_the_valid_choices(digits_store, tmp_path, capsys):
     nodata = make_store(tmp_path / "d.h5", {("h", 1): np.ones((6, 2))}, np.arange(6) % 2)
     assert main(["probe", "--store", str(nodata), "--out", str(tmp_path)]) == 2
     assert "baselines.pixels false" in capsys.readouterr().err
-    assert main(["probe", "report", "--store", str(digits_store), "--out", str(tmp_path)]) == 2
+    assert main(["probe", "report", "--store", str(digits_store), "--sae", "[]", "--out", str(tmp_path)]) == 2
     assert "at least one SAE" in capsys.readouterr().err

@@ -72,7 +72,8 @@ class ProbeConfig:
 @dataclass
 class ReportConfig:
     store: str = field("runs/activations.h5", help="activation store the SAEs were trained on")
-    sae: list[str] = field(default_factory=list, help="SAE folders to report on (one report per SAE)")
+    sae: list[str] = field(default_factory=lambda: ["runs/sae/sae"],
+                           help="SAE folders to report on (one report per SAE; `revelio sae` writes runs/sae/sae)")
     out: str = field("runs/probe_report", help="output folder: one subfolder per SAE hook/timestep, summary.csv")
     top_n: int = field(16, help="top-activating images per latent that purity and entropy are computed on")
     seed: int = field(0, help="seed of the label shuffle behind purity_shuffled")
