@@ -58,7 +58,8 @@ class SaliencyMaps:
         from extraction.adapters import get_adapter
 
         if method not in SALIENCY_METHODS or method == "none":
-            raise ValueError(f"saliency method {method!r} is not one of {', '.join(m for m in SALIENCY_METHODS if m != 'none')}")
+            valid = ", ".join(m for m in SALIENCY_METHODS if m != "none")
+            raise ValueError(f"saliency method {method!r} is not one of {valid}")
         if method == "auto":
             method = "daam" if get_adapter(pipe).family == "unet" else "concept_attention"
         if method in ("concept_attention", "cross_attention") and not vocabulary:
@@ -190,7 +191,8 @@ class AlignmentTable:
         order = np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")
         return [int(i) for i in order[:top]]
 
-    def best_concepts(self, latent: int, reference: str = "mask", metric: str = "iou", top: int = 3) -> list[tuple[str, float]]:
+    def best_concepts(self, latent: int, reference: str = "mask", metric: str = "iou",
+                      top: int = 3) -> list[tuple[str, float]]:
         """The concepts ``latent`` matches best: [(concept, mean score)], best first."""
         j = METRICS.index(metric)
         got = []

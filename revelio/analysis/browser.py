@@ -258,7 +258,8 @@ class FeatureBrowser:
             if top:
                 from ..viz import overlay
 
-                thumb = f"<img class='thumb' src='{png_data_uri(overlay(self.samples([top[0][0]])[0].image, top[0][1]))}'>"
+                row, heat, _ = top[0]
+                thumb = f"<img class='thumb' src='{png_data_uri(overlay(self.samples([row])[0].image, heat))}'>"
             name = f"<a href='latent_{j:05d}.html'>{j}</a>" if link else str(j)
             body.append(
                 f"<tr><td data-v='{j}'>{name}</td><td>{thumb}</td>"

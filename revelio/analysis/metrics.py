@@ -78,7 +78,8 @@ def auroc(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return auroc_matrix(a.T, m.astype(np.int64))[1].astype(np.float64).reshape(lead)
 
 
-def scores(maps: np.ndarray, reference: np.ndarray, mask: np.ndarray, tau: float = DEFAULT_TAU) -> dict[str, np.ndarray]:
+def scores(maps: np.ndarray, reference: np.ndarray, mask: np.ndarray,
+           tau: float = DEFAULT_TAU) -> dict[str, np.ndarray]:
     """The three scores of each map: IoU and AUROC against the boolean ``mask``, Pearson against ``reference``.
 
     For a ground-truth mask, ``reference`` is the mask itself; for a saliency map it is the soft

@@ -48,7 +48,7 @@ class LatentStats:
         return (self.fired > 0).mean(axis=0) if len(self.rows) else np.zeros(self.d_sae)
 
     def top_images(self, latent: int, k: int = 8) -> np.ndarray:
-        """Indices into ``rows`` of the ``k`` images with the highest peak of ``latent`` (only images where it fires)."""
+        """Indices into ``rows`` of the ``k`` images with the highest peak of ``latent`` (only where it fires)."""
         self._check(latent)
         col = self.peak[:, latent]
         order = np.argsort(-col, kind="stable")[:k]

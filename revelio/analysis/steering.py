@@ -164,7 +164,8 @@ def generate(pipe: Any, prompt: str, seed: int = 0, steps: int = 20, guidance_sc
 
 
 def steer(pipe: Any, model: Any, prompt: str, specs: Sequence[SteeringSpec], seed: int = 0, steps: int = 20,
-          guidance_scale: float = 5.0, size: int | None = None, hook: str | None = None) -> tuple[Image.Image, Image.Image]:
+          guidance_scale: float = 5.0, size: int | None = None,
+          hook: str | None = None) -> tuple[Image.Image, Image.Image]:
     """(before, after): the same seeded generation without and with the steering ``specs``."""
     steering = Steering(pipe, model, specs, hook)  # validates the specs before any generation
     before = generate(pipe, prompt, seed, steps, guidance_scale, size)

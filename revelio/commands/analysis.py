@@ -211,7 +211,8 @@ class SteerConfig:
     latent: int = field(0, help="SAE latent to steer with")
     mode: str = field("add", help="add (x + scale * d) | remove (x - scale * z_latent(x) * d)")
     scale: float = field(4.0, help="coefficient, in units of the latent's activation (remove: 1 = remove all)")
-    box: list[float] | None = field(None, help="region [top, bottom, left, right] as image fractions (null: everywhere)")
+    box: list[float] | None = field(None, help="region [top, bottom, left, right] as image fractions "
+                                               "(null: everywhere)")
     steps: list[int] | None = field(None, help="[start, end) denoising steps to steer (null: all)")
     inference_steps: int = field(20, help="denoising steps of the generation")
     guidance_scale: float = field(5.0, help="classifier-free guidance scale")
