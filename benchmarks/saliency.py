@@ -2,8 +2,9 @@
 
 For each method: a full generation (``steps`` denoising steps) and a single denoiser forward
 on a real image, each timed plain and traced, interleaved, median of ``--repeats`` after a
-warm-up; the ratio traced / plain is printed. Peak memory: on CUDA the peak allocated bytes
-of each variant; on CPU the peak resident memory of a fresh process per variant.
+warm-up; the ratio traced / plain is printed. Peak memory of the work itself: on CUDA the
+peak allocated bytes of each variant; on CPU, in a fresh process per variant, the peak
+resident memory sampled every millisecond during the work minus the resident memory before.
 
     python benchmarks/saliency.py [--size 64] [--steps 4] [--repeats 5] [--device cpu]
 
@@ -15,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 # benchmarks/extraction.py would shadow the `extraction` package: import packages, not sibling scripts.
@@ -104,11 +105,25 @@ def child(spec: str, args) -> None:
     model, kind, method = json.loads(spec)
     pipe = load_pipeline(model, device=args.device)
     _prepare(pipe, args)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _work(pipe, kind, args, None)  # warm-up: lazy initialisations are not the method's memory
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample)
+    th.start()
     _work(pipe, kind, args, method)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(peak / 1024, "# MiB; before the work:", base / 1024, file=sys.stderr)
-    print(peak / 1024)
+    done.set()
+    th.join()
+    print((max(peak[0], rss()) - base) / 2**20)
 
 
 def main() -> None:
@@ -138,6 +153,10 @@ def main() -> None:
             pipes[model] = load_pipeline(model, device=args.device)
             _prepare(pipes[model], args)
         pipe = pipes[model]
+        limit = getattr(getattr(pipe, "transformer", None), "config", {}).get("pos_embed_max_size")
+        if limit and args.size // pipe.vae_scale_factor // pipe.transformer.config.patch_size > limit:
+            print(f"{name:<32} {model:<10} (skipped: {args.size}px exceeds its position-embedding grid)")
+            continue
         for kind in ("generate", "forward"):
             timed(pipe, kind, args, None), timed(pipe, kind, args, method)  # warm-up
             plain, traced = [], []

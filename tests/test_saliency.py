@@ -194,6 +194,17 @@ def test_dit_cross_attention_daam_matches_naive(tiny_flux):
     assert [w for w, _ in tc.words()] == ["a", "red", "circle", "and", "a", "bluey", "square"]
 
 
+def test_two_call_cfg_unconditional_call_is_skipped(tiny_flux):
+    kw = dict(prompt=PROMPT, num_inference_steps=1, height=32, width=32, output_type="latent", max_sequence_length=16)
+    with trace(tiny_flux) as plain, concept_attention(tiny_flux, ["circle", "square"]) as ca_plain:
+        tiny_flux(**kw, generator=_gen())
+    with trace(tiny_flux) as tc, concept_attention(tiny_flux, ["circle", "square"]) as ca:
+        tiny_flux(**kw, negative_prompt="a green star", true_cfg_scale=2.0, generator=_gen())  # 2 calls per step
+    assert tc.calls == 1 and ca.calls == 1
+    torch.testing.assert_close(tc.maps(), plain.maps())
+    torch.testing.assert_close(ca.maps(), ca_plain.maps())
+
+
 # --- ConceptAttention ----------------------------------------------------------------------------------------
 
 def test_concept_attention_matches_hand_computation_of_two_blocks(tiny_flux):

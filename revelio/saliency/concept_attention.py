@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RevelioError
-from .hooks import captured, cfg_conditional_half, hooked, swapped_processors
+from .hooks import ConditionalRows, captured, hooked, swapped_processors
 from .mmdit import denoiser_input, double_blocks, encode_concepts, image_heads, mmdit_kind, text_heads, token_grid
 
 
@@ -56,6 +56,8 @@ class _ConceptProcessor:
         extra = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
         with captured(q=attn.to_q, k=attn.to_k, v=attn.to_v, in_o=attn.to_out[0]) as cap:
             out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
+        if self.tracer._rows is None:
+            return out
         text_len = encoder_hidden_states.shape[1]
         self.tracer._block(self.index, self.block, attn, cap, image_rotary_emb, text_len)
         return out
@@ -67,7 +69,7 @@ class ConceptAttention:
     ``layers``: indices of the double-stream blocks whose maps are averaged (None: all;
     negative indices count from the end). ``steps``: indices of the denoiser calls that
     count (None: all). The concept stream itself runs through every block at every call.
-    ``cfg``: whether calls are classifier-free-guidance batches (None: detect).
+    ``cfg``: see :class:`~revelio.saliency.hooks.ConditionalRows` (None: detect).
     ``baseline``: also accumulate the cross-attention baseline (``cross_attention_maps()``).
     """
 
@@ -86,7 +88,7 @@ class ConceptAttention:
         else:
             self.layers = list(range(n))
         self.steps = None if steps is None else set(steps)
-        self.cfg = cfg
+        self._conditional = ConditionalRows(cfg)
         self.baseline = baseline
         self._stack: ExitStack | None = None
         self.reset()
@@ -98,6 +100,7 @@ class ConceptAttention:
         self._count = 0
         self.calls = 0
         self.grid: tuple[int, int] | None = None
+        self._rows: slice | None = None
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "ConceptAttention":
@@ -125,8 +128,9 @@ class ConceptAttention:
     # -- hooks ------------------------------------------------------------------------------
     def _on_call(self, module, args, kwargs):
         x = denoiser_input(args, kwargs)
-        half = cfg_conditional_half(x) if self.cfg is None else (slice(x.shape[0] // 2, None) if self.cfg else None)
-        self._rows = half if half is not None else slice(0, x.shape[0])
+        self._rows = self._conditional.rows(x, kwargs.get("encoder_hidden_states"))
+        if self._rows is None:  # classifier-free guidance's unconditional call: no concept stream
+            return
         b = len(range(*self._rows.indices(x.shape[0])))
         self.grid = token_grid(self.kind, module, args, kwargs)
         self._active = self.steps is None or self.calls in self.steps

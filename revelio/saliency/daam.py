@@ -30,8 +30,8 @@ from torch import nn
 from extraction.adapters import grid_for_tokens
 
 from ..config import RevelioError
-from .hooks import captured, cfg_conditional_half, hooked, swapped_processors
-from .mmdit import denoiser_input, image_heads, mmdit_kind, split_heads, token_grid
+from .hooks import ConditionalRows, captured, hooked, swapped_processors
+from .mmdit import denoiser_input, image_heads, mmdit_kind, rotate, split_heads, token_grid
 from .words import positions_of, word_positions
 
 
@@ -56,7 +56,7 @@ class _Processor:
             layers["tk"] = attn.add_k_proj
         with captured(**layers) as cap:
             out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
-        if self.tracer._active:
+        if self.tracer._active:  # a counted, conditional call
             with torch.no_grad():
                 if self.tracer.family == "unet":
                     self.tracer._unet_layer(attn, cap)
@@ -69,7 +69,7 @@ class DAAMTrace:
     """Context manager accumulating per-token attribution maps over every denoiser call in its body.
 
     ``include_mid``: also trace the UNet's mid block. ``steps``: indices of the denoiser calls
-    that count (None: all). ``cfg``: whether calls are CFG batches (None: detect).
+    that count (None: all). ``cfg``: see :class:`~revelio.saliency.hooks.ConditionalRows` (None: detect).
     """
 
     def __init__(self, pipe, include_mid: bool = False, steps: Sequence[int] | None = None, cfg: bool | None = None):
@@ -88,7 +88,7 @@ class DAAMTrace:
         if not self.modules:
             raise RevelioError(f"{type(pipe).__name__}: no cross-attention modules to trace")
         self.steps = None if steps is None else set(steps)
-        self.cfg = cfg
+        self._conditional = ConditionalRows(cfg)
         self._stack: ExitStack | None = None
         self.reset()
 
@@ -127,8 +127,10 @@ class DAAMTrace:
 
     def _on_call(self, module, args, kwargs):
         x = denoiser_input(args, kwargs)
-        half = cfg_conditional_half(x) if self.cfg is None else (slice(x.shape[0] // 2, None) if self.cfg else None)
-        self._rows = half if half is not None else slice(0, x.shape[0])
+        self._rows = self._conditional.rows(x, kwargs.get("encoder_hidden_states"))
+        if self._rows is None:  # classifier-free guidance's unconditional call
+            self._active = False
+            return
         self.latent = tuple(x.shape[-2:]) if self.family == "unet" else token_grid(self.family, module, args, kwargs)
         self._active = self.steps is None or self.calls in self.steps
         self.calls += 1
@@ -148,7 +150,6 @@ class DAAMTrace:
         if attn.norm_added_k is not None:
             tk = attn.norm_added_k(tk)
         if rotary is not None:  # Flux: text first in the joint sequence, with its own rotary rows
-            from .mmdit import rotate
             tk = rotate(tk, rotary, slice(0, text_len))
         scale = img["q"].shape[-1] ** -0.5
         probs = []

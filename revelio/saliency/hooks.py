@@ -77,14 +77,31 @@ def hooked(module: nn.Module, pre: Callable | None = None, post: Callable | None
             h.remove()
 
 
-def cfg_conditional_half(latent_input: torch.Tensor) -> slice | None:
-    """The batch slice holding conditional samples when the call is a classifier-free-guidance batch.
+class ConditionalRows:
+    """Which batch rows of each denoiser call are conditional, so traces skip classifier-free guidance's negatives.
 
-    Diffusers pipelines run CFG as one batch ``cat([x, x])`` with [unconditional, conditional]
-    text; the two halves of the latent input are then exactly equal. Returns the second
-    half in that case, ``None`` (keep everything) otherwise.
+    Diffusers pipelines run CFG either as ONE batch ``cat([x, x])`` with [unconditional,
+    conditional] text, whose two latent halves are exactly equal (SD, SDXL, SD3), or as TWO
+    calls per step on the same latents, conditional first (Flux's true CFG). ``rows`` returns
+    the conditional half in the first case, ``None`` (skip the call) for the second call of
+    the second case, and every row otherwise. ``cfg`` forces the batch case on (True) or
+    turns both detections off (False, e.g. for real-image calls).
     """
-    b = latent_input.shape[0]
-    if b % 2 == 0 and b > 0 and torch.equal(latent_input[: b // 2], latent_input[b // 2:]):
-        return slice(b // 2, b)
-    return None
+
+    def __init__(self, cfg: bool | None = None):
+        self.cfg = cfg
+        self._prev: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def rows(self, latent_input: torch.Tensor, text: torch.Tensor | None) -> slice | None:
+        b = latent_input.shape[0]
+        if self.cfg is False:
+            return slice(0, b)
+        prev, self._prev = self._prev, (latent_input, text)
+        if self.cfg is None and prev is not None and prev[0].shape == latent_input.shape \
+                and torch.equal(prev[0], latent_input) and text is not None and prev[1] is not None \
+                and not (prev[1].shape == text.shape and torch.equal(prev[1], text)):
+            return None  # same latents, other text: the unconditional call of a two-call CFG step
+        half = b // 2
+        if self.cfg or (b % 2 == 0 and b > 0 and torch.equal(latent_input[:half], latent_input[half:])):
+            return slice(half, b)
+        return slice(0, b)

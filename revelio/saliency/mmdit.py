@@ -125,25 +125,20 @@ def text_heads(attn: nn.Module, text: torch.Tensor, kind: str, rotary, names: tu
 def encode_concepts(pipe, kind: str, concepts: list[str]) -> torch.Tensor:
     """One embedding per concept, each encoded ON ITS OWN: (C, joint_attention_dim), before ``context_embedder``.
 
-    The concept is run through the pipeline's own prompt encoder (T5 for Flux; the T5 part
-    of SD3's joint text sequence) as a prompt by itself, padded only to the longest concept
+    The concept is run through the pipeline's T5 prompt encoder (Flux's prompt tokens; the T5
+    part of SD3's joint text sequence) as a prompt by itself, padded only to the longest concept
     (not to the prompt length), so a concept's embedding does not depend on padding. A
     concept of several tokens (sub-words or several words) is pooled as the MEAN of its
     tokens' outputs, end-of-sequence and padding excluded.
     """
-    device = pipe.transformer.device
-    tok = pipe.tokenizer_2 if kind == "flux" else pipe.tokenizer_3
+    n = "2" if kind == "flux" else "3"
+    tok, encoder = getattr(pipe, f"tokenizer_{n}", None), getattr(pipe, f"text_encoder_{n}", None)
+    if encoder is None:
+        raise RevelioError(f"ConceptAttention encodes concepts with the pipeline's T5 encoder (text_encoder_{n}), "
+                           f"which this pipeline was loaded without")
     counts = [max(1, len(tok(c, add_special_tokens=False).input_ids)) for c in concepts]
     length = max(counts) + 1  # + end of sequence
-    if kind == "flux":
-        embeds, _, _ = pipe.encode_prompt(prompt=concepts, prompt_2=concepts, device=device,
-                                          max_sequence_length=length)
-        t5_part = embeds
-    else:
-        if getattr(pipe, "text_encoder_3", None) is None:
-            raise RevelioError("ConceptAttention on SD3 encodes concepts with its T5 encoder (text_encoder_3), "
-                               "which this pipeline was loaded without")
-        embeds, _, _, _ = pipe.encode_prompt(prompt=concepts, prompt_2=concepts, prompt_3=concepts, device=device,
-                                             do_classifier_free_guidance=False, max_sequence_length=length)
-        t5_part = embeds[:, -length:]
-    return torch.stack([t5_part[i, :min(n, t5_part.shape[1])].mean(0) for i, n in enumerate(counts)])
+    # The pipelines' own T5 path (``_get_t5_prompt_embeds``): padded ids, no attention mask.
+    ids = tok(concepts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    out = encoder(ids.to(encoder.device))[0]
+    return torch.stack([out[i, :k].mean(0) for i, k in enumerate(counts)])
