@@ -68,8 +68,8 @@ def sae_key(store: Any, model: Any) -> tuple[str, int]:
     return hook, int(t)
 
 
-def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64,
-              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64, device: str = "cpu",
+              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Image-level SAE codes and per-latent token firing frequency.
 
     Returns (codes (n, d_sae), token_frequency (d_sae,)). For an SAE trained on positions, an
@@ -77,6 +77,7 @@ def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64,
     of pooled activations) and the frequency counts positions; for a pooled SAE both are per image.
     """
     import torch
+    from tqdm.auto import tqdm
 
     hook, t = sae_key(store, model)
     kind = sae_input_kind(model.cfg, store.layout(hook, t))
@@ -84,7 +85,7 @@ def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64,
     fired = np.zeros(int(model.d_sae), dtype=np.int64)
     n_samples = 0
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"SAE codes {hook} t={t}", disable=not progress):
             sel = rows[start:start + batch_size]
             if kind == "pooled":
                 x = store.pooled(hook, t, sel)

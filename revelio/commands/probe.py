@@ -80,6 +80,7 @@ class ReportConfig:
     n_show: int = field(8, help="latents shown in the top-image figure (best ranked)")
     device: str = field("cpu", help="torch device for SAE encoding")
     batch_size: int = field(64, help="images encoded at once")
+    progress: bool = field(True, help="show a progress bar")
 
 
 def _dataset_of(store: Any):
@@ -308,7 +309,7 @@ def report_cmd(cfg: ReportConfig) -> dict[str, Any]:
         for folder in cfg.sae:
             model = sae_pkg.load(folder, device=cfg.device)
             hook, t = model.cfg.get("hook"), model.cfg.get("timestep")
-            codes, tok_freq = probes.sae_codes(st, model, rows, cfg.batch_size, cfg.device)
+            codes, tok_freq = probes.sae_codes(st, model, rows, cfg.batch_size, cfg.device, cfg.progress)
             rep = probes.monosemanticity(codes, labels, cfg.top_n, tok_freq, class_names, cfg.seed)
             for r in rep["latents"]:
                 r["top_ids"] = [str(st.ids[rows[i]]) for i in r["top_images"]]
