@@ -34,7 +34,7 @@ class DenseTopK(nn.Module):
 
     def __init__(self, ref: SparseAutoencoder):
         super().__init__()
-        self.W_enc = nn.Parameter(ref.W_enc.detach().clone())
+        self.W_enc = nn.Parameter(ref.W_enc.detach().contiguous().clone())
         self.W_dec = nn.Parameter(ref.W_dec.detach().clone())
         self.b_enc = nn.Parameter(ref.b_enc.detach().clone())
         self.b_dec = nn.Parameter(ref.b_dec.detach().clone())

@@ -14,7 +14,6 @@ multiplies a dense (batch x d_sae) matrix by the dictionary.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,33 +64,30 @@ def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
 
 
 class _SelectedPreacts(torch.autograd.Function):
-    """pre[rows, latents] with a backward that only touches the selected encoder columns.
+    """pre[rows, latents] with a backward that only touches the selected encoder rows.
 
-    The dense ``pre`` is computed without autograd; the gradients are those of
-    ``(x W_enc + b_enc)[rows, latents]``, built as a sparse (B x d_sae) matrix G so that
-    dW_enc = x^T G and dx = G W_enc^T cost O(nnz * d_in) instead of O(B * d_sae * d_in).
+    pre = (x_n - b_dec) W_enc + b_enc is computed densely without autograd; the gradients are
+    those of its selected entries. With G the sparse (B x d_sae) matrix of their gradients:
+    dW_enc^T = G^T (x_n - b_dec) costs O(nnz * d_in) instead of O(B * d_sae * d_in), db_enc is the
+    per-latent sum g of G, and db_dec = -W_enc g is one mat-vec (no (B x d_in) product).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
-        ctx.save_for_backward(x, W_enc, rows, latents)
+    def forward(ctx, xn: Tensor, b_dec: Tensor, W_rows: Tensor, b_enc: Tensor, pre: Tensor, rows: Tensor,
+                latents: Tensor) -> Tensor:
+        ctx.save_for_backward(xn - b_dec, W_rows, rows, latents)
         return pre[rows, latents]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, W_enc, rows, latents = ctx.saved_tensors
-        G = torch.sparse_coo_tensor(torch.stack([rows, latents]), grad, (x.shape[0], W_enc.shape[1]),
+        xc, W_rows, rows, latents = ctx.saved_tensors
+        gb = grad.new_zeros(W_rows.shape[0]).index_add_(0, latents, grad)
+        G = torch.sparse_coo_tensor(torch.stack([rows, latents]), grad, (xc.shape[0], W_rows.shape[0]),
                                     check_invariants=False)
-        gx = gW = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.sparse.mm(G, W_enc.t())
-        if ctx.needs_input_grad[1]:  # x^T G with G in CSR: the result has W_enc's own (contiguous) layout
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                gW = torch.mm(x.t(), G.to_sparse_csr())
-        if ctx.needs_input_grad[2]:
-            gb = grad.new_zeros(W_enc.shape[1]).index_add_(0, latents, grad)
-        return gx, gW, gb, None, None, None
+        gx = torch.sparse.mm(G, W_rows) if ctx.needs_input_grad[0] else None  # only if the inputs need one
+        gbd = -(gb @ W_rows) if ctx.needs_input_grad[1] else None
+        gW = torch.sparse.mm(G.t(), xc) if ctx.needs_input_grad[2] else None
+        return gx, gbd, gW, gb if ctx.needs_input_grad[3] else None, None, None, None
 
 
 def _topk_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,13 +153,20 @@ class SparseAutoencoder(nn.Module):
         W_dec = torch.randn(d_sae, d_in, generator=g)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())  # tied init
+        # the encoder is stored as rows [d_sae, d_in] (so that its sparse gradient is written in place);
+        # W_enc [d_in, d_sae] is the view of the equations and of the saved file
+        self.W_enc_rows = nn.Parameter(W_dec.clone())  # tied init: W_enc = W_dec^T
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("norm_scale", torch.tensor(1.0))
         self.register_buffer("threshold", torch.tensor(-1.0))  # BatchTopK inference threshold; -1: not yet set
         self.register_buffer("since_fired", torch.zeros(d_sae, dtype=torch.long))  # samples since each latent fired
         self.cfg: dict = {}  # filled by ``sae.load`` from cfg.json (hook, timestep, source store, ...)
+
+    @property
+    def W_enc(self) -> Tensor:
+        """The encoder matrix [d_in, d_sae] (a view of ``W_enc_rows``)."""
+        return self.W_enc_rows.t()
 
     # ---- initialisation from data -------------------------------------------------------
     @torch.no_grad()
@@ -207,7 +210,7 @@ class SparseAutoencoder(nn.Module):
         return _threshold_select(pre, float(self.threshold))
 
     def _codes(self, xn: Tensor, pre: Tensor, rows: Tensor, latents: Tensor, offsets: Tensor) -> Codes:
-        vals = _SelectedPreacts.apply(xn - self.b_dec, self.W_enc, self.b_enc, pre, rows, latents)
+        vals = _SelectedPreacts.apply(xn, self.b_dec, self.W_enc_rows, self.b_enc, pre, rows, latents)
         return Codes(F.relu(vals), latents, offsets, rows)
 
     def encode_sparse(self, xn: Tensor, train: bool = False) -> Codes:

@@ -80,7 +80,7 @@ def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model:
     result: dict[str, Any] = {"steps": tr.global_step, "samples_seen": int(module.samples_seen)}
     if tr.global_rank == 0:
         if len(dm.val_rows):
-            val = evaluate(module.sae, (x for x, _ in dm.loader(dm.val_rows, shuffle=False)))
+            val = evaluate(module.sae, (x for x, _ in dm.loader(dm.val_rows, shuffle=False)), module.device)
             result["val"] = {k: v for k, v in val.items() if k != "density"}
         with open_store(store) as st:
             source = {"model": st.attrs.get("model"), "dataset": st.attrs.get("dataset")}
