@@ -236,15 +236,20 @@ class AsyncWriter:
     def _loop(self) -> None:
         while True:
             item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
             try:
-                self.writer.write(item)
-                self.bytes_written += sum(a.nbytes for a in item.acts.values())
+                if item is None:
+                    return
+                if self.error is None:
+                    self.writer.write(item)
+                    self.bytes_written += sum(a.nbytes for a in item.acts.values())
             except BaseException as e:  # surfaced to the caller on the next put/close
                 self.error = e
+            finally:
+                self.q.task_done()
+
+    def drain(self) -> None:
+        """Block until every queued batch is on disk (for measurements; the loop never needs it)."""
+        self.q.join()
 
     def put(self, batch: Batch) -> None:
         if self.error is not None:
