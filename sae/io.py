@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model import SparseAutoencoder
+from .model import ARCHITECTURES, SparseAutoencoder
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
@@ -91,7 +91,10 @@ def load(folder: str | Path, device: str | torch.device = "cpu", d_in: int | Non
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if k is None:
         raise ValueError(f"{folder / CONFIG} names no k (neither 'k' nor 'activation_fn_kwargs.k')")
-    model = SparseAutoencoder(saved_in, d_sae, int(k), architecture=cfg.get("architecture", "topk"),
+    arch = cfg.get("architecture", "topk")
+    if arch not in ARCHITECTURES and cfg.get("activation_fn_str") == "topk":  # SAELens "standard" + topk activation
+        arch = "topk"
+    model = SparseAutoencoder(saved_in, d_sae, int(k), architecture=arch,
                               matryoshka=cfg.get("matryoshka_prefixes") or (),
                               k_aux=cfg.get("k_aux"), aux_coef=cfg.get("aux_coef", 1 / 32),
                               dead_after=cfg.get("dead_after", 10_000_000))

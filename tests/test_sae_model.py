@@ -246,3 +246,23 @@ def test_codes_csr_dense():
     c = Codes(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 2, 1]), torch.tensor([0, 2]), torch.tensor([0, 0, 1]))
     torch.testing.assert_close(c.dense(2, 3), torch.tensor([[1.0, 0, 2], [0, 3, 0]]))
     assert float(c.l0(2)) == 1.5
+
+
+def test_loads_a_saelens_style_topk_folder(tmp_path):
+    """A folder written by another tool: SAELens names, cfg without our keys, k under activation_fn_kwargs."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    t = {"W_enc": torch.randn(6, 20, generator=g), "W_dec": torch.randn(20, 6, generator=g),
+         "b_enc": torch.randn(20, generator=g), "b_dec": torch.randn(6, generator=g)}
+    save_file(t, str(tmp_path / "sae.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 6, "d_sae": 20, "architecture": "standard",
+                                                   "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4},
+                                                   "hook_name": "blocks.3.hook_resid_post"}))
+    m = sae.load(tmp_path)
+    x = torch.randn(5, 6, generator=g)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    idx = pre.topk(4, dim=1).indices
+    z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx)).relu()
+    torch.testing.assert_close(m.encode(x), z)
+    torch.testing.assert_close(m(x)[0], z @ t["W_dec"] + t["b_dec"])
