@@ -24,7 +24,7 @@ class SAETrainerConfig:
     num_nodes: int = field(1, help="machines for multi-node DDP")
     precision: str = field("32-true", help="Lightning precision; the SAE math runs in float32")
     log_every_n_steps: int = field(10, help="N: scalar metrics (FVU, L0, dead fraction, AuxK, lr, samples) every N steps")
-    val_check_interval: float | int = field(1.0, help="validate every this many steps (int) or at epoch end (1.0)")
+    val_check_interval: int | float = field(1.0, help="validate every this many steps (int) or at epoch end (1.0)")
     enable_progress_bar: bool = field(True, help="show the progress bar")
 
 
