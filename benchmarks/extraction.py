@@ -64,10 +64,13 @@ def bare(ex, lat, ids, cond) -> float:
 class Hooked:
     """The extraction hot loop into one store: hooked forwards, then the batch goes to the writer thread."""
 
-    def __init__(self, ex, batches, path):
-        self.ex, self.path, self.aw, self.row = ex, path, None, 0
-        self.n = sum(len(b[1]) for b in batches)
-        self.ids = [s.id for b in batches for s in b[3]]
+    def __init__(self, ex, batches, path, specs):
+        """Create the store skeleton up front: it is made once per run, not per batch."""
+        self.ex, self.row = ex, 0
+        n = sum(len(b[1]) for b in batches)
+        create_store(path, source_index=list(range(n)), source_ids=[s.id for b in batches for s in b[3]],
+                     specs=specs, attrs={}, storage_dtype="float32", batch_size=len(batches[0][1]))
+        self.aw = AsyncWriter(StoreWriter(path))
 
     def batch(self, lat, ids, cond, part) -> tuple[float, float]:
         """(seconds to compute and queue one batch, seconds its write then still needed).
@@ -77,10 +80,6 @@ class Hooked:
         """
         t0 = time.perf_counter()
         acts = self.ex.capture_batch(lat, ids, cond)
-        if self.aw is None:
-            create_store(self.path, source_index=list(range(self.n)), source_ids=self.ids, specs=self.ex.specs(acts),
-                         attrs={}, storage_dtype="float32", batch_size=len(ids))
-            self.aw = AsyncWriter(StoreWriter(self.path))
         self.aw.put(Batch(positions=np.arange(self.row, self.row + len(ids)), ids=ids,
                           labels=np.array([s.label for s in part]), captions=[s.caption for s in part],
                           acts={k: v.numpy() for k, v in acts.items()}, skipped_positions=np.zeros(0, np.int64)))
@@ -144,10 +143,11 @@ def main() -> None:
             pipe = load_pipeline(name)
             ex = Extractor(pipe, ExtractionPlan(hooks=hooks, timesteps=timesteps, out="", storage_dtype="float32"))
             batches = prepare(ex, Shapes(size=64, count=args.images, seed=0), args.batch)
-            bare(ex, *batches[0][:3])  # warm-up
+            bare(ex, *batches[0][:3])  # warm-up of both paths; the hooked one also gives the store layout
+            specs = ex.specs(ex.capture_batch(*batches[0][:3]))
             b_sec, h_sec, w_sec, written = 0.0, 0.0, 0.0, 0
             for r in range(args.rounds):  # bare and hooked alternate batch by batch: load changes hit both
-                hk = Hooked(ex, batches, tmp / f"{name}-{r}.h5")
+                hk = Hooked(ex, batches, tmp / f"{name}-{r}.h5", specs)
                 for i, (lat, ids, cond, part) in enumerate(batches):
                     if (i + r) % 2:  # alternate which goes first, so neither always follows the other
                         hs, ws = hk.batch(lat, ids, cond, part)
