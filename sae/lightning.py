@@ -159,6 +159,7 @@ class SAEModule(L.LightningModule):
         for ax, (label, (counts, edges)) in zip(axes, hists.items()):
             ax.stairs(counts, edges, fill=True)
             ax.set_xlabel(label)
+            ax.locator_params(axis="x", nbins=5)
         axes[0].set_title(f"feature density, step {self.global_step}")
         fig.tight_layout()
         out = root / f"step_{self.global_step:08d}.png"
