@@ -3,6 +3,7 @@
 import os
 import random
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -82,6 +83,8 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path):
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen, buf, t0 = -1, b"", time.time()
     while seen < target and proc.poll() is None and time.time() - t0 < 180:
+        if not select.select([proc.stderr], [], [], 1.0)[0]:
+            continue
         buf = (buf + os.read(proc.stderr.fileno(), 256))[-200:]
         counts = re.findall(rb"(\d+)/8 ", buf)
         seen = int(counts[-1]) if counts else -1
