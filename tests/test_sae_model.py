@@ -13,15 +13,6 @@ from sae import SparseAutoencoder, fvu, geometric_median
 from sae.model import Codes
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors run fastest (and least disturbed by other jobs) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class SparseWorld:
     """Data made from a known dictionary: x = c D, each sample with k_true active unit features."""
 
@@ -62,7 +53,7 @@ def recovery(m, world):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_recovers_known_dictionary(arch, one_thread):
+def test_recovers_known_dictionary(arch, one_torch_thread):
     world = SparseWorld()
     m = SparseAutoencoder(32, 128, 3, architecture=arch, dead_after=2000)
     m.init_from_data(world.batch(2048))
@@ -84,7 +75,7 @@ def test_recovers_known_dictionary(arch, one_thread):
         assert torch.all(codes[codes != 0] > m.threshold)
 
 
-def test_auxk_revives_dead_latents(one_thread):
+def test_auxk_revives_dead_latents(one_torch_thread):
     """Half the encoder starts 100x too small: those latents never win the TopK and die.
 
     Only AuxK (top k_aux dead latents reconstruct the residual) gives them gradient."""

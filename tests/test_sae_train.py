@@ -18,7 +18,6 @@ from revelio.cli import run
 from sae.data import StoreDataModule
 from sae.lightning import SAEModule
 from sae.train import fit
-from test_sae_model import one_thread  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "configs" / "sae" / "tiny-sd.yaml"
@@ -71,7 +70,7 @@ def test_stream_splits_by_image_shuffles_and_resumes(sd_store, monkeypatch):
     assert len(two_tail) == len(two) - 5
 
 
-def test_dit_tokens_batchtopk_matryoshka(flux_store, tmp_path, one_thread):
+def test_dit_tokens_batchtopk_matryoshka(flux_store, tmp_path, one_torch_thread):
     """DiT image tokens as samples; the BatchTopK + Matryoshka options through the Lightning run."""
     dm = StoreDataModule(str(flux_store), "transformer_blocks.3", 250, samples="tokens", batch_size=64)
     dm.setup()
@@ -113,7 +112,7 @@ def test_nonfinite_activations_reported_with_image_ids(sd_store, tmp_path):
     assert dm.skipped_ids == ids
 
 
-def test_fit_cli_yaml_logs_checkpoints_and_eval(sd_store, tmp_path, capsys, one_thread):
+def test_fit_cli_yaml_logs_checkpoints_and_eval(sd_store, tmp_path, capsys, one_torch_thread):
     out = tmp_path / "run"
     res = run(["sae", "fit", "--config", str(YAML), "--data.store", str(sd_store), "--out", str(out),
                "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "3", "--model.hist_every", "6",
@@ -141,7 +140,7 @@ def test_fit_cli_yaml_logs_checkpoints_and_eval(sd_store, tmp_path, capsys, one_
         run(["sae", "fit", "--config", str(YAML), "--model.kk", "3"])
 
 
-def test_resume_is_exact(sd_store, tmp_path, one_thread):
+def test_resume_is_exact(sd_store, tmp_path, one_torch_thread):
     """12 steps straight == 6 steps, checkpoint, resume for 6 more (crossing an epoch end mid-way)."""
     kw = dict(model={"expansion": 2, "k": 4, "lr": 3e-3, "warmup_steps": 4, "hist_every": 0, "dead_after": 40,
                      "init_samples": 256, "b_dec_init": "mean"},
@@ -164,7 +163,7 @@ def test_resume_is_exact(sd_store, tmp_path, one_thread):
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
-def test_d_in_mismatch_on_resume_fails_clearly(sd_store, tmp_path, one_thread):
+def test_d_in_mismatch_on_resume_fails_clearly(sd_store, tmp_path, one_torch_thread):
     sae_dir = sae.fit_from_store(sd_store, "mid_block", 25, tmp_path / "f", expansion=2, k=4, batch_size=8, max_steps=3)
     assert sae.load(sae_dir).d_in == 64
     ckpt = torch.load(tmp_path / "f" / "checkpoints" / "last.ckpt", weights_only=False)
