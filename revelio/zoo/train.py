@@ -99,6 +99,12 @@ def workdir(cfg: ZooTrainConfig) -> Path:
     return Path(cfg.workdir) if cfg.workdir else cache_dir() / "zoo-train"
 
 
+def data_key(cfg: ZooTrainConfig) -> str:
+    """A name that changes whenever the rendered training images would."""
+    hold = "_".join(sorted(cfg.holdout)).replace(" ", "-")
+    return f"shapes{IMAGE_SIZE}-n{cfg.images}-single{cfg.single_fraction}-seed{cfg.seed}-hold{hold}"
+
+
 def render_cache(cfg: ZooTrainConfig) -> tuple[torch.Tensor, list[str]]:
     """The training images (N, 3, 64, 64) uint8 and captions, rendered once and cached on disk.
 
@@ -106,8 +112,7 @@ def render_cache(cfg: ZooTrainConfig) -> tuple[torch.Tensor, list[str]]:
     any image containing a held-out pair is skipped.
     """
     root = workdir(cfg)
-    key = f"shapes{IMAGE_SIZE}-n{cfg.images}-single{cfg.single_fraction}-seed{cfg.seed}-hold{'_'.join(sorted(cfg.holdout)).replace(' ', '-')}"
-    path = root / f"{key}.pt"
+    path = root / f"{data_key(cfg)}.pt"
     if path.exists():
         blob = torch.load(path)
         return blob["images"], blob["captions"]
@@ -315,6 +320,19 @@ def encode_latents(vae, images: torch.Tensor, device: str, batch_size: int = 256
     return torch.cat(means), torch.cat(stds)
 
 
+def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_latents`` of the cached images, computed once per trained VAE and kept beside it."""
+    path = vae_path(cfg) / f"latents-{data_key(cfg)}.pt"  # retraining the VAE replaces its folder, and this cache
+    if path.exists():
+        blob = torch.load(path)
+        return blob["mean"], blob["std"]
+    mean, std = encode_latents(vae, images, cfg.device)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"mean": mean, "std": std}, tmp)
+    os.replace(tmp, path)
+    return mean, std
+
+
 def vae_path(cfg: ZooTrainConfig) -> Path:
     return workdir(cfg) / f"vae-seed{cfg.seed}"
 
@@ -334,7 +352,7 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     The VAE's scaling factor is 1/std of its latents; the Flux copy also gets the latent mean as shift factor.
     """
     vae = _trained_vae(cfg)
-    mean, std = encode_latents(vae, images, cfg.device)
+    mean, std = cached_latents(cfg, vae, images)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
     shift = float(z.mean()) if name == "tiny-flux" else 0.0
     scale = float(1.0 / (z - shift).std())
