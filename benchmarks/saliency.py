@@ -48,20 +48,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _work(pipe, kind: str, args, method: str | None):
-    """One unit of work (generation or a single real-image forward), traced when ``method`` is given."""
+def _work(pipe, kind: str, args, method: str | None, timer: list | None = None):
+    """One unit of work, traced when ``method`` is given; appends its seconds to ``timer``.
+
+    ``generate``: a whole pipeline call (prompt and concept encoding included on each side).
+    ``denoise``: ONE denoiser call on a noised real image with a precomputed prompt; the trace
+    is entered (concepts encoded) before the clock starts: the per-call cost of the method.
+    """
     from contextlib import nullcontext
 
     from extraction.adapters import get_adapter
 
     ctx = _tracer(pipe, method) if method else nullcontext()
+    ad = get_adapter(pipe)
+    if kind == "generate":
+        _sync(args.device)
+        t = time.perf_counter()
     with ctx, torch.no_grad():
         if kind == "generate":
             pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size, output_type="latent",
                  generator=torch.Generator("cpu").manual_seed(0))
         else:
-            ad = get_adapter(pipe)
-            ad.forward(args._noisy[id(pipe)], 500, ad.encode_prompts([PROMPT]))
+            noisy, cond = args._noisy[id(pipe)]
+            _sync(args.device)
+            t = time.perf_counter()
+            ad.forward(noisy, 500, cond)
+            _sync(args.device)
+            if timer is not None:
+                timer.append(time.perf_counter() - t)
+    if kind == "generate" and timer is not None:
+        _sync(args.device)
+        timer.append(time.perf_counter() - t)
 
 
 def _prepare(pipe, args) -> None:
@@ -71,15 +88,13 @@ def _prepare(pipe, args) -> None:
 
     ad = get_adapter(pipe)
     lat = ad.encode_images(ad.preprocess([Shapes(size=args.size, count=1)[0].image], args.size))
-    args._noisy[id(pipe)] = ad.noise(lat, 500, torch.Generator("cpu").manual_seed(0))
+    args._noisy[id(pipe)] = (ad.noise(lat, 500, torch.Generator("cpu").manual_seed(0)), ad.encode_prompts([PROMPT]))
 
 
 def timed(pipe, kind: str, args, method: str | None) -> float:
-    _sync(args.device)
-    t = time.perf_counter()
-    _work(pipe, kind, args, method)
-    _sync(args.device)
-    return time.perf_counter() - t
+    out: list[float] = []
+    _work(pipe, kind, args, method, out)
+    return out[0]
 
 
 def peak_memory(model: str, kind: str, method: str | None, args) -> float:
@@ -157,7 +172,7 @@ def main() -> None:
         if limit and args.size // pipe.vae_scale_factor // pipe.transformer.config.patch_size > limit:
             print(f"{name:<32} {model:<10} (skipped: {args.size}px exceeds its position-embedding grid)")
             continue
-        for kind in ("generate", "forward"):
+        for kind in ("generate", "denoise"):
             timed(pipe, kind, args, None), timed(pipe, kind, args, method)  # warm-up
             plain, traced = [], []
             for _ in range(args.repeats):  # interleaved, so load drift hits both alike

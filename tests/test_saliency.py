@@ -135,9 +135,9 @@ def test_daam_matches_naive_softmax_maps_and_drops_cfg_half(tiny_sd):
 def test_daam_word_maps_merge_subtokens_and_name_available_words(tiny_sd):
     with trace(tiny_sd) as tc:
         image_a = tiny_sd(PROMPT, num_inference_steps=1, height=32, width=32, generator=_gen(),
-                          output_type="pt").images
+                          output_type="latent").images
     image_b = tiny_sd(PROMPT, num_inference_steps=1, height=32, width=32, generator=_gen(),
-                          output_type="pt").images
+                      output_type="latent").images
     assert torch.equal(image_a, image_b)  # tracing does not change the image
     words = dict(tc.words())
     assert len(words["bluey"]) == 3 and words["red"] == [2]  # "blu e y" pieces; the start token shifts by one
@@ -291,9 +291,6 @@ def test_saliency_command_writes_maps_and_overlays(tmp_path):
     (npz,) = (out / "img").glob("*.npz")
     maps, concepts, meta = load_maps(npz)
     assert maps.shape == (len(concepts), 8, 8) and "background" not in concepts  # words of the caption only
-    with pytest.raises(WordNotInPrompt, match="available words: a, red, circle"):
-        run(["saliency", "--method", "daam", "--model.id", "tiny-sd", "--concepts", "[dog]", "--steps", "1",
-             "--size", "32", "--prompts", "[a red circle]", "--out", str(out), "--progress", "false"])
     with pytest.raises(RevelioError, match="concept list is empty"):
         run(["saliency", "--out", str(out)])
     with pytest.raises(RevelioError, match="valid: concept_attention, cross_attention, daam"):

@@ -101,6 +101,7 @@ class ConceptAttention:
         self.calls = 0
         self.grid: tuple[int, int] | None = None
         self._rows: slice | None = None
+        self._active = False
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "ConceptAttention":
@@ -149,9 +150,11 @@ class ConceptAttention:
     # -- the method ---------------------------------------------------------------------------
     @torch.no_grad()
     def _block(self, i: int, block: nn.Module, attn: nn.Module, cap: dict, rotary, text_len: int) -> None:
+        if not self._active or i > self.layers[-1]:
+            return  # an uncounted call, or past the last scored block: the concept stream is not needed
         rows = self._rows
         temb = self._temb[i][rows]
-        scoring = self._active and i in self.layers
+        scoring = i in self.layers
         names = ("q", "k", "v") if scoring and self.baseline else ("k", "v")
         img = image_heads(attn, {k: cap[k][rows] for k in names}, self.kind, rotary, text_len, names=names)
         c = self._stream
