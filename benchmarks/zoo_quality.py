@@ -23,7 +23,7 @@ import torch
 
 from revelio.datasets.shapes import COLORS, SHAPES
 from revelio.zoo import load_pipeline, shipped_path
-from revelio.zoo.quality import ShapesJudge, all_pairs, caption, generate, score
+from revelio.zoo.quality import ShapesJudge, all_pairs, caption, generate, real_images, reconstruct
 from revelio.zoo.train import DEFAULT_HOLDOUT, TRAIN_CONFIG_FILE
 
 DEFAULTS = {"tiny-sd": {"steps": 50, "guidance": 4.0}, "tiny-flux": {"steps": 28, "guidance": 4.0}}
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--grid", default="", help="write a PNG grid of generations here")
     ap.add_argument("--json", default="", help="write the scores as JSON here")
     ap.add_argument("--judge-images", type=int, default=600, help="real images the judge's shape classifier trains on")
+    ap.add_argument("--ceiling-images", type=int, default=300, help="real images judged after a VAE round trip")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
         steps = args.steps or DEFAULTS[model]["steps"]
         guidance = args.guidance or DEFAULTS[model]["guidance"]
         first: tuple[list[str], list[np.ndarray]] = ([], [])
+        real, colours, shapes = real_images(args.ceiling_images, seed=1)
+        s = judge.accuracy(reconstruct(pipe.vae, real), [f"{c} {k}" for c, k in zip(colours, shapes)])
+        report[f"{model}/vae-ceiling"] = s
+        print(f"{model:<10} {'vae-rec':<8} {s['n']:>4} {s['colour']:>7.1%} {s['shape']:>7.1%} {s['both']:>7.1%}"
+              f"    (real images through the VAE: the best a denoiser could reach)")
         for group, pairs in groups.items():
             if args.pairs not in (group, "both"):
                 continue
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             images = generate(pipe, [caption(*p.split(" ")) for p in want], seeds, steps, guidance)
             per = (time.perf_counter() - t0) / len(images)
-            s = score(judge, images, want)
+            s = judge.accuracy(images, want)
             report[f"{model}/{group}"] = s | {"steps": steps, "guidance": guidance}
             print(f"{model:<10} {group:<8} {s['n']:>4} {s['colour']:>7.1%} {s['shape']:>7.1%} {s['both']:>7.1%} {per:>6.2f}")
             picked = sorted(range(len(pairs)), key=lambda i: grid_order(pairs[i]))[:6]

@@ -85,23 +85,22 @@ class ShapesJudge:
     @classmethod
     def fit(cls, n_train: int = 600, n_val: int = 300, seed: int = 0) -> "ShapesJudge":
         """Train the shape classifier on real single-object shapes images (a seed stream of their own)."""
-        ds = Shapes(64, count=n_train + n_val, seed=10_000 + seed, max_objects=1, split="test")
-        feats, shapes, colours, images = [], [], [], []
-        for i in tqdm(range(len(ds)), desc="fit judge on real shapes", leave=False):
-            s = ds[i]
-            img = np.asarray(s.image)
-            blob = largest_blob(img)
-            obj = ds.layout(i)[0]
-            images.append((img, blob))
-            feats.append(shape_features(blob) if blob is not None else np.zeros(N_FEATURES))
-            shapes.append(obj["shape"])
-            colours.append(obj["color"])
-        clf = RandomForestClassifier(n_estimators=200, random_state=seed).fit(feats[:n_train], shapes[:n_train])
+        images, colours, shapes = real_images(n_train + n_val, seed)
+        blobs = [largest_blob(im) for im in images[:n_train]]
+        feats = [shape_features(b) if b is not None else np.zeros(N_FEATURES) for b in blobs]
+        clf = RandomForestClassifier(n_estimators=200, random_state=seed).fit(feats, shapes[:n_train])
         judge = cls(clf, 0.0, 0.0)
-        pred = [judge.judge(img) for img, _ in images[n_train:]]
-        judge.real_colour_accuracy = float(np.mean([p[0] == c for p, c in zip(pred, colours[n_train:])]))
-        judge.real_shape_accuracy = float(np.mean([p[1] == s for p, s in zip(pred, shapes[n_train:])]))
+        acc = judge.accuracy(images[n_train:], [f"{c} {s}" for c, s in zip(colours[n_train:], shapes[n_train:])])
+        judge.real_colour_accuracy, judge.real_shape_accuracy = acc["colour"], acc["shape"]
         return judge
+
+    def accuracy(self, images: list[np.ndarray], pairs: list[str]) -> dict[str, float]:
+        """Colour, shape and joint accuracy of images meant to show ``pairs`` ("colour shape")."""
+        got = [self.judge(im) for im in images]
+        want = [tuple(p.split(" ")) for p in pairs]
+        return {"colour": float(np.mean([g[0] == w[0] for g, w in zip(got, want)])),
+                "shape": float(np.mean([g[1] == w[1] for g, w in zip(got, want)])),
+                "both": float(np.mean([g == w for g, w in zip(got, want)])), "n": len(images)}
 
     def judge(self, image: np.ndarray) -> tuple[str | None, str | None]:
         """(colour, shape) of the largest vivid object of an RGB uint8 image; (None, None) when there is none."""
@@ -109,6 +108,30 @@ class ShapesJudge:
         if blob is None:
             return None, None
         return blob_colour(image, blob), str(self.classifier.predict(shape_features(blob)[None])[0])
+
+
+def real_images(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """``n`` real single-object shapes images (uint8 RGB) with the colour and shape of their object."""
+    ds = Shapes(64, count=n, seed=10_000 + seed, max_objects=1, split="test")
+    images, colours, shapes = [], [], []
+    for i in tqdm(range(n), desc="real shapes", leave=False):
+        images.append(np.array(ds[i].image))
+        obj = ds.layout(i)[0]
+        colours.append(obj["color"])
+        shapes.append(obj["shape"])
+    return images, colours, shapes
+
+
+@torch.no_grad()
+def reconstruct(vae, images: list[np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
+    """Images passed through ``vae`` (posterior mode, then decode): what a perfect denoiser could at best show."""
+    out: list[np.ndarray] = []
+    p = next(vae.parameters())
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.stack(images[i:i + batch_size])).permute(0, 3, 1, 2).to(p) / 127.5 - 1
+        r = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        out += list(((r.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
+    return out
 
 
 def caption(colour: str, shape: str) -> str:
@@ -143,13 +166,3 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
         imgs = pipe(prompt=p, **kw).images
         out += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in imgs]
     return out
-
-
-def score(judge: ShapesJudge, images: list[np.ndarray], pairs: list[str]) -> dict[str, float]:
-    """Colour, shape and joint accuracy of images meant to show ``pairs`` ("colour shape")."""
-    got = [judge.judge(im) for im in images]
-    want = [tuple(p.split(" ")) for p in pairs]
-    colour = np.mean([g[0] == w[0] for g, w in zip(got, want)])
-    shape = np.mean([g[1] == w[1] for g, w in zip(got, want)])
-    both = np.mean([g == w for g, w in zip(got, want)])
-    return {"colour": float(colour), "shape": float(shape), "both": float(both), "n": len(images)}
