@@ -27,7 +27,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
 
 bench: $(STAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) $$b; done
+	@for b in benchmarks/*.py; do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) -P $$b; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -144,4 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m revelio.cli` runs this file as __main__; the subcommands register into the
+    # imported revelio.cli module, so dispatch through that one.
+    from revelio.cli import main as _main
+
+    raise SystemExit(_main())

@@ -122,7 +122,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+            value = data[f.name]
+            base = _default(f)
+            if isinstance(value, dict) and dataclasses.is_dataclass(base):
+                # a partial section keeps the field's own defaults (e.g. default_factory=lambda: Model(id="tiny-flux"))
+                value = deep_merge(to_dict(base), value)
+            kwargs[f.name] = _coerce(value, hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key '{prefix + '.' if prefix else ''}{f.name}'")
     return cls(**kwargs)
@@ -205,22 +210,33 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | di
     return from_dict(cls, data)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """Rows (dotted key, default, help) for every leaf field, for ``--help``."""
+def _default(f: dataclasses.Field) -> Any:
+    """The default value of field ``f`` (a fresh one for a default_factory); MISSING when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """Rows (dotted key, default, help) for every leaf field, for ``--help``.
+
+    ``defaults`` is the instance whose values are shown (a nested section's own default, which
+    may differ from its class defaults); None: the fields' defaults.
+    """
     rows = []
     hints = _resolved_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
         if _is_dataclass_type(tp):
-            rows.extend(describe(tp, key + "."))
+            rows.extend(describe(tp, key + ".", default if dataclasses.is_dataclass(default) else None))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
+        if default is dataclasses.MISSING:
+            shown = "(required)"
         else:
-            default = "(required)"
-        rows.append((key, yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix("..."). strip(),
-                     f.metadata.get("help", "")))
+            shown = yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append((key, shown, f.metadata.get("help", "")))
     return rows

@@ -49,6 +49,20 @@ def test_type_errors_are_clear(tmp_path):
         C.parse_overrides(["--model.id"])
 
 
+@dataclass
+class WithOwnDefault:
+    model: Inner = C.field(default_factory=lambda: Inner(id="tiny-flux", steps=2), help="")
+
+
+def test_nested_section_keeps_its_own_default():
+    # a partial override of a section whose default differs from its class defaults keeps the rest
+    cfg = C.load(WithOwnDefault, None, ["--model.steps", "8"])
+    assert cfg.model.id == "tiny-flux" and cfg.model.steps == 8
+    assert C.load(WithOwnDefault).model == Inner(id="tiny-flux", steps=2)
+    rows = {k: d for k, d, _ in C.describe(WithOwnDefault)}
+    assert rows == {"model.id": "tiny-flux", "model.steps": "2"}
+
+
 def test_negative_numbers_are_values():
     assert C.parse_overrides(["--x", "-1"]) == {"x": -1}
 
@@ -78,3 +92,10 @@ def test_console_script_runs(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("module", ["revelio", "revelio.cli"])
+def test_python_dash_m_lists_commands(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "extract" in r.stdout and "demo" in r.stdout

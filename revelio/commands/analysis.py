@@ -93,7 +93,7 @@ class CompareConfig:
 def compare_cmd(cfg: CompareConfig) -> dict[str, Any]:
     """Rank SAE latents per concept by agreement with saliency maps and ground-truth masks; CSV/JSON tables."""
     from ..analysis.alignment import METRICS, SALIENCY_METHODS, SaliencyMaps, align_store
-    from ..analysis.browser import write_text_atomic
+    from ..files import write_text_atomic
     from ..analysis.feature_maps import sae_site, store_dataset, store_samples
 
     if cfg.method not in SALIENCY_METHODS:

@@ -1,48 +1,308 @@
-"""``revelio demo``: every stage on the embedded default, ending with where each result is."""
+"""``revelio demo``: the whole pipeline on the embedded tiny models, ending with where each result is.
+
+Every stage runs through the same ``revelio`` subcommand a user would type (each is printed
+before it runs), on the shipped trained ``tiny-sd`` (UNet) and ``tiny-flux`` (MM-DiT) and the
+``shapes`` world:
+
+1. ``extract``   activations of both models at a few hooks and timesteps -> HDF5 stores
+2. ``sae fit``   a TopK SAE per model on per-position tokens of one hook/timestep
+3. ``probe``     linear probes on every hook x timestep (+ SAE codes, pixel/random baselines)
+   ``probe report``  monosemanticity of each SAE's latents
+4. ``saliency``  DAAM (tiny-sd) and ConceptAttention (tiny-flux) maps of generated images
+   ``segment``   zero-shot segmentation table, methods side by side
+5. ``compare``   SAE latents ranked against saliency maps and masks
+   ``browse``    the static HTML feature dashboard
+   ``steer``     before/after generation with the best-aligned latent
+
+Extraction resumes a finished or interrupted store with the same config, so a second
+``make demo`` skips it. ``summary.json`` and ``summary.md`` in the output folder hold the
+headline figures and the paths.
+"""
 
 from __future__ import annotations
 
+import json
+import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from ..cli import command
 from ..config import field
+
+# One SAE site per model: a hook whose per-position features carry the layout of the image.
+MODELS = {
+    "tiny-sd": {"hooks": ["mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2"], "sae_hook": "up_blocks.1"},
+    "tiny-flux": {"hooks": ["transformer_blocks.1", "transformer_blocks.3", "single_transformer_blocks.1"],
+                  "sae_hook": "transformer_blocks.3"},
+}
 
 
 @dataclass
 class DemoConfig:
     out: str = field("runs/demo", help="folder for every result of the demo")
-    images: int = field(64, help="images of the shapes world per model")
+    images: int = field(256, help="shapes images extracted per model (probes and SAEs train on them)")
+    timesteps: list[int] = field(default_factory=lambda: [25, 250, 500], help="noise timesteps extracted")
+    sae_timestep: int = field(250, help="timestep the SAEs are trained on (one of timesteps)")
+    sae_steps: int = field(600, help="SAE training steps")
+    sae_expansion: int = field(8, help="SAE width / input width")
+    sae_k: int = field(8, help="active latents per token")
+    probe_seeds: list[int] = field(default_factory=lambda: [0, 1], help="probe split seeds")
+    segment_images: int = field(32, help="held-out shapes images in the segmentation table")
+    compare_images: int = field(64, help="store images scored by compare and shown by browse")
+    saliency_steps: int = field(20, help="denoising steps of the generated saliency examples")
     seed: int = field(0, help="seed for data, noise and training")
+    steps: list[str] | None = field(None, help="run only these stages (extract, sae, probe, saliency, segment, "
+                                               "compare, browse, steer); null: all")
+    progress: bool = field(True, help="show progress bars")
+
+
+STAGES = ["extract", "sae", "probe", "saliency", "segment", "compare", "browse", "steer"]
+
+
+def _revelio(args: list[str]) -> Any:
+    """Run ``revelio <args>`` in this process, printing the command line first."""
+    from ..cli import run
+
+    print(f"\n$ revelio {shlex.join(args)}", flush=True)
+    return run(args)
+
+
+def _list(values: list[Any]) -> str:
+    return "[" + ",".join(str(v) for v in values) + "]"
+
+
+def _best(records: list[dict[str, Any]], features: str) -> dict[str, Any] | None:
+    rows = [r for r in records if r["features"] == features and r["probe"] == "linear"]
+    return max(rows, key=lambda r: r["accuracy_mean"]) if rows else None
 
 
 @command("demo", DemoConfig)
-def demo_cmd(cfg: DemoConfig) -> dict:
-    """Run the whole pipeline on the embedded tiny models and the shapes world."""
+def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
+    """Run the whole pipeline on the embedded tiny models and the shapes world; print where each result is."""
+    from ..config import ConfigError
     from ..datasets import Shapes
     from ..viz import sample_grid
-    from ..zoo import ZOO_NAMES, load_pipeline, shipped_path
+    from ..zoo import shipped_path
 
+    steps = list(cfg.steps or STAGES)
+    bad = [s for s in steps if s not in STAGES]
+    if bad:
+        raise ConfigError(f"unknown demo stage(s) {bad}; valid: {', '.join(STAGES)}")
+    if cfg.sae_timestep not in cfg.timesteps:
+        raise ConfigError(f"sae_timestep {cfg.sae_timestep} is not among the extracted timesteps {cfg.timesteps}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    progress = str(cfg.progress).lower()
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    res: dict[str, Any] = {"paths": {}, "figures": {}}
+    paths, figs = res["paths"], res["figures"]
+
     ds = Shapes(size=64, count=cfg.images, seed=cfg.seed)
-    grid = sample_grid(list(ds.iter_samples(list(range(16)))), out / "shapes.png", show_masks=True)
-    print(f"data: shapes world, {len(ds)} images of {len(ds.class_names)} classes; preview {grid}")
-    results = {"data_preview": str(grid)}
-    for name in ("tiny-sd", "tiny-flux"):
-        pipe = load_pipeline(name)
-        denoiser = getattr(pipe, "unet", None) or pipe.transformer
-        n = sum(p.numel() for p in denoiser.parameters())
-        kind = "trained" if shipped_path(name) else "random init"
-        kw = {} if name == "tiny-sd" else {"max_sequence_length": 32}
-        img = pipe(ds[0].caption, num_inference_steps=8, height=64, width=64, output_type="pil",
-                   generator=torch.Generator().manual_seed(cfg.seed), **kw).images[0]
-        path = out / f"{name}-sample.png"
-        img.save(path)
-        print(f"model: {name} ({type(pipe).__name__}, {type(denoiser).__name__}, {n / 1e6:.2f}M params, {kind}); "
-              f"generated '{ds[0].caption}' -> {path}")
-        results[name] = str(path)
-    print(f"zoo: {', '.join(ZOO_NAMES)}")
-    return results
+    paths["data_preview"] = str(sample_grid(list(ds.iter_samples(list(range(16)))), out / "shapes.png",
+                                            show_masks=True))
+    print(f"data: shapes world, {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)}); "
+          f"preview {paths['data_preview']}")
+    for name in MODELS:
+        kind = "trained weights shipped with the package" if shipped_path(name) else "RANDOM INIT (no shipped weights)"
+        print(f"model: {name}: {kind}")
+
+    stores = {m: out / "extract" / f"{m}.h5" for m in MODELS}
+    saes = {m: out / "sae" / m for m in MODELS}
+
+    def stage(name: str):
+        def wrap(fn):
+            if name in steps:
+                t0 = time.perf_counter()
+                fn()
+                timings[name] = round(time.perf_counter() - t0, 1)
+            return fn
+        return wrap
+
+    @stage("extract")
+    def _extract():
+        for m, spec in MODELS.items():
+            s = _revelio(["extract", "--model.id", m, "--data.name", "shapes", "--data.size", "64",
+                          "--data.count", str(cfg.images), "--data.seed", str(cfg.seed),
+                          "--hooks", _list(spec["hooks"]), "--timesteps", _list(cfg.timesteps),
+                          "--batch_size", "32", "--storage_dtype", "float16", "--seed", str(cfg.seed),
+                          "--out", str(stores[m]), "--progress", progress])
+            paths[f"store_{m}"] = str(stores[m])
+            figs[f"store_{m}_mb"] = round(s.bytes / 1e6, 1) if s is not None else None
+
+    @stage("sae")
+    def _sae():
+        for m, spec in MODELS.items():
+            r = _revelio(["sae fit", "--data.store", str(stores[m]), "--data.hook", spec["sae_hook"],
+                          "--data.timestep", str(cfg.sae_timestep), "--data.samples", "tokens",
+                          "--data.batch_size", "512", "--model.expansion", str(cfg.sae_expansion),
+                          "--model.k", str(cfg.sae_k), "--model.hist_every", str(max(50, cfg.sae_steps // 4)),
+                          "--trainer.max_steps", str(cfg.sae_steps),
+                          "--trainer.log_every_n_steps", str(max(1, min(25, cfg.sae_steps // 4))),
+                          "--trainer.enable_progress_bar", progress,
+                          "--logging.checkpoint_every_n_steps", str(cfg.sae_steps),
+                          "--logging.name", f"demo-{m}", "--out", str(saes[m]), "--seed", str(cfg.seed)])
+            val = r.get("val", {})
+            paths[f"sae_{m}"] = str(r["sae"])
+            figs[f"sae_{m}"] = {"hook": spec["sae_hook"], "timestep": cfg.sae_timestep,
+                                "fvu": val.get("fvu"), "l0": val.get("l0"), "dead_fraction": val.get("dead_fraction")}
+
+    @stage("probe")
+    def _probe():
+        for m in MODELS:
+            r = _revelio(["probe", "--store", str(stores[m]), "--sae", _list([saes[m] / "sae"]),
+                          "--seeds", _list(cfg.probe_seeds), "--cv_folds", "3", "--Cs", "[0.01,0.1,1.0,10.0]",
+                          "--ks", "[1,4,16]", "--out", str(out / "probes" / m), "--progress", progress])
+            paths[f"probes_{m}"] = r["files"]["heatmap"]
+            best = _best(r["records"], "raw")
+            sae_row = _best(r["records"], "sae")
+            pix = _best(r["records"], "pixels")
+            figs[f"probe_{m}"] = {
+                "best_layer": f"{best['hook']} t={best['timestep']}" if best else None,
+                "best_layer_accuracy": best["accuracy_mean"] if best else None,
+                "sae_codes_accuracy": sae_row["accuracy_mean"] if sae_row else None,
+                "pixels_accuracy": pix["accuracy_mean"] if pix else None,
+                "chance": best["chance_mean"] if best else None}
+            rep = _revelio(["probe report", "--store", str(stores[m]), "--sae", _list([saes[m] / "sae"]),
+                            "--out", str(out / "probe_report" / m), "--progress", progress])
+            s = rep["summaries"][0]
+            paths[f"probe_report_{m}"] = rep["out"]
+            figs[f"monosemanticity_{m}"] = {"mean_purity": s["mean_purity"],
+                                            "mean_purity_shuffled": s["mean_purity_shuffled"]}
+
+    @stage("saliency")
+    def _saliency():
+        prompts = ["a red circle and a blue square", "a green triangle and a yellow star"]
+        common = ["--prompts", json.dumps(prompts), "--steps", str(cfg.saliency_steps), "--seed", str(cfg.seed),
+                  "--progress", progress]
+        daam = _revelio(["saliency", "--model.id", "tiny-sd", "--method", "daam", *common,
+                         "--out", str(out / "saliency" / "daam")])
+        ca = _revelio(["saliency", "--model.id", "tiny-flux", "--method", "concept_attention", *common,
+                       "--concepts", "[circle,square,triangle,star,background]",
+                       "--out", str(out / "saliency" / "concept_attention")])
+        paths["saliency_daam"] = [str(p) for p in daam]
+        paths["saliency_concept_attention"] = [str(p) for p in ca]
+
+    @stage("segment")
+    def _segment():
+        r = _revelio(["segment", "--dataset", "shapes", "--split", "test", "--count", str(cfg.segment_images),
+                      "--methods", "[concept_attention,cross_attention,daam,center_prior]", "--seeds", "[0]",
+                      "--seed", str(cfg.seed), "--out", str(out / "segment")])
+        paths["segment_table"] = str(out / "segment" / "table.md")
+        figs["segmentation"] = {m: {k: v for k, v in r[m].items() if k in ("accuracy", "miou", "map")}
+                                for m in r}
+
+    def _compare_out(m: str) -> Path:
+        return out / "compare" / m
+
+    @stage("compare")
+    def _compare():
+        for m in MODELS:
+            r = _revelio(["compare", "--source.sae", str(saes[m] / "sae"), "--images", str(cfg.compare_images),
+                          "--out", str(_compare_out(m)), "--progress", progress])
+            paths[f"compare_{m}"] = str(r["paths"]["json"])
+            w = r["summary"]["concepts_where_best_latent_beats_saliency"]
+            figs[f"compare_{m}"] = {"saliency": r["summary"]["method"],
+                                    "best_latent_beats_saliency": f"{w['count']} of {w['of']} concepts"}
+
+    @stage("browse")
+    def _browse():
+        for m in MODELS:
+            npz = _compare_out(m) / "alignment.npz"
+            args = ["browse", "--source.sae", str(saes[m] / "sae"), "--images", str(cfg.compare_images),
+                    "--limit", "32", "--out", str(out / "dashboard" / m), "--progress", progress]
+            if npz.exists():
+                args += ["--alignment", str(npz), "--sort", "alignment"]
+            paths[f"dashboard_{m}"] = str(_revelio(args))
+
+    @stage("steer")
+    def _steer():
+        latent = _steer_latent(_compare_out("tiny-sd") / "alignment.json", "circle")
+        r = _revelio(["steer", "--source.sae", str(saes["tiny-sd"] / "sae"), "--prompt", "a red square",
+                      "--latent", str(latent), "--scale", "8", "--inference_steps", str(cfg.saliency_steps),
+                      "--out", str(out / "steer" / f"tiny-sd-latent{latent}.png")])
+        paths["steer"] = str(r["path"])
+        figs["steer"] = {"latent": latent, "concept": "circle", "mean_abs_pixel_change": r["mean_abs_diff"]}
+
+    res["seconds"] = timings
+    res["total_seconds"] = round(time.perf_counter() - start, 1)
+    _write_summary(out, res)
+    _print_summary(res)
+    return res
+
+
+def _steer_latent(alignment_json: Path, concept: str) -> int:
+    """The latent that best matches ``concept``'s masks in a compare run (latent 0 without one)."""
+    if not alignment_json.exists():
+        return 0
+    info = json.loads(alignment_json.read_text()).get("concepts", {}).get(concept, {})
+    best = info.get("best_latents", {}).get("mask") or info.get("best_latents", {}).get("saliency") or [0]
+    return int(best[0])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _summary_lines(res: dict[str, Any]) -> list[str]:
+    p, f = res["paths"], res["figures"]
+    lines = []
+    for m in MODELS:
+        if f"store_{m}" in p:
+            lines.append(f"extract   {m}: {p[f'store_{m}']} ({f.get(f'store_{m}_mb')} MB)")
+    for m in MODELS:
+        if f"sae_{m}" in f:
+            s = f[f"sae_{m}"]
+            lines.append(f"sae       {m} {s['hook']} t={s['timestep']}: held-out FVU {_fmt(s['fvu'])}, "
+                         f"L0 {_fmt(s['l0'])}, dead {_fmt(s['dead_fraction'])} -> {p[f'sae_{m}']}")
+    for m in MODELS:
+        if f"probe_{m}" in f:
+            s = f[f"probe_{m}"]
+            lines.append(f"probe     {m}: best layer {s['best_layer']} accuracy {_fmt(s['best_layer_accuracy'])}, "
+                         f"SAE codes {_fmt(s['sae_codes_accuracy'])}, pixels {_fmt(s['pixels_accuracy'])}, "
+                         f"chance {_fmt(s['chance'])} -> {p[f'probes_{m}']}")
+            mono = f[f"monosemanticity_{m}"]
+            lines.append(f"          {m} SAE latents: mean label purity {_fmt(mono['mean_purity'])} "
+                         f"(labels shuffled {_fmt(mono['mean_purity_shuffled'])}) -> {p[f'probe_report_{m}']}")
+    if "saliency_daam" in p:
+        lines.append(f"saliency  DAAM overlays: {', '.join(p['saliency_daam'])}")
+        lines.append(f"          ConceptAttention overlays: {', '.join(p['saliency_concept_attention'])}")
+    if "segmentation" in f:
+        rows = ", ".join(f"{m} mIoU {_fmt(v.get('miou'))}" for m, v in f["segmentation"].items())
+        lines.append(f"segment   {rows} -> {p['segment_table']}")
+    for m in MODELS:
+        if f"compare_{m}" in f:
+            s = f[f"compare_{m}"]
+            lines.append(f"compare   {m}: best latent beats {s['saliency']} for {s['best_latent_beats_saliency']} "
+                         f"-> {p[f'compare_{m}']}")
+    for m in MODELS:
+        if f"dashboard_{m}" in p:
+            lines.append(f"browse    {m} dashboard: {p[f'dashboard_{m}']}")
+    if "steer" in p:
+        s = f["steer"]
+        lines.append(f"steer     tiny-sd latent {s['latent']} (best for '{s['concept']}'): mean |pixel change| "
+                     f"{_fmt(s['mean_abs_pixel_change'])} -> {p['steer']}")
+    return lines
+
+
+def _write_summary(out: Path, res: dict[str, Any]) -> None:
+    from ..files import write_text_atomic
+
+    write_text_atomic(out / "summary.json", json.dumps(res, indent=2, default=str))
+    body = "\n".join(_summary_lines(res))
+    timing = ", ".join(f"{k} {v:.0f}s" for k, v in res["seconds"].items())
+    write_text_atomic(out / "summary.md", f"# Revelio demo\n\n```\n{body}\n```\n\nTime: {timing}; "
+                                          f"total {res['total_seconds']:.0f}s\n")
+
+
+def _print_summary(res: dict[str, Any]) -> None:
+    print("\n" + "=" * 100)
+    print(f"Revelio demo finished in {res['total_seconds'] / 60:.1f} min "
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in res['seconds'].items())})")
+    for line in _summary_lines(res):
+        print(line)
+    print("=" * 100)

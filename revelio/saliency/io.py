@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write, write_text_atomic
 from ..viz import overlay, save_figure
+
+write_text = write_text_atomic  # name used by the saliency commands
 
 
 def save_maps(path: str | Path, maps: np.ndarray, concepts: Sequence[str], **meta: str) -> Path:
@@ -19,16 +20,9 @@ def save_maps(path: str | Path, maps: np.ndarray, concepts: Sequence[str], **met
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3 or maps.shape[0] != len(concepts):
         raise ValueError(f"maps must be (concepts, h, w) with {len(concepts)} concepts, got {maps.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, maps=maps, concepts=np.array(list(concepts), dtype=str),
-                     **{k: np.array(str(v)) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        np.savez(f, maps=maps, concepts=np.array(list(concepts), dtype=str),
+                 **{k: np.array(str(v)) for k, v in meta.items()})
     return path
 
 
@@ -37,21 +31,6 @@ def load_maps(path: str | Path) -> tuple[np.ndarray, list[str], dict[str, str]]:
     with np.load(path) as z:
         meta = {k: str(z[k]) for k in z.files if k not in ("maps", "concepts")}
         return z["maps"], [str(c) for c in z["concepts"]], meta
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_overlays(path: str | Path, image: Image.Image, maps: np.ndarray, concepts: Sequence[str],
