@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns at import about optional torchvision image processors we never use.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they print through their own handlers already
+        logging.getLogger(name).propagate = False
     try:
         run(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as e:

@@ -90,7 +90,17 @@ def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model:
         result["sae"] = str(save(module.sae, out / "sae", extra=extra))
         result["checkpoints"] = str(out / "checkpoints")
         write_json(out / "metrics.json", result)
+    _finish_wandb(tr)
     return result
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close this fit's wandb run, so that the next fit in the same process starts its own run."""
+    if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def fit_from_store(store_path: str | Path, hook: str, timestep: int, out_dir: str | Path, *, expansion: int = 8,

@@ -128,6 +128,8 @@ def test_fit_cli_yaml_logs_checkpoints_and_eval(sd_store, tmp_path, capsys, one_
     assert sorted(p.name for p in (out / "histograms").glob("*.png")) == ["step_00000006.png", "step_00000012.png"]
     # the histograms went through WandbLogger at steps 6 and 12 (an error there fails the run); offline run on disk
     assert len(list((out / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    import wandb
+    assert wandb.run is None  # closed: a second fit in this process gets its own run, not this one
     assert {p.name for p in (out / "checkpoints").glob("*.ckpt")} >= {"step00000006.ckpt", "step00000012.ckpt", "last.ckpt"}
     m = sae.load(out / "sae")
     assert (m.d_in, m.d_sae, m.k, m.cfg["hook"], m.cfg["timestep"]) == (64, 256, 8, "up_blocks.1", 25)

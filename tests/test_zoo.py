@@ -40,3 +40,15 @@ def test_unavailable_model_says_what_to_pass():
         load_pipeline("some-org/not-a-real-model")
     with pytest.raises(ModelUnavailable, match="not a zoo model"):
         zoo_path("tiny-nothing")
+
+
+def test_generation_kwargs_fit_the_pipeline_family(tiny_sd, tiny_flux):
+    from revelio.zoo import generation_kwargs
+
+    # tiny-flux: trained on 32 T5 tokens and without a guidance embedding -> true CFG
+    assert generation_kwargs(tiny_flux, 4.0) == {"max_sequence_length": 32, "true_cfg_scale": 4.0,
+                                                 "negative_prompt": ""}
+    assert generation_kwargs(tiny_flux, 4.0, batch=2)["negative_prompt"] == ["", ""]
+    assert generation_kwargs(tiny_flux, 1.0) == {"max_sequence_length": 32}  # no guidance asked
+    assert generation_kwargs(tiny_sd, 4.0) == {"guidance_scale": 4.0}
+    assert generation_kwargs(tiny_sd) == {}

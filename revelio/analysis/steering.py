@@ -156,8 +156,10 @@ class Steering:
 def generate(pipe: Any, prompt: str, seed: int = 0, steps: int = 20, guidance_scale: float = 5.0,
              size: int | None = None) -> Image.Image:
     """One image from ``pipe`` with a seeded generator (the same call is made before and after steering)."""
-    kw: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance_scale,
-                          "generator": torch.Generator("cpu").manual_seed(seed)}
+    from ..zoo import generation_kwargs
+
+    kw: dict[str, Any] = {"num_inference_steps": steps, "generator": torch.Generator("cpu").manual_seed(seed),
+                          **generation_kwargs(pipe, guidance_scale)}
     if size is not None:
         kw["height"] = kw["width"] = size
     return pipe(prompt, **kw).images[0]

@@ -42,15 +42,16 @@ MODELS = {
 @dataclass
 class DemoConfig:
     out: str = field("runs/demo", help="folder for every result of the demo")
-    images: int = field(256, help="shapes images extracted per model (probes and SAEs train on them)")
+    images: int = field(1024, help="shapes images extracted per model (probes and SAEs train on them)")
     timesteps: list[int] = field(default_factory=lambda: [25, 250, 500], help="noise timesteps extracted")
     sae_timestep: int = field(250, help="timestep the SAEs are trained on (one of timesteps)")
-    sae_steps: int = field(600, help="SAE training steps")
+    sae_steps: int = field(2000, help="SAE training steps")
     sae_expansion: int = field(8, help="SAE width / input width")
     sae_k: int = field(8, help="active latents per token")
-    probe_seeds: list[int] = field(default_factory=lambda: [0, 1], help="probe split seeds")
-    segment_images: int = field(32, help="held-out shapes images in the segmentation table")
-    compare_images: int = field(64, help="store images scored by compare and shown by browse")
+    probe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="probe split seeds")
+    segment_images: int = field(64, help="held-out shapes images in the segmentation table")
+    segment_seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="noise seeds of the segmentation maps")
+    compare_images: int = field(128, help="store images scored by compare and shown by browse")
     saliency_steps: int = field(20, help="denoising steps of the generated saliency examples")
     seed: int = field(0, help="seed for data, noise and training")
     steps: list[str] | None = field(None, help="run only these stages (extract, sae, probe, saliency, segment, "
@@ -98,6 +99,11 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     res: dict[str, Any] = {"paths": {}, "figures": {}}
+    if set(steps) != set(STAGES) and (out / "summary.json").exists():
+        # a partial rerun (--steps) updates the stages it runs and keeps the others' results
+        old = json.loads((out / "summary.json").read_text())
+        res["paths"].update(old.get("paths", {}))
+        res["figures"].update(old.get("figures", {}))
     paths, figs = res["paths"], res["figures"]
 
     ds = Shapes(size=64, count=cfg.images, seed=cfg.seed)
@@ -175,12 +181,13 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
     @stage("saliency")
     def _saliency():
         prompts = ["a red circle and a blue square", "a green triangle and a yellow star"]
-        common = ["--prompts", json.dumps(prompts), "--steps", str(cfg.saliency_steps), "--seed", str(cfg.seed),
+        common = ["--prompts", json.dumps(prompts), "--steps", str(cfg.saliency_steps), "--guidance_scale", "4",
+                  "--seed", str(cfg.seed),
                   "--progress", progress]
         daam = _revelio(["saliency", "--model.id", "tiny-sd", "--method", "daam", *common,
                          "--out", str(out / "saliency" / "daam")])
         ca = _revelio(["saliency", "--model.id", "tiny-flux", "--method", "concept_attention", *common,
-                       "--concepts", "[circle,square,triangle,star,background]",
+                       "--concepts", "[red,blue,green,yellow,circle,square,triangle,star,background]",
                        "--out", str(out / "saliency" / "concept_attention")])
         paths["saliency_daam"] = [str(p) for p in daam]
         paths["saliency_concept_attention"] = [str(p) for p in ca]
@@ -188,7 +195,7 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
     @stage("segment")
     def _segment():
         r = _revelio(["segment", "--dataset", "shapes", "--split", "test", "--count", str(cfg.segment_images),
-                      "--methods", "[concept_attention,cross_attention,daam,center_prior]", "--seeds", "[0]",
+                      "--methods", "[concept_attention,cross_attention,daam,center_prior]", "--seeds", _list(cfg.segment_seeds),
                       "--seed", str(cfg.seed), "--out", str(out / "segment")])
         paths["segment_table"] = str(out / "segment" / "table.md")
         figs["segmentation"] = {m: {k: v for k, v in r[m].items() if k in ("accuracy", "miou", "map")}
@@ -272,7 +279,7 @@ def _summary_lines(res: dict[str, Any]) -> list[str]:
         lines.append(f"saliency  DAAM overlays: {', '.join(p['saliency_daam'])}")
         lines.append(f"          ConceptAttention overlays: {', '.join(p['saliency_concept_attention'])}")
     if "segmentation" in f:
-        rows = ", ".join(f"{m} mIoU {_fmt(v.get('miou'))}" for m, v in f["segmentation"].items())
+        rows = ", ".join(f"{m} mIoU {v.get('miou', float('nan')):.1f}" for m, v in f["segmentation"].items())
         lines.append(f"segment   {rows} -> {p['segment_table']}")
     for m in MODELS:
         if f"compare_{m}" in f:

@@ -51,7 +51,7 @@ class SaliencyConfig:
     data: SaliencyDataConfig = field(default_factory=SaliencyDataConfig,
                              help="images for source=images (captions from the data set)")
     steps: int = field(4, help="denoising steps for source=generate")
-    guidance_scale: float | None = field(None, help="classifier-free guidance scale (null: the pipeline's default)")
+    guidance_scale: float | None = field(None, help="classifier-free guidance scale against the empty prompt (Flux without a guidance embedding: true CFG; null: the pipeline's default)")
     size: int = field(64, help="image side in pixels (generation height/width, real-image resize + crop)")
     seed: int = field(0, help="generation seed")
     t: int = field(500, help="source=images: noise timestep in [0, 1000) (flow models: sigma = t/1000)")
@@ -84,10 +84,11 @@ def _generate(pipe, cfg: SaliencyConfig, prompt: str, concepts: list[str]):
 
     from ..saliency import concept_attention, trace
 
+    from ..zoo import generation_kwargs
+
     kw: dict[str, Any] = dict(num_inference_steps=cfg.steps, height=cfg.size, width=cfg.size,
-                              generator=torch.Generator("cpu").manual_seed(cfg.seed))
-    if cfg.guidance_scale is not None:
-        kw["guidance_scale"] = cfg.guidance_scale
+                              generator=torch.Generator("cpu").manual_seed(cfg.seed),
+                              **generation_kwargs(pipe, cfg.guidance_scale))
     if cfg.method == "daam":
         with trace(pipe, include_mid=cfg.include_mid) as tc:
             image = pipe(prompt, **kw).images[0]
