@@ -400,13 +400,30 @@ class ActivationStore:
             yield sel, self.read(hook, t, sel)
 
     def pooled(self, hook: str, t: int, rows: np.ndarray | list[int] | None = None,
-               batch_size: int = 256) -> np.ndarray:
-        """(n, C): spatial mean over H, W (NCHW) or tokens (NTC); NC stores are returned as they are."""
+               batch_size: int = 256, grid: int = 1) -> np.ndarray:
+        """(n, C): spatial mean over H, W (NCHW) or tokens (NTC); NC stores are returned as they are.
+
+        ``grid`` > 1 keeps coarse layout: the map (tokens reshaped to their h x w grid) is
+        average-pooled to ``grid`` x ``grid`` cells (adaptive pooling, as torch's
+        ``adaptive_avg_pool2d``) and flattened channel-major to (n, C * grid * grid).
+        """
         layout = self.layout(hook, t)
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
+        if grid > 1 and layout == "NC":
+            raise ValueError(f"{hook} t={t} was stored pooled (layout NC); grid pooling needs maps "
+                             "(extract with pooling: none)")
         parts = []
         for _, x in self.iter_batches(hook, t, batch_size, rows):
-            parts.append(x.mean(axis=(2, 3)) if layout == "NCHW" else x.mean(axis=1) if layout == "NTC" else x)
-        return np.concatenate(parts) if parts else np.zeros((0, self.d_in(hook, t)), dtype=np.float32)
+            if grid > 1:
+                if layout == "NTC":
+                    h, w = self.spatial(hook, t)
+                    x = x.reshape(x.shape[0], h, w, x.shape[2]).transpose(0, 3, 1, 2)
+                parts.append(_grid_pool(x, grid))
+            else:
+                parts.append(x.mean(axis=(2, 3)) if layout == "NCHW" else x.mean(axis=1) if layout == "NTC" else x)
+        d = self.d_in(hook, t) * grid * grid
+        return np.concatenate(parts) if parts else np.zeros((0, d), dtype=np.float32)
 
     def tokens(self, hook: str, t: int, rows: np.ndarray | list[int] | slice) -> tuple[np.ndarray, np.ndarray]:
         """Every spatial position as its own sample: ((n*P, C) activations, (n*P,) row index)."""
@@ -428,6 +445,19 @@ class ActivationStore:
             h, w = self.spatial(hook, t)
             return np.ascontiguousarray(x.T.reshape(x.shape[1], h, w))
         return x
+
+
+def _grid_pool(x: np.ndarray, grid: int) -> np.ndarray:
+    """(n, C, H, W) -> (n, C * grid * grid): mean over each cell of the adaptive grid (cell i spans
+    rows floor(i*H/g) .. ceil((i+1)*H/g), as torch's adaptive_avg_pool2d)."""
+    n, c, hh, ww = x.shape
+    out = np.empty((n, c, grid, grid), dtype=np.float32)
+    for i in range(grid):
+        r0, r1 = (i * hh) // grid, -(-((i + 1) * hh) // grid)
+        for j in range(grid):
+            c0, c1 = (j * ww) // grid, -(-((j + 1) * ww) // grid)
+            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return out.reshape(n, -1)
 
 
 def open_store(path: str | Path, allow_incomplete: bool = False) -> ActivationStore:

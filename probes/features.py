@@ -38,10 +38,11 @@ def check_key(store: Any, hook: str, timestep: int) -> None:
     store.d_in(hook, int(timestep))  # the store's KeyError lists its hooks / timesteps
 
 
-def pooled_features(store: Any, hook: str, timestep: int, rows: np.ndarray) -> np.ndarray:
-    """(n, C) spatial mean of the activation maps (or tokens) of ``rows``."""
+def pooled_features(store: Any, hook: str, timestep: int, rows: np.ndarray, grid: int = 1) -> np.ndarray:
+    """(n, C) spatial mean of the activation maps (or tokens) of ``rows``; with ``grid`` > 1 the
+    (n, C * grid * grid) means over a grid x grid partition of the map (coarse layout kept)."""
     check_key(store, hook, timestep)
-    return store.pooled(hook, int(timestep), rows)
+    return store.pooled(hook, int(timestep), rows, grid=grid)
 
 
 def sae_input_kind(cfg: dict[str, Any], layout: str) -> str:

@@ -25,7 +25,7 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
           cv: int = 5, max_iter: int = 1000,
           ks: Sequence[int] | None = None, k_max: int = 64, sparse_raw: bool = True, sae_device: str = "cpu",
           min_class_images: int = 3, backend: str = "sklearn", streaming: dict[str, Any] | None = None,
-          progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+          grid: int = 1, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Probe every (hook, t) of ``store`` (an open ``ActivationStore``); returns (records, context).
 
     ``baselines`` maps a name ("pixels") to an (n_labelled_rows, d) matrix aligned with
@@ -36,9 +36,13 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
     Classes with fewer than ``min_class_images`` images are left out (named in the context).
     ``backend="torch"`` probes the store's (hook, t) features with ``StreamingLinearProbe``
     (keyword arguments in ``streaming``, e.g. ``samples="tokens"``) instead of scikit-learn.
+    ``grid`` > 1 probes the raw features average-pooled to a grid x grid partition of each map
+    (C * grid^2 features) instead of the spatial mean (scikit-learn backend; SAE codes stay pooled).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if grid < 1 or (grid > 1 and backend != "sklearn"):
+        raise ValueError(f"grid must be >= 1 and grid > 1 needs the sklearn backend, got grid={grid}, {backend}")
     rows, y = labelled_rows(store)
     classes, counts = np.unique(y, return_counts=True)
     rare = classes[counts < min_class_images]
@@ -71,14 +75,14 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
     widths: dict[int, list[str]] = {}
     for h, t in keys:
         bar.set_postfix_str(f"{h} t={t}")
-        widths.setdefault(store.d_in(h, t), []).append(f"{h}@t{t}")
+        widths.setdefault(store.d_in(h, t) * grid * grid, []).append(f"{h}@t{t}")
         if backend == "torch":
             from .streaming import evaluate_streaming
 
             rec = evaluate_streaming(store.path, h, t, rows, y, splits, **(streaming or {}))
         else:
-            rec = evaluate(pooled_features(store, h, t, rows), y, splits, **kw)
-        add(rec, features="raw", hook=h, timestep=t, source=str(store.path))
+            rec = evaluate(pooled_features(store, h, t, rows, grid), y, splits, **kw)
+        add({**rec, "grid": grid}, features="raw", hook=h, timestep=t, source=str(store.path))
         bar.update()
     for name, Xb in baselines.items():
         bar.set_postfix_str(name)
@@ -107,6 +111,6 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
     bar.close()
     context = {"store": str(store.path), "model": store.attrs.get("model"), "dataset": store.attrs.get("dataset"),
                "n_images": int(len(y)), "classes": np.unique(y).tolist(), "left_out_classes": rare.tolist(),
-               "seeds": list(seeds), "test_fraction": test_fraction,
+               "seeds": list(seeds), "test_fraction": test_fraction, "grid": grid,
                "splits": [{"seed": s.seed, "test_rows": rows[s.test].tolist()} for s in splits]}
     return records, context

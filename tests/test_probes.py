@@ -333,3 +333,43 @@ def test_sae_codes_match_direct_encoding(tmp_path, samples):
     bad = sae.load(sae.save(sae.SparseAutoencoder(5, 8, 2), tmp_path / "bad", extra={"hook": "h", "timestep": 7}))
     with open_store(path) as st, pytest.raises(ProbeError, match="d_in=5"):
         probes.sae_codes(st, bad, rows)
+
+
+# ---------------------------------------------------------------- grid pooling ----------------------------------------
+
+
+def test_grid_pooling_matches_torch_adaptive_pool(tmp_path):
+    import torch
+
+    rng = np.random.default_rng(0)
+    maps = rng.standard_normal((6, 3, 7, 5)).astype(np.float32)  # 7x5: cells of unequal, overlapping sizes
+    tokens = rng.standard_normal((6, 12, 4)).astype(np.float32)  # NTC on a 3x4 grid
+    y = np.arange(6) % 2
+    path = make_store(tmp_path / "m.h5", {("u", 1): maps}, y, layout="NCHW", spatial=(7, 5))
+    tpath = make_store(tmp_path / "t.h5", {("d", 1): tokens}, y, layout="NTC", spatial=(3, 4))
+    with open_store(path) as st:
+        for g in (1, 2, 3):
+            want = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(maps), g).flatten(1).numpy()
+            np.testing.assert_allclose(st.pooled("u", 1, grid=g, batch_size=4), want, rtol=1e-5, atol=1e-6)
+    with open_store(tpath) as st:
+        grid_maps = torch.from_numpy(tokens).reshape(6, 3, 4, 4).permute(0, 3, 1, 2)  # row-major tokens -> (C, h, w)
+        want = torch.nn.functional.adaptive_avg_pool2d(grid_maps, 2).flatten(1).numpy()
+        np.testing.assert_allclose(st.pooled("d", 1, grid=2), want, rtol=1e-5, atol=1e-6)
+    with open_store(make_store(tmp_path / "nc.h5", {("p", 1): rng.standard_normal((6, 4))}, y)) as st:
+        with pytest.raises(ValueError, match="pooling: none"):
+            st.pooled("p", 1, grid=2)
+
+
+def test_grid_probe_reads_layout_the_mean_loses(tmp_path):
+    # the label is WHERE a blob sits (left or right half); every map has the same spatial mean
+    rng = np.random.default_rng(1)
+    n = 60
+    y = np.arange(n) % 2
+    maps = 0.1 * rng.standard_normal((n, 2, 4, 4)).astype(np.float32)
+    maps[y == 0, 0, :, :2] += 1.0
+    maps[y == 1, 0, :, 2:] += 1.0
+    with open_store(make_store(tmp_path / "lr.h5", {("u", 1): maps}, y, layout="NCHW", spatial=(4, 4))) as st:
+        mean = probes.sweep(st, seeds=[0], progress=False, random_baseline=False, **FAST)[0][0]
+        grid = probes.sweep(st, seeds=[0], progress=False, random_baseline=False, grid=2, **FAST)[0][0]
+    assert grid["grid"] == 2 and grid["d"] == 2 * 4 and mean["d"] == 2
+    assert grid["accuracy_mean"] == 1.0 and mean["accuracy_mean"] < 0.8

@@ -63,6 +63,8 @@ class ProbeConfig:
     sparse_raw: bool = field(True, help="also run k-sparse probes on the raw features of each SAE's hook/timestep")
     backend: Literal["sklearn", "torch"] = field("sklearn",
                                                  help="sklearn (in RAM) | torch (Lightning, streams the store)")
+    grid: int = field(1, help="raw features: 1 = spatial mean; g > 1 = means over a g x g grid of the map "
+                              "(C*g*g features, keeps coarse layout; needs maps, sklearn backend)")
     streaming: StreamingConfig = field(default_factory=StreamingConfig, help="")
     baselines: BaselineConfig = field(default_factory=BaselineConfig, help="")
     device: str = field("cpu", help="torch device for SAE encoding")
@@ -161,7 +163,9 @@ def plot_heatmap(records: list[dict[str, Any]], keys: list[tuple[str, int]], pat
     ax.set_ylabel("layer (hook)")
     base = [f"{r['hook']} {r['accuracy_mean']:.2f}" for r in records if r["features"] not in ("raw", "sae")]
     chance = np.mean([r["chance_mean"] for r in records]) if records else float("nan")
-    ax.set_title(f"{title}\nlinear probe test accuracy (mean ± std over seeds)\nchance {chance:.2f}"
+    grid = next((r.get("grid") for r in records if r.get("grid")), 1)
+    pooled = "spatial mean" if grid == 1 else f"{grid}x{grid} grid means"
+    ax.set_title(f"{title}\nlinear probe test accuracy on {pooled} (mean ± std over seeds)\nchance {chance:.2f}"
                  + (f"; baselines: {', '.join(base)}" if base else ""), fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.05)
     return save_figure(fig, path)
@@ -193,7 +197,7 @@ def plot_sparse(records: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-COLUMNS = ["features", "hook", "timestep", "probe", "k", "d", "accuracy_mean", "accuracy_std", "macro_f1_mean",
+COLUMNS = ["features", "hook", "timestep", "probe", "k", "grid", "d", "accuracy_mean", "accuracy_std", "macro_f1_mean",
            "macro_f1_std", "cv_accuracy_mean", "cv_accuracy_std", "cv_fold_std", "chance_mean", "n_images", "n_train",
            "n_test", "n_classes", "n_seeds", "accuracy_per_seed", "macro_f1_per_seed", "C_per_seed", "source"]
 
@@ -217,7 +221,7 @@ def probe_cmd(cfg: ProbeConfig) -> dict[str, Any]:
             seeds=cfg.seeds, test_fraction=cfg.test_fraction, min_class_images=cfg.min_class_images, Cs=cfg.Cs,
             cv=cfg.cv_folds, max_iter=cfg.max_iter, ks=cfg.ks, k_max=cfg.k_max, sparse_raw=cfg.sparse_raw,
             sae_device=cfg.device, backend=cfg.backend, streaming={**to_dict(cfg.streaming), "progress": False},
-            progress=cfg.progress)
+            grid=cfg.grid, progress=cfg.progress)
         title = f"{st.attrs.get('model', '?')} on {st.attrs.get('dataset', '?')} ({context['n_images']} images)"
     files = {"csv": write_csv(out / "probes.csv", records, COLUMNS),
              "json": write_json(out / "probes.json", {"config": to_dict(cfg), "context": context, "results": records}),
