@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RevelioError
-from .hooks import ConditionalRows, captured, hooked, swapped_processors
+from .hooks import ConditionalRows, HookSession, captured, hooked, swapped_processors
 from .mmdit import denoiser_input, double_blocks, encode_concepts, image_heads, mmdit_kind, text_heads, token_grid
 
 
@@ -63,7 +63,7 @@ class _ConceptProcessor:
         return out
 
 
-class ConceptAttention:
+class ConceptAttention(HookSession):
     """Context manager tracing ConceptAttention (and the DiT cross-attention baseline) over denoiser calls.
 
     ``layers``: indices of the double-stream blocks whose maps are averaged (None: all;
@@ -90,7 +90,6 @@ class ConceptAttention:
         self.steps = None if steps is None else set(steps)
         self._conditional = ConditionalRows(cfg)
         self.baseline = baseline
-        self._stack: ExitStack | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -104,27 +103,15 @@ class ConceptAttention:
         self._active = False
 
     # -- context manager --------------------------------------------------------------------
-    def __enter__(self) -> "ConceptAttention":
+    def _install(self, stack: ExitStack) -> None:
         den = self.pipe.transformer
         self._embeds = encode_concepts(self.pipe, self.kind, self.concepts).to(den.dtype)
-        stack = ExitStack()
-        try:
-            stack.enter_context(hooked(den, pre=self._on_call, with_kwargs=True))
-            for i, b in enumerate(self.blocks):
-                stack.enter_context(hooked(b, pre=self._temb_hook(i), with_kwargs=True))
-            modules = {str(i): b.attn for i, b in enumerate(self.blocks)}
-            stack.enter_context(swapped_processors(
-                modules, lambda name, m, orig: _ConceptProcessor(orig, self, int(name), self.blocks[int(name)])))
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
+        stack.enter_context(hooked(den, pre=self._on_call, with_kwargs=True))
+        for i, b in enumerate(self.blocks):
+            stack.enter_context(hooked(b, pre=self._temb_hook(i), with_kwargs=True))
+        modules = {str(i): b.attn for i, b in enumerate(self.blocks)}
+        stack.enter_context(swapped_processors(
+            modules, lambda name, m, orig: _ConceptProcessor(orig, self, int(name), self.blocks[int(name)])))
 
     # -- hooks ------------------------------------------------------------------------------
     def _on_call(self, module, args, kwargs):

@@ -30,7 +30,7 @@ from torch import nn
 from extraction.adapters import grid_for_tokens
 
 from ..config import RevelioError
-from .hooks import ConditionalRows, captured, hooked, swapped_processors
+from .hooks import ConditionalRows, HookSession, captured, hooked, swapped_processors
 from .mmdit import denoiser_input, image_heads, mmdit_kind, rotate, split_heads, token_grid
 from .words import positions_of, word_positions
 
@@ -65,7 +65,7 @@ class _Processor:
         return out
 
 
-class DAAMTrace:
+class DAAMTrace(HookSession):
     """Context manager accumulating per-token attribution maps over every denoiser call in its body.
 
     ``include_mid``: also trace the UNet's mid block. ``steps``: indices of the denoiser calls
@@ -89,7 +89,6 @@ class DAAMTrace:
             raise RevelioError(f"{type(pipe).__name__}: no cross-attention modules to trace")
         self.steps = None if steps is None else set(steps)
         self._conditional = ConditionalRows(cfg)
-        self._stack: ExitStack | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -100,23 +99,11 @@ class DAAMTrace:
         self.input_ids: list[list[int]] | None = None
         self._active = False
 
-    def __enter__(self) -> "DAAMTrace":
-        stack = ExitStack()
-        try:
-            if self.text_encoder is not None:
-                stack.enter_context(hooked(self.text_encoder, pre=self._on_text, with_kwargs=True))
-            stack.enter_context(hooked(self.denoiser, pre=self._on_call, with_kwargs=True))
-            stack.enter_context(swapped_processors(self.modules, lambda name, m, orig: _Processor(orig, self, name)))
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
+    def _install(self, stack: ExitStack) -> None:
+        if self.text_encoder is not None:
+            stack.enter_context(hooked(self.text_encoder, pre=self._on_text, with_kwargs=True))
+        stack.enter_context(hooked(self.denoiser, pre=self._on_call, with_kwargs=True))
+        stack.enter_context(swapped_processors(self.modules, lambda name, m, orig: _Processor(orig, self, name)))
 
     # -- hooks ------------------------------------------------------------------------------
     def _on_text(self, _m, args, kwargs):

@@ -10,7 +10,7 @@ when the body raises.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -105,3 +105,28 @@ class ConditionalRows:
         if self.cfg or (b % 2 == 0 and b > 0 and torch.equal(latent_input[:half], latent_input[half:])):
             return slice(half, b)
         return slice(0, b)
+
+
+class HookSession:
+    """Base of the tracers: ``_install(stack)`` registers hooks and processors on an ExitStack;
+    entering installs them all (or none: a failure undoes the ones already in), leaving removes them."""
+
+    _stack: ExitStack | None = None
+
+    def _install(self, stack: ExitStack) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        stack = ExitStack()
+        try:
+            self._install(stack)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
