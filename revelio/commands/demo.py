@@ -141,7 +141,7 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
     @stage("sae")
     def _sae():
         for m, spec in MODELS.items():
-            r = _revelio(["sae fit", "--data.store", str(stores[m]), "--data.hook", spec["sae_hook"],
+            r = _revelio(["sae", "fit", "--data.store", str(stores[m]), "--data.hook", spec["sae_hook"],
                           "--data.timestep", str(cfg.sae_timestep), "--data.samples", "tokens",
                           "--data.batch_size", "512", "--model.expansion", str(cfg.sae_expansion),
                           "--model.k", str(cfg.sae_k), "--model.hist_every", str(max(50, cfg.sae_steps // 4)),
@@ -171,7 +171,7 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
                 "sae_codes_accuracy": sae_row["accuracy_mean"] if sae_row else None,
                 "pixels_accuracy": pix["accuracy_mean"] if pix else None,
                 "chance": best["chance_mean"] if best else None}
-            rep = _revelio(["probe report", "--store", str(stores[m]), "--sae", _list([saes[m] / "sae"]),
+            rep = _revelio(["probe", "report", "--store", str(stores[m]), "--sae", _list([saes[m] / "sae"]),
                             "--out", str(out / "probe_report" / m), "--progress", progress])
             s = rep["summaries"][0]
             paths[f"probe_report_{m}"] = rep["out"]
