@@ -87,3 +87,19 @@ def test_unknown_dataset_lists_valid():
         load_dataset(DataConfig(name="imagenet"))
     with pytest.raises(ValueError, match="needs data.path"):
         load_dataset(DataConfig(name="folder"))
+
+
+def test_shapes_colour_label_names_the_largest_objects_colour():
+    from revelio.datasets import COLORS, DataConfig, Shapes, load_dataset
+
+    by_shape, by_colour = Shapes(size=32, count=12, seed=3), Shapes(size=32, count=12, seed=3, label="colour")
+    assert by_colour.class_names == list(COLORS) and by_shape.class_names != by_colour.class_names
+    for i in range(12):
+        a, b = by_shape[i], by_colour[i]
+        assert a.caption == b.caption and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        first = b.caption.split(",")[0].split(" and ")[0].split()  # "a red circle" -> the largest object
+        assert by_colour.class_names[b.label] == first[1] and by_shape.class_names[a.label] == first[2]
+        assert set(b.concepts) <= set(COLORS) | {"background"} and all(c in b.masks for c in b.concepts)
+    assert load_dataset(DataConfig(name="shapes", count=4, label="colour")).class_names == list(COLORS)
+    with pytest.raises(ValueError, match="shape, colour"):
+        Shapes(label="size")

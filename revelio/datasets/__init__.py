@@ -23,13 +23,14 @@ class DataConfig:
     count: int | None = field(256, help="number of images (null: all)")
     split: str = field("train", help="train | test (shapes, digits, hf)")
     seed: int = field(0, help="data seed (shapes world, digits split)")
+    label: str = field("shape", help="shapes: the largest object's shape | colour is the label")
     caption_template: str = field("a photo of a {label}", help="caption for folder/hf images without one")
 
 
 def load_dataset(cfg: DataConfig) -> ImageDataset:
     """Build the data set ``cfg`` names; an unknown name lists the valid ones."""
     if cfg.name == "shapes":
-        return Shapes(size=cfg.size, count=cfg.count or 1000, seed=cfg.seed, split=cfg.split)
+        return Shapes(size=cfg.size, count=cfg.count or 1000, seed=cfg.seed, split=cfg.split, label=cfg.label)
     if cfg.name == "digits":
         return Digits(size=cfg.size, count=cfg.count, seed=cfg.seed, split=cfg.split)
     if cfg.name in ("folder", "hf"):

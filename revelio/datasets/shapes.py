@@ -67,13 +67,29 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 255)
 
 
+LABELS = ("shape", "colour")
+
+
+def phrase(colour: str, shape: str) -> str:
+    """The caption wording of one object ("a red circle", "an orange star")."""
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+
+
 class Shapes(ImageDataset):
-    """The procedural shapes world (see module docstring)."""
+    """The procedural shapes world (see module docstring).
+
+    ``label`` picks which attribute of the largest object is the integer label (and which
+    words are each image's concepts): its ``shape`` (default) or its ``colour``.
+    """
 
     name = "shapes"
-    class_names = SHAPES
 
-    def __init__(self, size: int = 64, count: int = 1000, seed: int = 0, max_objects: int = 3, split: str = "train"):
+    def __init__(self, size: int = 64, count: int = 1000, seed: int = 0, max_objects: int = 3, split: str = "train",
+                 label: str = "shape"):
+        if label not in LABELS:
+            raise ValueError(f"shapes: label must be one of {', '.join(LABELS)}, got {label!r}")
+        self.label = label
+        self.class_names = list(SHAPES) if label == "shape" else list(COLORS)
         if size < 16:
             raise ValueError(f"shapes: size must be >= 16, got {size}")
         if not 1 <= max_objects <= 3:
@@ -134,9 +150,10 @@ class Shapes(ImageDataset):
             for key in (o["shape"], o["color"], f"{o['color']} {o['shape']}"):
                 masks[key] = masks.get(key, np.zeros_like(m)) | m
         masks["background"] = lab == 0
-        phrases = [f"{'an' if o['color'][0] in 'aeiou' else 'a'} {o['color']} {o['shape']}" for o in objs]
+        phrases = [phrase(o["color"], o["shape"]) for o in objs]
         caption = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-        concepts = list(dict.fromkeys([o["shape"] for o in objs])) + ["background"]
+        key = "shape" if self.label == "shape" else "color"
+        concepts = list(dict.fromkeys([o[key] for o in objs])) + ["background"]
         image = Image.fromarray(img.astype(np.uint8), "RGB")
-        return Sample(image=image, caption=caption, label=SHAPES.index(objs[0]["shape"]), id=self.sample_id(i),
+        return Sample(image=image, caption=caption, label=self.class_names.index(objs[0][key]), id=self.sample_id(i),
                       masks=masks, concepts=concepts)

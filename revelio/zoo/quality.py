@@ -18,7 +18,7 @@ from scipy.spatial import ConvexHull, QhullError
 from sklearn.ensemble import RandomForestClassifier
 from tqdm.auto import tqdm
 
-from ..datasets.shapes import COLORS, SHAPES, Shapes
+from ..datasets.shapes import COLORS, SHAPES, Shapes, phrase
 
 CHROMA_MIN = 80.0  # backgrounds stay below ~50 (max - min channel), palette colours are above 140
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
@@ -134,9 +134,7 @@ def reconstruct(vae, images: list[np.ndarray], batch_size: int = 64) -> list[np.
     return out
 
 
-def caption(colour: str, shape: str) -> str:
-    """The training-caption wording of a single object ("an orange star")."""
-    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+caption = phrase  # the training-caption wording of a single object ("an orange star")
 
 
 def all_pairs() -> list[str]:
