@@ -150,6 +150,11 @@ def test_shapes_segmentation_labels_follow_the_masks():
         for k, c in enumerate(s.classes, start=1):
             assert (s.labels == k).sum() > 0
     assert center_prior(3, size=8)[0].argmax() in (27, 28, 35, 36)  # the peak sits in the middle
+    from revelio.datasets import COLORS
+    for shape_s, colour_s in zip(ShapesSegmentation(count=3, size=32), ShapesSegmentation(count=3, size=32,
+                                                                                          label="colour")):
+        assert set(colour_s.classes) <= set(COLORS)
+        assert np.array_equal(shape_s.labels > 0, colour_s.labels > 0)  # same objects, other words
 
 
 def test_segment_command_writes_one_table(tmp_path):
@@ -166,6 +171,9 @@ def test_segment_command_writes_one_table(tmp_path):
     multi = run(["segment", "--count", "2", "--size", "32", "--seeds", "[0]", "--out", str(out),
                  "--protocol", "multi", "--methods", "[center_prior]"])
     assert multi["center_prior"]["images"] == 2
+    colour = run(["segment", "--count", "2", "--size", "32", "--seeds", "[0]", "--out", str(out), "--label", "colour",
+                  "--methods", "[center_prior]"])
+    assert colour["center_prior"]["images"] == 2 and "colour words" in (out / "table.md").read_text()
     with pytest.raises(ConfigError, match="valid: concept_attention, cross_attention, daam, center_prior"):
         run(["segment", "--methods", "[gradcam]"])
     with pytest.raises(ConfigError, match="needs --path"):

@@ -169,6 +169,7 @@ class SegmentConfig:
     size: int = field(64, help="model input side in pixels (images resized + centre-cropped)")
     layers: list[int] | None = field(None, help="double-stream block indices for the concept methods (null: all)")
     seed: int = field(0, help="shapes world seed")
+    label: str = field("shape", help="shapes: segment the objects' shape words (shape) or colour words (colour)")
     out: str = field("runs/segment", help="output folder: results.json and table.md")
 
 
@@ -178,7 +179,7 @@ def load_segmentation(cfg: SegmentConfig):
 
     if cfg.dataset == "shapes":
         return ShapesSegmentation(count=cfg.count or 64, size=cfg.size, seed=cfg.seed, split=cfg.split
-                                  if cfg.split in ("train", "test") else "test")
+                                  if cfg.split in ("train", "test") else "test", label=cfg.label)
     if cfg.dataset in ("imagenet-seg", "voc") and not cfg.path:
         raise ConfigError(f"dataset {cfg.dataset!r} needs --path (the local "
                           f"{'gtsegs_ijcv.mat file' if cfg.dataset == 'imagenet-seg' else 'VOC2012 folder'})")
@@ -211,7 +212,8 @@ def segment_cmd(cfg: SegmentConfig) -> dict[str, dict[str, float]]:
         results[m] = evaluate(data, m, pipes[mc.id] if mc else None, multiclass=cfg.protocol == "multi", t=cfg.t,
                               seeds=cfg.seeds, size=cfg.size, layers=cfg.layers, background=cfg.background,
                               total=cfg.count)
-    title = f"{cfg.dataset}, {cfg.protocol}-class protocol, {cfg.model.id} / {cfg.daam_model.id}, t={cfg.t}, " \
+    words = f" ({cfg.label} words)" if cfg.dataset == "shapes" else ""
+    title = f"{cfg.dataset}{words}, {cfg.protocol}-class protocol, {cfg.model.id} / {cfg.daam_model.id}, t={cfg.t}, " \
             f"{len(cfg.seeds)} seed(s)"
     table = format_table(results, title)
     out = Path(cfg.out)

@@ -153,12 +153,13 @@ class PascalVOC:
 
 
 class ShapesSegmentation:
-    """The shapes world with its exact masks: classes are the shape words present, largest object first."""
+    """The shapes world with its exact masks: classes are the shape words present, largest object first
+    (``label="colour"``: the colour words present, each mask the union of the objects of that colour)."""
 
     name = "shapes"
 
-    def __init__(self, count: int = 32, size: int = 64, seed: int = 0, split: str = "test"):
-        self.shapes = Shapes(size=size, count=count, seed=seed, split=split)
+    def __init__(self, count: int = 32, size: int = 64, seed: int = 0, split: str = "test", label: str = "shape"):
+        self.shapes = Shapes(size=size, count=count, seed=seed, split=split, label=label)
 
     def __iter__(self) -> Iterator[SegSample]:
         for s in self.shapes.iter_samples():
