@@ -69,6 +69,8 @@ def test_demo_rerun_resumes_the_finished_stores(demo_run, capsys):
 
 
 def test_demo_rejects_unknown_stage_and_timestep(tmp_path):
+    with pytest.raises(ValueError, match="shape, colour"):
+        run(["demo", "--out", str(tmp_path), "--label", "size"])
     with pytest.raises(ValueError, match="valid: extract, sae, probe"):
         run(["demo", "--out", str(tmp_path), "--steps", "[extrct]"])
     with pytest.raises(ValueError, match="sae_timestep 999"):

@@ -42,6 +42,8 @@ MODELS = {
 @dataclass
 class DemoConfig:
     out: str = field("runs/demo", help="folder for every result of the demo")
+    label: str = field("colour", help="what probes, compare and segmentation score: the largest object's colour "
+                                      "(what the zoo models learned) or its shape")
     images: int = field(1024, help="shapes images extracted per model (probes and SAEs train on them)")
     timesteps: list[int] = field(default_factory=lambda: [25, 250, 500], help="noise timesteps extracted")
     sae_timestep: int = field(250, help="timestep the SAEs are trained on (one of timesteps)")
@@ -106,10 +108,11 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
         res["figures"].update(old.get("figures", {}))
     paths, figs = res["paths"], res["figures"]
 
-    ds = Shapes(size=64, count=cfg.images, seed=cfg.seed)
+    ds = Shapes(size=64, count=cfg.images, seed=cfg.seed, label=cfg.label)
     paths["data_preview"] = str(sample_grid(list(ds.iter_samples(list(range(16)))), out / "shapes.png",
                                             show_masks=True))
-    print(f"data: shapes world, {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)}); "
+    print(f"data: shapes world, {len(ds)} images, label = {cfg.label} of the largest object, {len(ds.class_names)} "
+          f"classes ({', '.join(ds.class_names)}); "
           f"preview {paths['data_preview']}")
     for name in MODELS:
         kind = "trained weights shipped with the package" if shipped_path(name) else "RANDOM INIT (no shipped weights)"
@@ -131,7 +134,7 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
     def _extract():
         for m, spec in MODELS.items():
             s = _revelio(["extract", "--model.id", m, "--data.name", "shapes", "--data.size", "64",
-                          "--data.count", str(cfg.images), "--data.seed", str(cfg.seed),
+                          "--data.count", str(cfg.images), "--data.seed", str(cfg.seed), "--data.label", cfg.label,
                           "--hooks", _list(spec["hooks"]), "--timesteps", _list(cfg.timesteps),
                           "--batch_size", "32", "--storage_dtype", "float16", "--seed", str(cfg.seed),
                           "--out", str(stores[m]), "--progress", progress])
@@ -196,7 +199,7 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
     def _segment():
         r = _revelio(["segment", "--dataset", "shapes", "--split", "test", "--count", str(cfg.segment_images),
                       "--methods", "[concept_attention,cross_attention,daam,center_prior]", "--seeds", _list(cfg.segment_seeds),
-                      "--seed", str(cfg.seed), "--out", str(out / "segment")])
+                      "--label", cfg.label, "--seed", str(cfg.seed), "--out", str(out / "segment")])
         paths["segment_table"] = str(out / "segment" / "table.md")
         figs["segmentation"] = {m: {k: v for k, v in r[m].items() if k in ("accuracy", "miou", "map")}
                                 for m in r}
@@ -226,12 +229,13 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
 
     @stage("steer")
     def _steer():
-        latent = _steer_latent(_compare_out("tiny-sd") / "alignment.json", "circle")
+        concept = "blue" if cfg.label == "colour" else "circle"  # a concept absent from the prompt
+        latent = _steer_latent(_compare_out("tiny-sd") / "alignment.json", concept)
         r = _revelio(["steer", "--source.sae", str(saes["tiny-sd"] / "sae"), "--prompt", "a red square",
                       "--latent", str(latent), "--scale", "8", "--inference_steps", str(cfg.saliency_steps),
                       "--out", str(out / "steer" / f"tiny-sd-latent{latent}.png")])
         paths["steer"] = str(r["path"])
-        figs["steer"] = {"latent": latent, "concept": "circle", "mean_abs_pixel_change": r["mean_abs_diff"]}
+        figs["steer"] = {"latent": latent, "concept": concept, "mean_abs_pixel_change": r["mean_abs_diff"]}
 
     res["seconds"] = timings
     res["total_seconds"] = round(time.perf_counter() - start, 1)
