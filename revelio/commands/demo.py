@@ -55,7 +55,8 @@ class DemoConfig:
     segment_seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="noise seeds of the segmentation maps")
     compare_images: int = field(128, help="store images scored by compare and shown by browse")
     saliency_steps: int = field(20, help="denoising steps of the generated saliency examples")
-    steer_scale: float = field(30.0, help="steer: coefficient of the added decoder direction, in units of the latent's activation")
+    steer_scale: float = field(30.0, help="steer: coefficient of the added decoder direction, "
+                                          "in units of the latent's activation")
     seed: int = field(0, help="seed for data, noise and training")
     steps: list[str] | None = field(None, help="run only these stages (extract, sae, probe, saliency, segment, "
                                                "compare, browse, steer); null: all")
@@ -233,7 +234,8 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
         concept = "blue" if cfg.label == "colour" else "circle"  # a concept absent from the prompt
         latent = _steer_latent(_compare_out("tiny-sd") / "alignment.json", concept)
         r = _revelio(["steer", "--source.sae", str(saes["tiny-sd"] / "sae"), "--prompt", "a red square",
-                      "--latent", str(latent), "--scale", str(cfg.steer_scale), "--inference_steps", str(cfg.saliency_steps),
+                      "--latent", str(latent), "--scale", str(cfg.steer_scale),
+                      "--inference_steps", str(cfg.saliency_steps),
                       "--out", str(out / "steer" / f"tiny-sd-latent{latent}.png")])
         paths["steer"] = str(r["path"])
         figs["steer"] = {"latent": latent, "concept": concept, "mean_abs_pixel_change": r["mean_abs_diff"]}
