@@ -38,11 +38,31 @@ def check_key(store: Any, hook: str, timestep: int) -> None:
     store.d_in(hook, int(timestep))  # the store's KeyError lists its hooks / timesteps
 
 
+def check_finite(store: Any, hook: str, timestep: int, rows: np.ndarray, x: np.ndarray,
+                 owner: np.ndarray | None = None) -> None:
+    """Raise ProbeError naming the image ids whose activations ``x`` hold NaN/inf.
+
+    ``x`` has one row per entry of ``rows`` (pooled), or per sample with ``owner`` giving each sample's
+    store row (tokens).
+    """
+    ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if ok.all():
+        return
+    bad_rows = np.unique(np.asarray(owner)[~ok] if owner is not None else np.asarray(rows)[~ok])
+    ids = [str(store.ids[r]) for r in bad_rows]
+    shown = ", ".join(ids[:20]) + (f" ... ({len(ids)} in all)" if len(ids) > 20 else "")
+    raise ProbeError(f"{store.path}: NaN/inf activations at {hook} t={timestep} in {len(ids)} image(s): {shown}; "
+                     "re-extract them or leave them out")
+
+
 def pooled_features(store: Any, hook: str, timestep: int, rows: np.ndarray, grid: int = 1) -> np.ndarray:
     """(n, C) spatial mean of the activation maps (or tokens) of ``rows``; with ``grid`` > 1 the
-    (n, C * grid * grid) means over a grid x grid partition of the map (coarse layout kept)."""
+    (n, C * grid * grid) means over a grid x grid partition of the map (coarse layout kept).
+    NaN/inf activations are an error naming the images."""
     check_key(store, hook, timestep)
-    return store.pooled(hook, int(timestep), rows, grid=grid)
+    x = store.pooled(hook, int(timestep), rows, grid=grid)
+    check_finite(store, hook, int(timestep), rows, x)
+    return x
 
 
 def sae_input_kind(cfg: dict[str, Any], layout: str) -> str:
@@ -90,10 +110,12 @@ def sae_codes(store: Any, model: Any, rows: np.ndarray, batch_size: int = 64, de
             sel = rows[start:start + batch_size]
             if kind == "pooled":
                 x = store.pooled(hook, t, sel)
+                check_finite(store, hook, t, sel, x)
                 z = model.encode(torch.from_numpy(x).to(device)).float().cpu().numpy()
                 codes[start:start + len(sel)] = z
             else:
-                x, _ = store.tokens(hook, t, sel)
+                x, owner = store.tokens(hook, t, sel)
+                check_finite(store, hook, t, sel, x, owner)
                 z = model.encode(torch.from_numpy(x).to(device)).float().cpu().numpy()
                 per = len(x) // len(sel)
                 codes[start:start + len(sel)] = z.reshape(len(sel), per, -1).mean(axis=1)

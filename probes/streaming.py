@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._checks import ProbeError, check_fitted, check_labels
+from .features import check_finite
 from .splits import stratified_split
 
 SAMPLES = ("pooled", "tokens")
@@ -59,9 +60,12 @@ class StoreSource:
             for s in starts if order is None else starts[order]:
                 pos = np.arange(s, min(s + self.chunk_images, len(self.rows)))
                 if self.samples == "pooled":
-                    yield st.pooled(self.hook, self.timestep, self.rows[pos]), pos
+                    x = st.pooled(self.hook, self.timestep, self.rows[pos])
+                    check_finite(st, self.hook, self.timestep, self.rows[pos], x)
+                    yield x, pos
                 else:
                     x, owner = st.tokens(self.hook, self.timestep, self.rows[pos])
+                    check_finite(st, self.hook, self.timestep, self.rows[pos], x, owner)
                     yield x, pos[np.searchsorted(self.rows[pos], owner)]
 
     def n_chunks(self) -> int:

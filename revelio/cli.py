@@ -43,9 +43,22 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 
-# Errors that mean "the input is wrong": printed as one line, exit status 2. Anything else
-# is a bug and keeps its traceback.
-USER_ERRORS = (C.RevelioError, FileNotFoundError, ValueError, KeyError)
+# Errors that mean "the input or the environment is wrong": printed as one line, exit status 2.
+# OSError covers the operating system's answers (read-only or full disk, permissions, a file that
+# vanished, a failed download: requests' and huggingface_hub's errors are OSErrors); FloatingPointError
+# is training on NaN/inf data. Anything else (TypeError, AttributeError, RuntimeError, ...) is a bug
+# and keeps its traceback.
+USER_ERRORS = (C.RevelioError, OSError, ValueError, KeyError, FloatingPointError)
+
+
+def user_message(e: BaseException) -> str:
+    """The one line printed for a user error: its message, an OSError's cause and file named."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        files = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{e.strerror.lower()}: {files}"
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
 
 
 def command(name: str, config: type | None = None, raw: bool = False):
@@ -139,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"revelio: error: {msg}", file=sys.stderr)
+        print(f"revelio: error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 

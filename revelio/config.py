@@ -27,9 +27,18 @@ class ConfigError(RevelioError, ValueError):
     """A config that does not fit its schema; the message says what to pass instead."""
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str = "", default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with a help string shown by ``revelio <cmd> --help``."""
-    kw: dict[str, Any] = {"metadata": {"help": help}}
+def field(default: Any = dataclasses.MISSING, *, help: str = "", default_factory: Any = dataclasses.MISSING,
+          min: float | None = None, max: float | None = None, above: float | None = None, below: float | None = None,
+          nonempty: bool = False):
+    """A dataclass field with a help string shown by ``revelio <cmd> --help``.
+
+    ``min``/``max`` (inclusive) and ``above``/``below`` (exclusive) bound a number, or every element of a
+    list; ``nonempty`` refuses an empty list. A value outside is a ConfigError naming the key, raised
+    when the config is loaded (before any model or data set is touched). None (where the type allows
+    it) is never checked.
+    """
+    bounds = {k: v for k, v in (("min", min), ("max", max), ("above", above), ("below", below)) if v is not None}
+    kw: dict[str, Any] = {"metadata": {"help": help, "bounds": bounds, "nonempty": nonempty}}
     if default_factory is not dataclasses.MISSING:
         kw["default_factory"] = default_factory
     else:
@@ -127,10 +136,47 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             if isinstance(value, dict) and dataclasses.is_dataclass(base):
                 # a partial section keeps the field's own defaults (e.g. default_factory=lambda: Model(id="tiny-flux"))
                 value = deep_merge(to_dict(base), value)
-            kwargs[f.name] = _coerce(value, hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(value, hints[f.name], where)
+            check_range(kwargs[f.name], f, where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key '{prefix + '.' if prefix else ''}{f.name}'")
     return cls(**kwargs)
+
+
+_BOUND_TEXT = {"min": ">=", "max": "<=", "above": ">", "below": "<"}
+
+
+def _outside(v: Any, bounds: dict[str, float]) -> str | None:
+    """The first bound ``v`` breaks, as text (">= 1"), or None."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    ok = {"min": lambda b: v >= b, "max": lambda b: v <= b, "above": lambda b: v > b, "below": lambda b: v < b}
+    if v != v:  # NaN fits no range
+        return " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items()) or None
+    for k, b in bounds.items():
+        if not ok[k](b):
+            return " and ".join(f"{_BOUND_TEXT[k2]} {b2:g}" for k2, b2 in bounds.items())
+    return None
+
+
+def check_range(value: Any, f: dataclasses.Field, where: str) -> None:
+    """Refuse ``value`` of field ``f`` when it breaks the field's ``min``/``max``/``above``/``below``/``nonempty``."""
+    meta = f.metadata or {}
+    bounds, nonempty = meta.get("bounds") or {}, meta.get("nonempty", False)
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        if nonempty and len(value) == 0:
+            raise ConfigError(f"{where}: the list is empty; give at least one value")
+        for i, v in enumerate(value):
+            rule = _outside(v, bounds)
+            if rule:
+                raise ConfigError(f"{where}[{i}]: {v!r} is out of range; each value must be {rule}")
+        return
+    rule = _outside(value, bounds)
+    if rule:
+        raise ConfigError(f"{where}: {value!r} is out of range; it must be {rule}")
 
 
 def to_dict(obj: Any) -> Any:

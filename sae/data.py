@@ -203,13 +203,21 @@ class StoreDataModule(L.LightningDataModule):
         self.train_rows = np.sort(rows[perm[n_val:]])
         self._ready = True
 
-    def _drop_nonfinite(self, st, rows: np.ndarray) -> np.ndarray:
+    def nonfinite_rows(self, rows: np.ndarray, st=None) -> list[int]:
+        """The store rows among ``rows`` whose activations at (hook, timestep) hold NaN/inf (one scan)."""
+        if st is None:
+            with open_store(self.store) as st:
+                return self.nonfinite_rows(rows, st)
         bad = []
         it = st.iter_batches(self.hook, self.timestep, self.chunk_images, rows)
         for r, x in tqdm(it, total=math.ceil(len(rows) / self.chunk_images), desc="scan for NaN/inf", leave=False,
                          disable=len(rows) <= 4 * self.chunk_images):
             ok = np.isfinite(x.reshape(len(r), -1)).all(axis=1)
             bad.extend(r[~ok].tolist())
+        return bad
+
+    def _drop_nonfinite(self, st, rows: np.ndarray) -> np.ndarray:
+        bad = self.nonfinite_rows(rows, st)
         if not bad:
             return rows
         ids = [str(self.ids[b]) for b in bad]

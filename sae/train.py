@@ -9,6 +9,7 @@ folder ``sae/`` and ``metrics.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -18,12 +19,13 @@ import lightning as L
 import numpy as np
 from extraction.store import open_store
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from .data import StoreDataModule
-from .io import load, save
+from .io import SAEFileError, load, read_cfg, save
 from .lightning import SAEModule
+from .logs import RunHistory, make_loggers
 from .metrics import evaluate
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -39,15 +41,28 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def _loggers(out: Path, wandb_mode: str, project: str, name: str | None, csv: bool) -> list:
+def _loggers(out: Path, wandb_mode: str, project: str, name: str | None, csv: bool,
+             ckpt_path: str | None = None) -> tuple[list, RunHistory]:
     if wandb_mode not in WANDB_MODES:
         raise ValueError(f"logging.wandb_mode {wandb_mode!r} is not one of {list(WANDB_MODES)}")
-    loggers: list = []
-    if csv:
-        loggers.append(CSVLogger(str(out), name="csv", version=""))
-    if wandb_mode != "disabled":
-        loggers.append(WandbLogger(project=project, name=name, save_dir=str(out), offline=wandb_mode == "offline"))
-    return loggers
+    return make_loggers(out, wandb_mode, project, name, csv, ckpt_path)  # a resume continues the CSV and wandb run
+
+
+def check_metrics(res: dict[str, Any], dm: StoreDataModule, rows: np.ndarray, what: str) -> None:
+    """Raise FloatingPointError when a metric of ``res`` is NaN/inf, naming the images of ``rows`` that cause it."""
+    bad = [k for k in ("fvu", "explained_variance", "l0", "dead_fraction") if k in res and not math.isfinite(res[k])]
+    if not bad:
+        return
+    rows_bad = dm.nonfinite_rows(rows)
+    if rows_bad:
+        ids = [str(dm.ids[r]) for r in rows_bad]
+        cause = (f"NaN/inf activations in {len(ids)} image(s) of {dm.store} at {dm.hook} t={dm.timestep}: "
+                 + ", ".join(ids[:20]) + (f" ... ({len(ids)} in all)" if len(ids) > 20 else "")
+                 + "; set data.check_finite true (and data.nonfinite skip) to leave them out")
+    else:
+        cause = "the activations are finite, so the SAE's weights or its arithmetic overflowed"
+    raise FloatingPointError(f"{what}: {', '.join(bad)} is not finite ({', '.join(f'{k}={res[k]}' for k in bad)}); "
+                             f"cause: {cause}")
 
 
 def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model: dict[str, Any] | None = None,
@@ -74,19 +89,22 @@ def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model:
         tkw["limit_val_batches"] = 0
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="step{step:08d}", every_n_train_steps=checkpoint_every_n_steps,
                            save_top_k=-1, save_last=True, auto_insert_metric_name=False)
-    tr = L.Trainer(default_root_dir=str(out), logger=_loggers(out, wandb_mode, project, run_name, csv),
-                   callbacks=[ckpt], **tkw)
+    loggers, history = _loggers(out, wandb_mode, project, run_name, csv, ckpt_path)
+    tr = L.Trainer(default_root_dir=str(out), logger=loggers, callbacks=[history, ckpt], **tkw)
     tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     result: dict[str, Any] = {"steps": tr.global_step, "samples_seen": int(module.samples_seen)}
     if tr.global_rank == 0:
         if len(dm.val_rows):
             val = evaluate(module.sae, (x for x, _ in dm.loader(dm.val_rows, shuffle=False)), module.device)
+            check_metrics(val, dm, dm.val_rows, f"held-out metrics of the SAE trained in {out}")
             result["val"] = {k: v for k, v in val.items() if k != "density"}
         with open_store(store) as st:
             source = {"model": st.attrs.get("model"), "dataset": st.attrs.get("dataset")}
         extra = {"hook": hook, "timestep": int(timestep), "source_store": str(Path(store).resolve()), **source,
                  "samples": dm.samples, "layout": dm.layout, "split": {"val_fraction": dm.val_fraction, "seed": seed},
                  "trained_steps": tr.global_step, "samples_seen": int(module.samples_seen)}
+        if history.run_id is not None:
+            extra["wandb_run_id"] = history.run_id
         result["sae"] = str(save(module.sae, out / "sae", extra=extra))
         result["checkpoints"] = str(out / "checkpoints")
         write_json(out / "metrics.json", result)
@@ -123,20 +141,28 @@ def evaluate_sae(sae_dir: str | Path, store: str | Path | None = None, split: st
     splits = ("val", "train", "all")
     if split not in splits:
         raise ValueError(f"split {split!r} is not one of {list(splits)}")
-    cfg = json.loads((Path(sae_dir) / "cfg.json").read_text()) if (Path(sae_dir) / "cfg.json").exists() else {}
+    model = load(sae_dir, device=device)  # a missing, corrupt or inconsistent SAE folder fails here, naming the file
+    cfg = read_cfg(sae_dir)
+    for key in ("hook", "timestep"):
+        if key not in cfg:
+            raise SAEFileError(f"{Path(sae_dir) / 'cfg.json'} names no {key}: it cannot be matched to a store's "
+                               "activations")
     store = store or cfg.get("source_store")
-    if not store or "hook" not in cfg:
-        raise ValueError(f"{sae_dir}/cfg.json names no source store / hook; pass the store explicitly")
+    if not store:
+        raise ValueError(f"{Path(sae_dir) / 'cfg.json'} names no source store; pass the store explicitly")
     sp = cfg.get("split", {})
     dm = StoreDataModule(str(store), cfg["hook"], cfg["timestep"], samples=cfg.get("samples", "pooled"),
                          batch_size=batch_size, val_fraction=sp.get("val_fraction", 0.1), seed=sp.get("seed", 0))
     dm.setup("validate")
-    model = load(sae_dir, device=device, d_in=dm.d_in)
+    if dm.d_in != model.d_in:
+        raise ValueError(f"d_in mismatch: the SAE in {sae_dir} was trained on d_in={model.d_in}, {cfg['hook']} "
+                         f"t={cfg['timestep']} in {store} has d_in={dm.d_in}")
     rows = {"val": dm.val_rows, "train": dm.train_rows}.get(split)
     if rows is None:
         rows = np.sort(np.concatenate([dm.train_rows, dm.val_rows]))
     if len(rows) == 0:
         raise ValueError(f"the {split} split of {store} is empty (val_fraction {dm.val_fraction})")
     res = evaluate(model, (x for x, _ in dm.loader(rows, shuffle=False)), device)
+    check_metrics(res, dm, rows, f"{split} metrics of {sae_dir} on {store}")
     res.update({"split": split, "n_images": len(rows), "hook": cfg["hook"], "timestep": cfg["timestep"]})
     return res

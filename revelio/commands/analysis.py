@@ -73,17 +73,17 @@ def first_rows(store: Any, n: int | None) -> np.ndarray:
 @dataclass
 class CompareConfig:
     source: SourceConfig = field(default_factory=SourceConfig, help="")
-    images: int | None = field(64, help="store images to score (the first done rows; null: all)")
+    images: int | None = field(64, min=1, help="store images to score (the first done rows; null: all)")
     method: str = field("auto", help="saliency: auto (DAAM for UNets, ConceptAttention for MM-DiTs) | daam | "
                                      "concept_attention | cross_attention | none")
-    concepts: list[str] | None = field(None, help="concept words (null: each image's own; ConceptAttention: the data "
+    concepts: list[str] | None = field(None, nonempty=True, help="concept words (null: each image's own; ConceptAttention: the data "
                                                   "set's class names + background)")
-    timestep: int | None = field(None, help="noise timestep of the saliency pass (null: the SAE's timestep)")
+    timestep: int | None = field(None, min=0, max=999, help="noise timestep of the saliency pass (null: the SAE's timestep)")
     metric: str = field("iou", help="ranking metric: iou | pearson | auroc")
-    tau: float = field(0.4, help="threshold on min-max normalised maps for IoU (DAAM's 0.4)")
-    eval_size: int = field(64, help="maps and masks are compared on this square grid")
-    top: int = field(5, help="best latents listed per concept and reference")
-    batch_size: int = field(8, help="images per saliency pass")
+    tau: float = field(0.4, above=0, below=1, help="threshold on min-max normalised maps for IoU (DAAM's 0.4)")
+    eval_size: int = field(64, min=1, help="maps and masks are compared on this square grid")
+    top: int = field(5, min=1, help="best latents listed per concept and reference")
+    batch_size: int = field(8, min=1, help="images per saliency pass")
     seed: int = field(0, help="noise seed of the saliency pass")
     out: str = field("runs/compare", help="output folder: alignment.csv, alignment.json, alignment.npz")
     progress: bool = field(True, help="show a progress bar")
@@ -168,13 +168,13 @@ def _print_compare(summary: dict[str, Any]) -> None:
 @dataclass
 class BrowseConfig:
     source: SourceConfig = field(default_factory=SourceConfig, help="")
-    images: int | None = field(None, help="store images to browse (the first done rows; null: all)")
+    images: int | None = field(None, min=1, help="store images to browse (the first done rows; null: all)")
     sort: str = field("frequency", help="latent order: frequency | purity | alignment | index")
-    limit: int | None = field(64, help="latents listed and given a page (null: every live latent)")
-    top_k: int = field(8, help="top-activating images per latent")
+    limit: int | None = field(64, min=1, help="latents listed and given a page (null: every live latent)")
+    top_k: int = field(8, min=1, help="top-activating images per latent")
     alignment: str | None = field(None, help="alignment.npz of a compare run (null: score against the data set's "
                                              "masks when it has them)")
-    eval_size: int = field(32, help="grid of the mask alignment computed when alignment is null")
+    eval_size: int = field(32, min=1, help="grid of the mask alignment computed when alignment is null")
     out: str = field("runs/dashboard", help="folder of the static HTML dashboard (index.html)")
     progress: bool = field(True, help="show a progress bar")
 
@@ -208,15 +208,15 @@ def browse_cmd(cfg: BrowseConfig) -> Path:
 class SteerConfig:
     source: SourceConfig = field(default_factory=SourceConfig, help="")
     prompt: str = field("a red circle and a blue square", help="prompt of the generation")
-    latent: int = field(0, help="SAE latent to steer with")
+    latent: int = field(0, min=0, help="SAE latent to steer with")
     mode: str = field("add", help="add (x + scale * d) | remove (x - scale * z_latent(x) * d)")
     scale: float = field(4.0, help="coefficient, in units of the latent's activation (remove: 1 = remove all)")
     box: list[float] | None = field(None, help="region [top, bottom, left, right] as image fractions "
                                                "(null: everywhere)")
-    steps: list[int] | None = field(None, help="[start, end) denoising steps to steer (null: all)")
-    inference_steps: int = field(20, help="denoising steps of the generation")
+    steps: list[int] | None = field(None, nonempty=True, min=0, help="[start, end) denoising steps to steer (null: all)")
+    inference_steps: int = field(20, min=1, help="denoising steps of the generation")
     guidance_scale: float = field(5.0, help="classifier-free guidance scale")
-    size: int | None = field(None, help="image side in pixels (null: the pipeline's default)")
+    size: int | None = field(None, min=1, help="image side in pixels (null: the pipeline's default)")
     seed: int = field(0, help="generation seed (the same for before and after)")
     out: str = field("runs/steer.png", help="before/after figure (PNG)")
 

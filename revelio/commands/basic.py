@@ -36,7 +36,7 @@ def zoo_cmd(cfg: ZooConfig) -> dict[str, str]:
 class PreviewConfig:
     data: DataConfig = field(default_factory=DataConfig, help="")
     out: str = field("runs/preview.png", help="PNG grid to write")
-    columns: int = field(8, help="images per row")
+    columns: int = field(8, min=1, help="images per row")
     show_masks: bool = field(False, help="add a row of mask overlays under each image row (shapes/digits)")
 
 

@@ -18,6 +18,7 @@ from probes.linear import DEFAULT_CS
 
 from ..cli import command
 from ..config import ConfigError, field, to_dict
+from ..paths import inside, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -26,44 +27,44 @@ log = logging.getLogger(__name__)
 @dataclass
 class BaselineConfig:
     pixels: bool = field(True, help="probe raw pixels of the same images (re-rendered from the store's data config)")
-    pixel_size: int = field(16, help="side the images are resized to before flattening (0: the store's image size)")
+    pixel_size: int = field(16, min=0, help="side the images are resized to before flattening (0: the store's image size)")
     random: bool = field(True, help="probe random ReLU features of the pixels, one per distinct activation width")
 
 
 @dataclass
 class StreamingConfig:
     samples: Literal["pooled", "tokens"] = field("pooled", help="pooled image vectors | every position (tokens)")
-    epochs: int = field(10, help="passes over the training images")
-    batch_size: int = field(256, help="samples per optimiser step")
-    chunk_images: int = field(256, help="images read from the store at once (bounds RAM)")
-    lr: float = field(0.01, help="Adam learning rate")
+    epochs: int = field(10, min=1, help="passes over the training images")
+    batch_size: int = field(256, min=1, help="samples per optimiser step")
+    chunk_images: int = field(256, min=1, help="images read from the store at once (bounds RAM)")
+    lr: float = field(0.01, above=0, help="Adam learning rate")
     weight_decays: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2],
-                                       help="L2 path, one head each, chosen on held-out training images")
-    val_fraction: float = field(0.2, help="share of the training images held out to choose the L2 strength")
+                                       nonempty=True, min=0, help="L2 path, one head each, chosen on held-out training images")
+    val_fraction: float = field(0.2, above=0, below=1, help="share of the training images held out to choose the L2 strength")
     accelerator: str = field("cpu", help="Lightning accelerator: cpu | gpu | auto")
     precision: str = field("32-true", help="Lightning precision: 32-true | bf16-mixed | 16-mixed")
-    threads: int | None = field(None, help="torch CPU threads while training (null: leave torch's setting)")
+    threads: int | None = field(None, min=1, help="torch CPU threads while training (null: leave torch's setting)")
 
 
 @dataclass
 class ProbeConfig:
     store: str = field("runs/activations.h5", help="activation store written by `revelio extract`")
-    hooks: list[str] | None = field(None, help="hooks to probe (null: every hook in the store)")
-    timesteps: list[int] | None = field(None, help="timesteps to probe (null: every timestep of each hook)")
+    hooks: list[str] | None = field(None, nonempty=True, help="hooks to probe (null: every hook in the store)")
+    timesteps: list[int] | None = field(None, nonempty=True, min=0, max=999, help="timesteps to probe (null: every timestep of each hook)")
     sae: list[str] = field(default_factory=list, help="SAE folders: add probes on their codes (linear and k-sparse)")
     out: str = field("runs/probes", help="output folder: probes.csv, probes.json, heatmap.png")
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="split seeds; spread over them is reported")
-    min_class_images: int = field(3, help="classes with fewer images are left out (a split needs 1 test + 2 train)")
-    test_fraction: float = field(0.25, help="share of each class's images in the test split (never used to choose C)")
-    cv_folds: int = field(5, help="cross-validation folds on the training images for choosing C")
-    Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS), help="inverse L2 strengths of the path")
-    max_iter: int = field(1000, help="L-BFGS iterations per fit")
-    ks: list[int] | None = field(None, help="k values of the sparse probes (null: 1, 2, 4, ... up to k_max)")
-    k_max: int = field(64, help="largest default k of the sparse probes")
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], nonempty=True, help="split seeds; spread over them is reported")
+    min_class_images: int = field(3, min=1, help="classes with fewer images are left out (a split needs 1 test + 2 train)")
+    test_fraction: float = field(0.25, above=0, below=1, help="share of each class's images in the test split (never used to choose C)")
+    cv_folds: int = field(5, min=2, help="cross-validation folds on the training images for choosing C")
+    Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS), nonempty=True, above=0, help="inverse L2 strengths of the path")
+    max_iter: int = field(1000, min=1, help="L-BFGS iterations per fit")
+    ks: list[int] | None = field(None, nonempty=True, min=1, help="k values of the sparse probes (null: 1, 2, 4, ... up to k_max)")
+    k_max: int = field(64, min=1, help="largest default k of the sparse probes")
     sparse_raw: bool = field(True, help="also run k-sparse probes on the raw features of each SAE's hook/timestep")
     backend: Literal["sklearn", "torch"] = field("sklearn",
                                                  help="sklearn (in RAM) | torch (Lightning, streams the store)")
-    grid: int = field(1, help="raw features: 1 = spatial mean; g > 1 = means over a g x g grid of the map "
+    grid: int = field(1, min=1, help="raw features: 1 = spatial mean; g > 1 = means over a g x g grid of the map "
                               "(C*g*g features, keeps coarse layout; needs maps, sklearn backend)")
     streaming: StreamingConfig = field(default_factory=StreamingConfig, help="")
     baselines: BaselineConfig = field(default_factory=BaselineConfig, help="")
@@ -77,11 +78,11 @@ class ReportConfig:
     sae: list[str] = field(default_factory=lambda: ["runs/sae/sae"],
                            help="SAE folders to report on (one report per SAE; `revelio sae` writes runs/sae/sae)")
     out: str = field("runs/probe_report", help="output folder: one subfolder per SAE hook/timestep, summary.csv")
-    top_n: int = field(16, help="top-activating images per latent that purity and entropy are computed on")
+    top_n: int = field(16, min=1, help="top-activating images per latent that purity and entropy are computed on")
     seed: int = field(0, help="seed of the label shuffle behind purity_shuffled")
-    n_show: int = field(8, help="latents shown in the top-image figure (best ranked)")
+    n_show: int = field(8, min=0, help="latents shown in the top-image figure (best ranked)")
     device: str = field("cpu", help="torch device for SAE encoding")
-    batch_size: int = field(64, help="images encoded at once")
+    batch_size: int = field(64, min=1, help="images encoded at once")
     progress: bool = field(True, help="show a progress bar")
 
 
@@ -317,7 +318,7 @@ def report_cmd(cfg: ReportConfig) -> dict[str, Any]:
             rep = probes.monosemanticity(codes, labels, cfg.top_n, tok_freq, class_names, cfg.seed)
             for r in rep["latents"]:
                 r["top_ids"] = [str(st.ids[rows[i]]) for i in r["top_images"]]
-            sub = out / f"{hook}_t{t}"
+            sub = inside(out, safe_name(f"{hook}_t{t}"))  # hook names come from the SAE's cfg.json
             title = f"SAE {Path(folder).name} ({hook} t={t}, d_sae={model.d_sae}, k={model.k})"
             files = {"csv": write_csv(sub / "latents.csv", rep["latents"]),
                      "json": write_json(sub / "report.json", {"sae": str(folder), "store": str(st.path), **rep}),

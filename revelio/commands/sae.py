@@ -17,47 +17,47 @@ from ..config import field, to_dict
 
 @dataclass
 class SAETrainerConfig:
-    max_steps: int = field(1000, help="optimizer steps to train")
+    max_steps: int = field(1000, min=1, help="optimizer steps to train")
     accelerator: str = field("auto", help="cpu | gpu | auto")
     devices: int | str = field(1, help="devices (processes) to train on; >1 uses DDP")
     strategy: str = field("auto", help="Lightning strategy: auto | ddp | ddp_spawn ... (ddp on CPU uses gloo)")
-    num_nodes: int = field(1, help="machines for multi-node DDP")
+    num_nodes: int = field(1, min=1, help="machines for multi-node DDP")
     precision: str = field("32-true", help="Lightning precision; the SAE math runs in float32")
-    log_every_n_steps: int = field(10, help="N: scalar metrics (FVU, L0, dead fraction, AuxK, lr, samples) every N steps")
+    log_every_n_steps: int = field(10, min=1, help="N: scalar metrics (FVU, L0, dead fraction, AuxK, lr, samples) every N steps")
     val_check_interval: int | float = field(1.0, help="validate every this many steps (int) or at epoch end (1.0)")
     enable_progress_bar: bool = field(True, help="show the progress bar")
 
 
 @dataclass
 class SAEModelConfig:
-    expansion: int = field(16, help="d_sae = expansion * d_in (when d_sae is null)")
-    d_sae: int | None = field(None, help="dictionary size; overrides expansion")
-    k: int = field(32, help="active latents per sample")
+    expansion: int = field(16, min=1, help="d_sae = expansion * d_in (when d_sae is null)")
+    d_sae: int | None = field(None, min=1, help="dictionary size; overrides expansion")
+    k: int = field(32, min=1, help="active latents per sample")
     architecture: Literal["topk", "batchtopk"] = field("topk", help="topk | batchtopk")
-    matryoshka: list[int] = field(default_factory=list, help="Matryoshka prefix sizes, e.g. [512, 2048]; [] = off")
-    k_aux: int | None = field(None, help="AuxK latents (null: d_in // 2)")
-    aux_coef: float = field(1 / 32, help="AuxK loss weight")
-    dead_after: int = field(10_000_000, help="samples without firing after which a latent is dead")
+    matryoshka: list[int] = field(default_factory=list, min=1, help="Matryoshka prefix sizes, e.g. [512, 2048]; [] = off")
+    k_aux: int | None = field(None, min=1, help="AuxK latents (null: d_in // 2)")
+    aux_coef: float = field(1 / 32, min=0, help="AuxK loss weight")
+    dead_after: int = field(10_000_000, min=1, help="samples without firing after which a latent is dead")
     b_dec_init: Literal["mean", "geometric_median", "zeros"] = field("geometric_median", help="b_dec init from a data sample")
     normalize: bool = field(True, help="scale inputs so that mean ||x|| = sqrt(d_in) (constant saved with the SAE)")
-    init_samples: int = field(16384, help="samples used for b_dec and the normalisation constant")
-    lr: float | None = field(None, help="Adam lr (null: 2e-4 / sqrt(d_sae / 2^14))")
-    warmup_steps: int = field(100, help="linear lr warm-up steps")
-    decay_fraction: float = field(0.0, help="linear lr decay to 0 over this last share of max_steps")
-    hist_every: int = field(500, help="M: density and decoder-norm histograms every M steps (0: never)")
+    init_samples: int = field(16384, min=1, help="samples used for b_dec and the normalisation constant")
+    lr: float | None = field(None, above=0, help="Adam lr (null: 2e-4 / sqrt(d_sae / 2^14))")
+    warmup_steps: int = field(100, min=0, help="linear lr warm-up steps")
+    decay_fraction: float = field(0.0, min=0, max=1, help="linear lr decay to 0 over this last share of max_steps")
+    hist_every: int = field(500, min=0, help="M: density and decoder-norm histograms every M steps (0: never)")
 
 
 @dataclass
 class SAEDataConfig:
     store: str = field("", help="activation store (.h5) written by `revelio extract`")
     hook: str = field("", help="hook (module path) to train on")
-    timestep: int = field(25, help="timestep to train on")
+    timestep: int = field(25, min=0, max=999, help="timestep to train on")
     samples: Literal["pooled", "tokens"] = field("pooled", help="pooled: one vector per image; tokens: every position")
-    batch_size: int = field(4096, help="samples per batch and device")
-    val_fraction: float = field(0.1, help="share of images held out (split by image)")
-    chunk_images: int = field(64, help="images per read chunk")
-    buffer_chunks: int = field(16, help="chunks per shuffle buffer (memory: chunk_images*buffer_chunks images)")
-    num_workers: int = field(0, help="DataLoader worker processes")
+    batch_size: int = field(4096, min=1, help="samples per batch and device")
+    val_fraction: float = field(0.1, min=0, below=1, help="share of images held out (split by image)")
+    chunk_images: int = field(64, min=1, help="images per read chunk")
+    buffer_chunks: int = field(16, min=1, help="chunks per shuffle buffer (memory: chunk_images*buffer_chunks images)")
+    num_workers: int = field(0, min=0, help="DataLoader worker processes")
     pin_memory: bool | None = field(None, help="pin host memory (null: when training on a GPU)")
     check_finite: bool = field(True, help="scan the store once for NaN/inf before training")
     nonfinite: Literal["fail", "skip"] = field("fail", help="on NaN/inf images: fail (listing ids) or skip them")
@@ -69,7 +69,7 @@ class SAELoggingConfig:
     project: str = field("revelio-sae", help="wandb project")
     name: str | None = field(None, help="wandb run name")
     csv: bool = field(True, help="also log scalars to <out>/csv/metrics.csv")
-    checkpoint_every_n_steps: int = field(1000, help="checkpoint every N steps (and last.ckpt)")
+    checkpoint_every_n_steps: int = field(1000, min=1, help="checkpoint every N steps (and last.ckpt)")
 
 
 @dataclass
@@ -108,7 +108,7 @@ class SAEEvalConfig:
     sae: str = field("runs/sae/sae", help="SAE folder (sae.safetensors + cfg.json)")
     store: str | None = field(None, help="activation store (null: the SAE's source store)")
     split: Literal["val", "train", "all"] = field("val", help="images to evaluate on; val = the held-out split of training")
-    batch_size: int = field(4096, help="samples per batch")
+    batch_size: int = field(4096, min=1, help="samples per batch")
     device: str = field("cpu", help="torch device")
     out: str | None = field(None, help="JSON report and density histogram PNG (null: <sae>/eval_<split>.json)")
 

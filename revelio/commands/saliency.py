@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from PIL import Image, ImageOps
 from ..cli import command
 from ..config import ConfigError, field, to_dict
 from ..datasets import DataConfig
+from ..paths import UniqueNames, inside, safe_name
 from .extract import ModelConfig
 
 SALIENCY_METHODS = ["concept_attention", "cross_attention", "daam"]
@@ -32,7 +32,7 @@ class UNetModelConfig(ModelConfig):
 
 @dataclass
 class SaliencyDataConfig(DataConfig):
-    count: int | None = field(4, help="number of images (null: all)")
+    count: int | None = field(4, min=1, help="number of images (null: all)")
     split: str = field("test", help="train | test (shapes, digits, hf)")
 
 
@@ -50,12 +50,12 @@ class SaliencyConfig:
                                      "data set's concepts when empty). daam: words of the prompt (empty: all)")
     data: SaliencyDataConfig = field(default_factory=SaliencyDataConfig,
                              help="images for source=images (captions from the data set)")
-    steps: int = field(4, help="denoising steps for source=generate")
+    steps: int = field(4, min=1, help="denoising steps for source=generate")
     guidance_scale: float | None = field(None, help="classifier-free guidance scale against the empty prompt (Flux without a guidance embedding: true CFG; null: the pipeline's default)")
-    size: int = field(64, help="image side in pixels (generation height/width, real-image resize + crop)")
+    size: int = field(64, min=1, help="image side in pixels (generation height/width, real-image resize + crop)")
     seed: int = field(0, help="generation seed")
-    t: int = field(500, help="source=images: noise timestep in [0, 1000) (flow models: sigma = t/1000)")
-    seeds: list[int] = field(default_factory=lambda: [0], help="source=images: noise seeds, maps averaged")
+    t: int = field(500, min=0, max=999, help="source=images: noise timestep in [0, 1000) (flow models: sigma = t/1000)")
+    seeds: list[int] = field(default_factory=lambda: [0], nonempty=True, help="source=images: noise seeds, maps averaged")
     layers: list[int] | None = field(None, help="concept methods: double-stream block indices to average "
                                                 "(negative from the end; null: all)")
     include_mid: bool = field(False, help="daam on UNets: also trace the mid block")
@@ -64,7 +64,8 @@ class SaliencyConfig:
 
 
 def _slug(text: str, i: int) -> str:
-    return f"{i:04d}-" + (re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image")
+    """File stem of the i-th prompt: its index (unique) and the prompt made safe (paths.safe_name), lower case."""
+    return f"{i:04d}-" + safe_name(text.lower(), max_len=48, tag_changes=False)
 
 
 def _check(cfg: SaliencyConfig) -> None:
@@ -133,7 +134,8 @@ def saliency_cmd(cfg: SaliencyConfig) -> list[Path]:
         items = [(_slug(p, i), p, None, list(cfg.concepts)) for i, p in enumerate(cfg.prompts)]
     else:
         ds = load_dataset(cfg.data)
-        items = [(s.id, s.caption, s, list(cfg.concepts) or list(s.concepts)) for s in ds.iter_samples()]
+        stems = UniqueNames()  # sample ids are data: one safe file name each, never a path out of `out`
+        items = [(stems(s.id), s.caption, s, list(cfg.concepts) or list(s.concepts)) for s in ds.iter_samples()]
     for ident, prompt, sample, concepts in tqdm(items, desc=f"saliency {cfg.method}", disable=not cfg.progress):
         if not concepts and cfg.method != "daam":
             raise ConfigError(f"{ident}: no concepts; pass --concepts")
@@ -142,8 +144,8 @@ def saliency_cmd(cfg: SaliencyConfig) -> list[Path]:
         else:
             image = ImageOps.fit(sample.image, (cfg.size, cfg.size), Image.BICUBIC)  # what the model sees
             maps, names = _on_image(pipe, cfg, image, prompt, concepts)
-        save_maps(out / f"{ident}.npz", maps, names, method=cfg.method, prompt=prompt, model=cfg.model.id)
-        written.append(save_overlays(out / f"{ident}.png", image, maps, names, title=f"{cfg.method}: {prompt}"))
+        save_maps(inside(out, f"{ident}.npz"), maps, names, method=cfg.method, prompt=prompt, model=cfg.model.id)
+        written.append(save_overlays(inside(out, f"{ident}.png"), image, maps, names, title=f"{cfg.method}: {prompt}"))
     print(f"wrote {len(written)} map file(s) and overlay(s) to {out}")
     return written
 
@@ -157,16 +159,16 @@ class SegmentConfig:
     path: str | None = field(None, help="imagenet-seg: the .mat file; voc: the folder holding SegmentationClass/")
     synset_names: str | None = field(None, help="imagenet-seg: LOC_synset_mapping.txt for class names")
     split: str = field("val", help="voc: ImageSets/Segmentation/<split>.txt; shapes: train | test")
-    count: int | None = field(16, help="number of images (null: all)")
+    count: int | None = field(16, min=1, help="number of images (null: all)")
     protocol: str = field("single", help="single (target map > its mean, binary metrics) | multi (argmax over "
                                          "concepts; voc/shapes)")
     methods: list[str] = field(default_factory=lambda: ["cross_attention", "concept_attention", "center_prior"],
-                               help="rows of the table: concept_attention, cross_attention, daam, center_prior")
+                               nonempty=True, help="rows of the table: concept_attention, cross_attention, daam, center_prior")
     background: list[str] = field(default_factory=lambda: ["background", "floor", "tree", "person", "grass", "face"],
                                   help="background concept words added after the image's classes")
-    t: int = field(500, help="noise timestep in [0, 1000) (flow: sigma 0.5 at 500, as in the paper)")
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="noise seeds, maps averaged")
-    size: int = field(64, help="model input side in pixels (images resized + centre-cropped)")
+    t: int = field(500, min=0, max=999, help="noise timestep in [0, 1000) (flow: sigma 0.5 at 500, as in the paper)")
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], nonempty=True, help="noise seeds, maps averaged")
+    size: int = field(64, min=1, help="model input side in pixels (images resized + centre-cropped)")
     layers: list[int] | None = field(None, help="double-stream block indices for the concept methods (null: all)")
     seed: int = field(0, help="shapes world seed")
     label: str = field("shape", help="shapes: segment the objects' shape words (shape) or colour words (colour)")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .base import ImageDataset, Sample, UnreadableImage, resize_center_crop, to_rgb
+from .base import (ImageDataset, Sample, UnreadableImage, array_to_rgb, check_size, open_image, resize_center_crop,
+                   to_rgb)
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,7 @@ class ImageFolder(ImageDataset):
 
     def __getitem__(self, i: int) -> Sample:
         path, label = self.files[i]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                img = to_rgb(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise UnreadableImage(self.sample_id(i), f"{type(e).__name__}: {e}") from e
+        img = open_image(path, self.sample_id(i))
         name = self.class_names[label]
         return Sample(image=resize_center_crop(img, self.size), caption=self.caption_template.format(label=name),
                       label=label, id=self.sample_id(i), concepts=[name])
@@ -85,6 +81,9 @@ class HFDiskDataset(ImageDataset):
             ds = ds[split]
         if image_column not in ds.column_names:
             raise ValueError(f"no image column {image_column!r} in {str(path)!r}; columns: {ds.column_names}")
+        if isinstance(ds.features.get(image_column), hfds.Image):
+            # decode here (open_image), not inside `datasets`: a bomb or corrupt file is then one skipped sample
+            ds = ds.cast_column(image_column, hfds.Image(decode=False))
         self.ds = ds if count is None else ds.select(range(min(count, len(ds))))
         self.size, self.image_column, self.label_column, self.caption_column = size, image_column, label_column, caption_column
         feat = ds.features.get(label_column)
@@ -101,23 +100,25 @@ class HFDiskDataset(ImageDataset):
     def __getitem__(self, i: int) -> Sample:
         row = self.ds[i]
         raw = row[self.image_column]
-        try:
-            if isinstance(raw, Image.Image):
-                img = raw
-            elif isinstance(raw, dict) and raw.get("bytes") is not None:
-                import io
+        sid = self.sample_id(i)
+        if isinstance(raw, dict) and raw.get("bytes") is not None:
+            import io
 
-                img = Image.open(io.BytesIO(raw["bytes"]))
-            elif isinstance(raw, dict) and raw.get("path"):
-                img = Image.open(raw["path"])
-            elif isinstance(raw, np.ndarray):
-                img = Image.fromarray(raw)
-            else:
-                raise ValueError(f"unsupported image value of type {type(raw).__name__}")
-            img.load()
-            img = to_rgb(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise UnreadableImage(self.sample_id(i), f"{type(e).__name__}: {e}") from e
+            img = open_image(io.BytesIO(raw["bytes"]), sid)
+        elif isinstance(raw, dict) and raw.get("path"):
+            img = open_image(raw["path"], sid)
+        else:
+            try:
+                if isinstance(raw, Image.Image):
+                    check_size(raw, sid)
+                    raw.load()
+                    img = to_rgb(raw)
+                elif isinstance(raw, (np.ndarray, list)):
+                    img = array_to_rgb(np.asarray(raw))
+                else:
+                    raise ValueError(f"unsupported image value of type {type(raw).__name__}")
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise UnreadableImage(sid, f"{type(e).__name__}: {e}") from e
         label = int(row[self.label_column]) if self.label_column in row and row[self.label_column] is not None else -1
         if self.caption_column in row and row[self.caption_column]:
             caption = str(row[self.caption_column])
