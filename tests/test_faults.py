@@ -267,12 +267,6 @@ def test_broken_sae_folder_is_one_line_naming_the_file(sae_dir, damage, expected
     assert "Traceback" not in err and err.count("revelio: error: ") == 1 and expected in last and str(sae_dir) in last
 
 
-def test_broken_sae_from_the_console(sae_dir):
-    (sae_dir / "sae.safetensors").write_bytes(b"\x00" * 7)
-    line = one_line_error(cli("sae", "eval", "--sae", str(sae_dir)))
-    assert f"{sae_dir}/sae.safetensors is not a readable safetensors file" in line
-
-
 def test_unwritable_output_folder_is_one_line(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the output folder should go")
