@@ -105,10 +105,12 @@ def run(argv: list[str]) -> Any:
         return None
     cmd, rest = split_command(argv)
     if cmd is None:
+        tried = " ".join(argv[:2]) if len(argv) > 1 and not argv[1].startswith("-") else argv[0]
+        hint = C.did_you_mean(tried, sorted(COMMANDS)) or C.did_you_mean(argv[0], sorted(COMMANDS))
         group = [n for n in COMMANDS if n.split()[0] == argv[0]]
         if group:
-            raise C.ConfigError(f"'revelio {argv[0]}' needs a subcommand: {', '.join(sorted(group))}")
-        raise C.ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join(sorted(COMMANDS))}")
+            raise C.ConfigError(f"'revelio {argv[0]}' needs a subcommand{hint if len(argv) > 1 else ''}: {', '.join(sorted(group))}")
+        raise C.ConfigError(f"unknown command {argv[0]!r}{hint}; commands: {', '.join(sorted(COMMANDS))}")
     if cmd.raw:
         return cmd.func(rest)
     if "-h" in rest or "--help" in rest:

@@ -9,6 +9,7 @@ as provenance next to results.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -110,6 +111,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def did_you_mean(name: str, valid: list[str]) -> str:
+    """' (did you mean 'x'?)' for the valid name closest to ``name`` (difflib), or ''."""
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys fail and name the valid ones."""
     hints = _resolved_hints(cls)
@@ -117,8 +124,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f" in '{prefix}'" if prefix else ""
-        raise ConfigError(f"unknown key(s) {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}{where}; "
-                          f"valid keys: {', '.join(names)}")
+        raise ConfigError(f"unknown key(s) {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}{where}"
+                          f"{did_you_mean(unknown[0], names)}; valid keys: {', '.join(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:

@@ -99,3 +99,36 @@ def test_python_dash_m_lists_commands(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "extract" in r.stdout and "demo" in r.stdout
+
+
+HEAVY = ("torch", "diffusers", "lightning", "transformers", "sklearn")
+
+
+def test_help_imports_nothing_heavy():
+    """Building every command's --help (in a fresh interpreter) imports no torch/diffusers/lightning/transformers."""
+    code = ("import sys, io, contextlib\n"
+            "from revelio import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.run(['--help'])\n"
+            "    for name in sorted(cli.COMMANDS):\n"
+            "        cli.run(name.split() + ['--help'])\n"
+            f"print(len(cli.COMMANDS), ','.join(m for m in {HEAVY!r} if m in sys.modules) or '-')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    n, heavy = r.stdout.split()
+    assert heavy == "-", f"--help imported {heavy}"
+    assert int(n) >= 14  # every command module registered (none skipped as missing)
+
+
+def test_unknown_names_suggest_the_closest(capsys):
+    assert cli.main(["extrat"]) == 2
+    assert "unknown command 'extrat' (did you mean 'extract'?)" in capsys.readouterr().err
+    assert cli.main(["sae", "fitt"]) == 2
+    assert "(did you mean 'sae fit'?)" in capsys.readouterr().err
+    assert cli.main(["extract", "--timestep", "3"]) == 2
+    assert "'timestep' (did you mean 'timesteps'?)" in capsys.readouterr().err
+    assert cli.main(["data", "--data.nmae", "x"]) == 2
+    assert "'data.nmae' in 'data' (did you mean 'name'?)" in capsys.readouterr().err
+    assert cli.main(["data", "--colums", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'columns'" in err and "valid keys:" in err
