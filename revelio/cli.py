@@ -68,7 +68,7 @@ def _load_commands() -> None:
 
 
 def _usage() -> str:
-    lines = ["usage: revelio <command> [--config FILE.yaml] [--section.key VALUE ...]", "", "commands:"]
+    lines = ["usage: revelio <command> [--config FILE.yaml] [--section.key VALUE ...] [--print_config]", "", "commands:"]
     width = max(len(n) for n in COMMANDS) if COMMANDS else 8
     for name in sorted(COMMANDS):
         lines.append(f"  {name:<{width}}  {COMMANDS[name].help.splitlines()[0] if COMMANDS[name].help else ''}")
@@ -77,7 +77,7 @@ def _usage() -> str:
 
 
 def command_help(cmd: Command) -> str:
-    lines = [f"usage: revelio {cmd.name} [--config FILE.yaml] [--section.key VALUE ...]", "", cmd.help, ""]
+    lines = [f"usage: revelio {cmd.name} [--config FILE.yaml] [--section.key VALUE ...] [--print_config]", "", cmd.help, ""]
     if cmd.config is not None:
         rows = C.describe(cmd.config)
         kw = max(len(r[0]) for r in rows)
@@ -128,7 +128,14 @@ def run(argv: list[str]) -> Any:
         if eq:
             path = eq[0].split("=", 1)[1]
             rest = [a for a in rest if a != eq[0]]
+    print_config = "--print_config" in rest  # as LightningCLI: the full resolved config as YAML, then exit
+    rest = [a for a in rest if a != "--print_config"]
     cfg = C.load(cmd.config, path, rest) if cmd.config is not None else None
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(C.to_dict(cfg) if cfg is not None else {}, sort_keys=False), end="")
+        return None
     return cmd.func(cfg) if cmd.config is not None else cmd.func()
 
 

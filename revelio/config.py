@@ -65,8 +65,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} fits none of {tp}: {'; '.join(errors)}")
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        if value not in args or isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{did_you_mean(value, list(args))}")
         return value
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
@@ -226,6 +226,15 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def literal_choices(tp: Any) -> list[Any]:
+    """The values a ``Literal`` type (or the Literals of a union) allows; [] for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return list(typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [c for arg in typing.get_args(tp) for c in literal_choices(arg)]
+    return []
+
+
 def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
     """Rows (dotted key, default, help) for every leaf field, for ``--help``.
 
@@ -241,9 +250,13 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         if _is_dataclass_type(tp):
             rows.extend(describe(tp, key + ".", default if dataclasses.is_dataclass(default) else None))
             continue
+        text = f.metadata.get("help", "")
+        choices = list(dict.fromkeys(str(c) for c in literal_choices(tp)))  # 32 and "32" show once
+        if choices and not all(c in text for c in choices):
+            text = f"{text} [{' | '.join(choices)}]".strip()
         if default is dataclasses.MISSING:
             shown = "(required)"
         else:
             shown = yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix("...").strip()
-        rows.append((key, shown, f.metadata.get("help", "")))
+        rows.append((key, shown, text))
     return rows

@@ -132,3 +132,50 @@ def test_unknown_names_suggest_the_closest(capsys):
     assert cli.main(["data", "--colums", "3"]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'columns'" in err and "valid keys:" in err
+
+
+def test_sae_fit_trainer_keys_match_lightning_signature():
+    """The static `--trainer.*` list (help needs no torch) is every YAML-able Trainer argument, and no other."""
+    import dataclasses
+    import inspect
+
+    import lightning
+
+    from revelio.commands.sae import TRAINER_OWNED, SAETrainerConfig, trainer_kwargs
+
+    params = inspect.signature(lightning.Trainer.__init__).parameters
+    keys = [f.name for f in dataclasses.fields(SAETrainerConfig)]
+    assert set(keys) | set(TRAINER_OWNED) == set(params), "Trainer arguments changed: update SAETrainerConfig"
+    assert not set(keys) & set(TRAINER_OWNED)
+    # defaults are Lightning's, except the project's own nine
+    ours = {"max_steps", "accelerator", "devices", "strategy", "num_nodes", "precision", "log_every_n_steps",
+            "val_check_interval", "enable_progress_bar"}
+    for f in dataclasses.fields(SAETrainerConfig):
+        if f.name not in ours:
+            assert f.default == params[f.name].default, f.name
+    kw = trainer_kwargs(SAETrainerConfig(max_epochs=2, gradient_clip_val=0.5))
+    assert kw["max_epochs"] == 2 and kw["gradient_clip_val"] == 0.5 and set(kw) == set(keys)
+
+
+def test_sae_fit_help_print_config_and_choices(capsys):
+    cli.run(["sae", "fit", "--help"])
+    out = capsys.readouterr().out
+    for key in ("--trainer.max_epochs", "--trainer.gradient_clip_val", "--trainer.accumulate_grad_batches",
+                "--trainer.deterministic", "--trainer.profiler"):
+        assert key in out
+    assert "[auto | cpu | gpu | cuda | mps | tpu]" in out  # Literal choices shown
+    assert "[norm | value]" in out
+    cli.run(["sae", "fit", "--print_config", "--trainer.max_epochs", "3", "--model.k", "4",
+             "--trainer.precision", "bf16-mixed"])
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 3 and printed["trainer"]["precision"] == "bf16-mixed"
+    assert printed["model"]["k"] == 4 and printed["data"]["samples"] == "pooled" and printed["out"] == "runs/sae"
+    assert C.from_dict(cli.COMMANDS["sae fit"].config, printed).model.k == 4  # the print is a valid config file
+    assert cli.main(["sae", "fit", "--trainer.accelerator", "gpus"]) == 2
+    assert "trainer.accelerator: 'gpus' is not one of" in capsys.readouterr().err
+    assert cli.main(["sae", "fit", "--trainer.gradient_clip_algorithm", "nrm"]) == 2
+    assert "(did you mean 'norm'?)" in capsys.readouterr().err
+    assert cli.main(["sae", "fit", "--trainer.max_epoch", "3"]) == 2
+    assert "(did you mean 'max_epochs'?)" in capsys.readouterr().err
