@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..cli import command
 from ..config import field, to_dict
@@ -14,7 +14,7 @@ from ..datasets import DataConfig
 @dataclass
 class ModelConfig:
     id: str = field("tiny-sd", help="zoo name (tiny-sd, tiny-flux, tiny-sd3), local pipeline folder or hub id")
-    dtype: str = field("float32", help="compute dtype of the pipeline: float32 | float16 | bfloat16")
+    dtype: Literal["float32", "float16", "bfloat16"] = field("float32", help="compute dtype of the pipeline: float32 | float16 | bfloat16")
     device: str = field("cpu", help="torch device: cpu | cuda | cuda:1 | mps (under torchrun 'cuda' means cuda:LOCAL_RANK)")
 
 
@@ -25,13 +25,13 @@ class ExtractConfig:
     hooks: list[str] = field(default_factory=lambda: ["mid_block", "up_blocks.1"],
                              help="denoiser module names to hook (e.g. mid_block, up_blocks.1, transformer_blocks.3)")
     timesteps: list[int] = field(default_factory=lambda: [25], help="noise timesteps in [0, 1000), one forward each")
-    capture: str = field("output", help="output | input | delta (output - input)")
-    pooling: str = field("none", help="none (keep maps / image tokens) | mean (spatial mean, layout NC)")
-    prompt: str = field("empty", help="empty | caption | template")
+    capture: Literal["output", "input", "delta"] = field("output", help="output | input | delta (output - input)")
+    pooling: Literal["none", "mean"] = field("none", help="none (keep maps / image tokens) | mean (spatial mean, layout NC)")
+    prompt: Literal["empty", "caption", "template"] = field("empty", help="empty | caption | template")
     template: str = field("a photo of a {label}", help="prompt for prompt=template; {label} name, {label_id} int")
     batch_size: int = field(16, help="images per denoiser call")
-    storage_dtype: str = field("float16", help="float16 | float32 on disk")
-    compression: str = field("none", help="none | gzip | lzf (chunk compression; none is fastest and crash-safest)")
+    storage_dtype: Literal["float16", "float32"] = field("float16", help="float16 | float32 on disk")
+    compression: Literal["none", "gzip", "lzf"] = field("none", help="none | gzip | lzf (chunk compression; none is fastest and crash-safest)")
     seed: int = field(0, help="noise seed; noise depends on (seed, image id, timestep) only")
     out: str = field("runs/activations.h5", help="output HDF5 store (resumed when it exists with the same config)")
     progress: bool = field(True, help="show a progress bar")

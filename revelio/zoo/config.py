@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ..config import field
 
@@ -26,7 +27,7 @@ class StageConfig:
 class ZooTrainConfig:
     """Which models to train, on which shapes images, and where to save them."""
 
-    model: str = field("all", help="vae | tiny-sd | tiny-flux | all (vae first: the denoisers need it)")
+    model: Literal["vae", "tiny-sd", "tiny-flux", "all"] = field("all", help="vae | tiny-sd | tiny-flux | all (vae first: the denoisers need it)")
     out: str = field("revelio/zoo/weights", help="folder receiving tiny-sd/ and tiny-flux/ (save_pretrained)")
     seed: int = field(0, help="seed of data, initialisation, noise and batching")
     images: int = field(10000, help="training images rendered into the tensor cache")
@@ -40,6 +41,6 @@ class ZooTrainConfig:
     sd: StageConfig = field(default_factory=lambda: StageConfig(steps=1800, batch_size=32, lr=8e-4), help="")
     flux: StageConfig = field(default_factory=lambda: StageConfig(steps=4500, batch_size=32, lr=5e-4), help="")
     threads: int = field(1, help="torch CPU threads (0: torch's default)")
-    device: str = field("cpu", help="training device: cpu | cuda | mps")
-    save_dtype: str = field("float16", help="storage dtype of the saved weights: float16 | float32")
+    device: str = field("cpu", help="training device: cpu | cuda | cuda:1 | mps")
+    save_dtype: Literal["float16", "float32"] = field("float16", help="storage dtype of the saved weights: float16 | float32")
     workdir: str | None = field(None, help="folder of the rendered-image cache and the trained VAE (default: $REVELIO_HOME/zoo-train)")
