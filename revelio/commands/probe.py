@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from probes.linear import DEFAULT_CS
+from probes import DEFAULT_CS
 
 from ..cli import command
 from ..config import ConfigError, field, to_dict
