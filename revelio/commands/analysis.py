@@ -213,7 +213,8 @@ class SteerConfig:
     scale: float = field(4.0, help="coefficient, in units of the latent's activation (remove: 1 = remove all)")
     box: list[float] | None = field(None, help="region [top, bottom, left, right] as image fractions "
                                                "(null: everywhere)")
-    steps: list[int] | None = field(None, help="[start, end) denoising steps to steer (null: all)")
+    steps: list[int] | None = field(None, help="[start, end) denoising (scheduler) steps to steer, both CFG passes "
+                                              "of each (null: all)")
     inference_steps: int = field(20, help="denoising steps of the generation")
     guidance_scale: float = field(5.0, help="classifier-free guidance scale")
     size: int | None = field(None, help="image side in pixels (null: the pipeline's default)")
