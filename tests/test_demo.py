@@ -10,6 +10,8 @@ import sae
 from extraction.store import open_store
 from revelio.cli import run
 
+pytestmark = pytest.mark.slow  # every stage of the demo end to end, even at this small size
+
 SMALL = ["--images", "24", "--sae_steps", "20", "--segment_images", "2", "--compare_images", "6",
          "--saliency_steps", "2", "--probe_seeds", "[0]", "--segment_seeds", "[0]", "--progress", "false"]
 

@@ -20,7 +20,8 @@ import yaml
 
 from extraction.store import open_store
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# slow: real subprocesses (a killed extraction and its resume, a 2-rank torchrun), about a minute each
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 CONFIG = {
