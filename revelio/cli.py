@@ -21,13 +21,13 @@ from . import config as C
 
 # Modules that declare subcommands; imported lazily so `revelio --help` stays fast.
 COMMAND_MODULES = [
-    "revelio.commands.basic",
+    "revelio.commands.zoo_data",
     "revelio.commands.zoo_train",
     "revelio.commands.extract",
     "revelio.commands.sae",
     "revelio.commands.probe",
-    "revelio.commands.saliency",
-    "revelio.commands.analysis",
+    "revelio.commands.saliency_segment",
+    "revelio.commands.compare_browse_steer",
     "revelio.commands.demo",
 ]
 

@@ -130,7 +130,7 @@ def test_alignment_ranks_the_latent_that_is_the_mask_first_and_compares_with_sal
 
 
 def test_compare_command_writes_tables_with_daam(sd_store, sd_sae, tmp_path):
-    from revelio.commands.analysis import CompareConfig, compare_cmd
+    from revelio.commands.compare_browse_steer import CompareConfig, compare_cmd
 
     cfg = load(CompareConfig, overrides={"source": {"sae": str(sd_sae)}, "images": 4, "top": 3,
                                          "out": str(tmp_path / "cmp"), "progress": False})
@@ -153,7 +153,7 @@ def test_compare_command_writes_tables_with_daam(sd_store, sd_sae, tmp_path):
     with pytest.raises(ValueError, match="daam"):
         compare_cmd(load(CompareConfig, overrides={"source": {"sae": str(sd_sae)}, "method": "gradcam"}))
 
-    from revelio.commands.analysis import BrowseConfig, browse_cmd
+    from revelio.commands.compare_browse_steer import BrowseConfig, browse_cmd
 
     index = browse_cmd(load(BrowseConfig, overrides={
         "source": {"sae": str(sd_sae)}, "images": 6, "sort": "alignment", "limit": 3, "top_k": 2,
@@ -282,7 +282,7 @@ def test_steering_counts_denoising_steps_and_steers_both_cfg_passes_on_flux_true
 
 
 def test_steer_command_before_after(sd_sae, tmp_path):
-    from revelio.commands.analysis import SteerConfig, steer_cmd
+    from revelio.commands.compare_browse_steer import SteerConfig, steer_cmd
 
     res = steer_cmd(load(SteerConfig, overrides={"source": {"sae": str(sd_sae)}, "latent": 3, "scale": 40.0,
                                                  "inference_steps": 2, "prompt": "a red circle",

@@ -179,3 +179,10 @@ def test_sae_fit_help_print_config_and_choices(capsys):
     assert "(did you mean 'norm'?)" in capsys.readouterr().err
     assert cli.main(["sae", "fit", "--trainer.max_epoch", "3"]) == 2
     assert "(did you mean 'max_epochs'?)" in capsys.readouterr().err
+
+
+def test_command_modules_are_named_after_their_commands():
+    cli._load_commands()
+    for name, cmd in cli.COMMANDS.items():
+        words = cmd.func.__module__.rsplit(".", 1)[1].split("_")
+        assert name.split()[0] in words, f"'revelio {name}' lives in {cmd.func.__module__}"
