@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Each creates .venv
+# The two commands of the README: `make demo` and `make test` (`make test-fast` skips the slow tests). Each creates .venv
 # when missing and installs the project into it, so a fresh clone needs nothing else.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
+
+# The edit loop: everything but the tests marked slow (whole demo, notebooks, real subprocesses, training).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) -P $$b; done

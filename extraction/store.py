@@ -1,6 +1,6 @@
 """The HDF5 activation store: the writer used by extraction and the reader every other stage uses.
 
-Layout (DESIGN.md, "Activation store")::
+Layout (docs/design.md, "Activation store")::
 
     /                  attrs: format_version, model, model_class, dataset, config (YAML), seed, created,
                               package_version, identity (JSON of the data-defining config), complete, n_images

@@ -7,25 +7,28 @@ torch/Lightning head streaming from the HDF5 store). ``sweep`` runs them over a 
 ``monosemanticity`` scores SAE latents by the labels of their top images.
 """
 
-from ._checks import ProbeError
+from ._checks import DEFAULT_CS, ProbeError
 from .evaluate import chance_accuracy, evaluate, macro_f1, sparse_probing
 from .features import labelled_rows, pooled_features, random_features, sae_codes, sae_key
-from .linear import DEFAULT_CS, LinearProbe
 from .mono import auroc_matrix, label_purity_entropy, monosemanticity, top_rows
-from .sparse import KSparseProbe, default_ks, mean_difference_scores, top_k_features
 from .splits import Split, make_splits, stratified_folds, stratified_split
 from .sweep import sweep
 
-_STREAMING = ("StoreSource", "StreamingLinearProbe",
-           "evaluate_streaming", "evaluate_streaming", "streaming_moments")
+# Names whose modules import scikit-learn or torch load on first use, so importing probes stays light
+# (the CLI's --help reads DEFAULT_CS through it).
+_LAZY = {
+    "LinearProbe": "linear",
+    "KSparseProbe": "sparse", "default_ks": "sparse", "mean_difference_scores": "sparse", "top_k_features": "sparse",
+    "StoreSource": "streaming", "StreamingLinearProbe": "streaming", "evaluate_streaming": "streaming",
+    "streaming_moments": "streaming",
+}
 
 
 def __getattr__(name: str):
-    """The torch/Lightning names load on first use, so importing probes stays light."""
-    if name in _STREAMING:
-        from . import streaming
+    if name in _LAZY:
+        import importlib
 
-        return getattr(streaming, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'probes' has no attribute {name!r}")
 
 

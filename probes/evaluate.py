@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_X_y
-from .linear import DEFAULT_CS, LinearProbe
-from .sparse import KSparseProbe, default_ks
+from ._checks import DEFAULT_CS
 from .splits import Split
 
 
@@ -46,13 +45,16 @@ def evaluate(X: np.ndarray, y: np.ndarray, splits: Sequence[Split], k: int | Non
     Returns accuracy / macro-F1 / chance mean and std over the splits, the CV accuracy of the chosen
     C (mean over seeds, and its std over folds, averaged over seeds: ``cv_fold_std``) and sizes.
     """
+    from .linear import LinearProbe  # scikit-learn loads with the first fit, not with `import probes`
+    from .sparse import KSparseProbe
+
     X, y = check_X_y(X, y)
     per_seed, fold_std = [], []
     for s in splits:
         probe = (LinearProbe(Cs, cv, s.seed, max_iter) if k is None
                  else KSparseProbe(k, Cs, cv, s.seed, max_iter)).fit(X[s.train], y[s.train])
         lin = probe if k is None else probe.probe_
-        best = lin.cv_scores_[lin.Cs.index(lin.C_)]
+        best = lin.cv_scores_[lin.Cs_.index(lin.C_)]
         pred = probe.predict(X[s.test])
         per_seed.append({"accuracy": float(np.mean(pred == y[s.test])), "macro_f1": macro_f1(y[s.test], pred),
                          "cv_accuracy": float(best.mean()) if best.size else float("nan"),
@@ -69,5 +71,7 @@ def evaluate(X: np.ndarray, y: np.ndarray, splits: Sequence[Split], k: int | Non
 def sparse_probing(X: np.ndarray, y: np.ndarray, splits: Sequence[Split], ks: Sequence[int] | None = None,
                    k_max: int | None = 64, **kw: Any) -> list[dict[str, Any]]:
     """SAEBench sparse probing: ``evaluate`` with k = 1, 2, 4, ... selected latents (one record per k)."""
+    from .sparse import default_ks
+
     ks = list(ks) if ks else default_ks(np.asarray(X).shape[1], k_max)
     return [evaluate(X, y, splits, k=k, **kw) for k in ks if k <= np.asarray(X).shape[1]]

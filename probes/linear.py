@@ -4,6 +4,10 @@ The regularisation path is walked from strong to weak (small to large C) with wa
 inside each fold the scaler is fitted on that fold's training part only, and the best C
 (highest mean validation accuracy; ties go to the stronger regularisation) is refitted on
 all the data ``fit`` was given. The caller's test images never reach ``fit``.
+
+``LinearProbe`` and ``KSparseProbe`` are scikit-learn estimators: ``__init__`` only stores its
+arguments, ``fit`` validates them, so ``sklearn.base.clone``, ``GridSearchCV`` and
+``check_estimator`` work (tests/test_probes.py lists the checks that do not apply and why).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
-from ._checks import ProbeError, check_fitted, check_X, check_X_y
+from ._checks import DEFAULT_CS, check_Cs, check_fitted, check_width, check_X_y
 from .splits import stratified_folds
 
+__all__ = ["DEFAULT_CS", "LinearProbe"]
+
 SMALL_PROBLEM = 2_000_000  # X.size below which fits use a single thread
-DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 def _fit_logreg(X: np.ndarray, y: np.ndarray, C: float, max_iter: int, warm: object | None = None):
@@ -32,22 +38,18 @@ def _fit_logreg(X: np.ndarray, y: np.ndarray, C: float, max_iter: int, warm: obj
     return clf
 
 
-class LinearProbe:
-    """Multinomial logistic regression on standardised features (scikit-learn style).
+class LinearProbe(ClassifierMixin, BaseEstimator):
+    """Multinomial logistic regression on standardised features (a scikit-learn classifier).
 
     Parameters: ``Cs`` the inverse-regularisation path, ``cv`` folds for choosing C (None or a
-    single C: no CV), ``seed`` of the folds, ``max_iter`` of L-BFGS.
-    After ``fit``: ``classes_``, ``C_``, ``cv_scores_`` (n_Cs, n_folds) validation accuracies,
-    ``scaler_``, ``clf_``.
+    single C: no CV), ``seed`` of the folds, ``max_iter`` of L-BFGS. Labels are integer class ids
+    (-1 means "unlabelled" in a store and is refused).
+    After ``fit``: ``classes_``, ``Cs_`` (the path, sorted), ``C_``, ``cv_scores_`` (n_Cs, n_folds)
+    validation accuracies, ``n_features_in_``, ``scaler_``, ``clf_``.
     """
 
     def __init__(self, Cs: Sequence[float] = DEFAULT_CS, cv: int | None = 5, seed: int = 0, max_iter: int = 1000):
-        Cs = [float(c) for c in Cs]
-        if not Cs or min(Cs) <= 0:
-            raise ProbeError(f"Cs must be a non-empty list of positive inverse regularisation strengths, got {Cs}")
-        if not cv and len(Cs) > 1:
-            raise ProbeError(f"{len(Cs)} values of C need cross-validation to choose one: pass cv >= 2 or a single C")
-        self.Cs = sorted(Cs)
+        self.Cs = Cs
         self.cv = cv
         self.seed = seed
         self.max_iter = max_iter
@@ -62,6 +64,7 @@ class LinearProbe:
         """Choose C on folds of (X, y), then refit on all of it."""
         from threadpoolctl import threadpool_limits
 
+        self.Cs_ = check_Cs(self.Cs, self.cv)
         X, y = check_X_y(X, y, min_per_class=2 if self.cv else 1)
         # Small problems run several times faster on one BLAS/OpenMP thread (benchmarks/probes.py).
         with threadpool_limits(limits=1 if X.size < SMALL_PROBLEM else None):
@@ -71,22 +74,24 @@ class LinearProbe:
         from sklearn.preprocessing import StandardScaler
 
         self.classes_ = np.unique(y)
-        if self.cv and len(self.Cs) > 1:
+        self.n_features_in_ = X.shape[1]
+        if self.cv and len(self.Cs_) > 1:
             folds = stratified_folds(y, self.cv, self.seed)
-            scores = np.zeros((len(self.Cs), len(folds)))
+            scores = np.zeros((len(self.Cs_), len(folds)))
             for j, (tr, va) in enumerate(folds):
                 scaler = StandardScaler().fit(X[tr])
                 Xtr, Xva = scaler.transform(X[tr]), scaler.transform(X[va])
                 clf = None
-                for i, C in enumerate(self.Cs):
+                for i, C in enumerate(self.Cs_):  # warm starts along the path, strong to weak
                     clf = _fit_logreg(Xtr, y[tr], C, self.max_iter, warm=clf)
                     scores[i, j] = float(np.mean(clf.predict(Xva) == y[va]))
             self.cv_scores_ = scores
-            self.C_ = self.Cs[int(np.argmax(scores.mean(axis=1)))]
+            self.C_ = self.Cs_[int(np.argmax(scores.mean(axis=1)))]
         else:
             self.cv_scores_ = np.zeros((1, 0))
-            self.C_ = self.Cs[0]
+            self.C_ = self.Cs_[0]
         self.scaler_, self.clf_ = self._scaled_fit(X, y, self.C_)
+        self.n_iter_ = int(np.max(self.clf_.n_iter_))  # L-BFGS iterations of the final fit
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
@@ -101,12 +106,5 @@ class LinearProbe:
         check_fitted(self)
         return self.clf_.predict(self.scaler_.transform(self._check_width(X)))
 
-    def score(self, X: np.ndarray, y: np.ndarray) -> float:
-        """Accuracy on (X, y)."""
-        return float(np.mean(self.predict(X) == np.asarray(y)))
-
     def _check_width(self, X: np.ndarray) -> np.ndarray:
-        X = check_X(X)
-        if X.shape[1] != self.scaler_.n_features_in_:
-            raise ProbeError(f"X has {X.shape[1]} features but the probe was fitted on {self.scaler_.n_features_in_}")
-        return X
+        return check_width(X, self.n_features_in_, self)

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
-from ._checks import ProbeError, check_fitted, check_X, check_X_y
-from .linear import DEFAULT_CS, LinearProbe
+from ._checks import DEFAULT_CS, ProbeError, check_Cs, check_fitted, check_width, check_X_y
+from .linear import LinearProbe
 
 
 def mean_difference_scores(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -33,48 +34,50 @@ def mean_difference_scores(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 def top_k_features(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` highest scores, best first (ties: lower index first)."""
     if not 1 <= k <= len(scores):
-        raise ProbeError(f"k must lie in [1, {len(scores)}] (the number of features), got {k}")
+        raise ProbeError(f"k must lie in [1, {len(scores)}] (n_features = {len(scores)}), got {k}")
     return np.argsort(-scores, kind="stable")[:k]
 
 
-class KSparseProbe:
-    """Select ``k`` features by class-mean difference, then a ``LinearProbe`` on those alone.
+class KSparseProbe(ClassifierMixin, BaseEstimator):
+    """Select ``k`` features by class-mean difference, then a ``LinearProbe`` on those alone (a scikit-learn
+    classifier; parameters as ``LinearProbe`` plus ``k``, checked by ``fit``).
 
     After ``fit``: ``features_`` (the k selected indices, best first), ``scores_``, ``probe_``.
     """
 
-    def __init__(self, k: int, Cs: Sequence[float] = DEFAULT_CS, cv: int | None = 5, seed: int = 0,
+    def __init__(self, k: int = 1, Cs: Sequence[float] = DEFAULT_CS, cv: int | None = 5, seed: int = 0,
                  max_iter: int = 1000):
-        if int(k) < 1:
-            raise ProbeError(f"k must be a positive number of features, got {k}")
-        self.k = int(k)
+        self.k = k
         self.Cs, self.cv, self.seed, self.max_iter = Cs, cv, seed, max_iter
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> KSparseProbe:
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise ProbeError(f"k must be a positive number of features, got {self.k!r}")
+        check_Cs(self.Cs, self.cv)
         X, y = check_X_y(X, y)
         self.scores_ = mean_difference_scores(X, y)
-        self.features_ = top_k_features(self.scores_, self.k)
+        self.features_ = top_k_features(self.scores_, int(self.k))
         self.probe_ = LinearProbe(self.Cs, self.cv, self.seed, self.max_iter).fit(X[:, self.features_], y)
         self.classes_ = self.probe_.classes_
         self.n_features_in_ = X.shape[1]
+        self.n_iter_ = self.probe_.n_iter_
         return self
 
     def _select(self, X: np.ndarray) -> np.ndarray:
         check_fitted(self)
-        X = check_X(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ProbeError(f"X has {X.shape[1]} features but the probe was fitted on {self.n_features_in_}")
-        return X[:, self.features_]
+        return check_width(X, self.n_features_in_, self)[:, self.features_]
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.probe_.predict(self._select(X))
+        Xk = self._select(X)  # checks fitted before probe_ is touched
+        return self.probe_.predict(Xk)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self.probe_.predict_proba(self._select(X))
+        Xk = self._select(X)
+        return self.probe_.predict_proba(Xk)
 
-    def score(self, X: np.ndarray, y: np.ndarray) -> float:
-        """Accuracy on (X, y)."""
-        return float(np.mean(self.predict(X) == np.asarray(y)))
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        Xk = self._select(X)
+        return self.probe_.decision_function(Xk)
 
 
 def default_ks(n_features: int, k_max: int | None = None) -> list[int]:

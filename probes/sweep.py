@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import evaluate, sparse_probing
 from .features import check_key, labelled_rows, pooled_features, random_features, sae_codes, sae_key
-from .linear import DEFAULT_CS
+from ._checks import DEFAULT_CS
 from .splits import make_splits
 
 BACKENDS = ("sklearn", "torch")

@@ -21,13 +21,13 @@ from . import config as C
 
 # Modules that declare subcommands; imported lazily so `revelio --help` stays fast.
 COMMAND_MODULES = [
-    "revelio.commands.basic",
+    "revelio.commands.zoo_data",
     "revelio.commands.zoo_train",
     "revelio.commands.extract",
     "revelio.commands.sae",
     "revelio.commands.probe",
-    "revelio.commands.saliency",
-    "revelio.commands.analysis",
+    "revelio.commands.saliency_segment",
+    "revelio.commands.compare_browse_steer",
     "revelio.commands.demo",
 ]
 
@@ -81,7 +81,7 @@ def _load_commands() -> None:
 
 
 def _usage() -> str:
-    lines = ["usage: revelio <command> [--config FILE.yaml] [--section.key VALUE ...]", "", "commands:"]
+    lines = ["usage: revelio <command> [--config FILE.yaml] [--section.key VALUE ...] [--print_config]", "", "commands:"]
     width = max(len(n) for n in COMMANDS) if COMMANDS else 8
     for name in sorted(COMMANDS):
         lines.append(f"  {name:<{width}}  {COMMANDS[name].help.splitlines()[0] if COMMANDS[name].help else ''}")
@@ -90,7 +90,7 @@ def _usage() -> str:
 
 
 def command_help(cmd: Command) -> str:
-    lines = [f"usage: revelio {cmd.name} [--config FILE.yaml] [--section.key VALUE ...]", "", cmd.help, ""]
+    lines = [f"usage: revelio {cmd.name} [--config FILE.yaml] [--section.key VALUE ...] [--print_config]", "", cmd.help, ""]
     if cmd.config is not None:
         rows = C.describe(cmd.config)
         kw = max(len(r[0]) for r in rows)
@@ -118,10 +118,12 @@ def run(argv: list[str]) -> Any:
         return None
     cmd, rest = split_command(argv)
     if cmd is None:
+        tried = " ".join(argv[:2]) if len(argv) > 1 and not argv[1].startswith("-") else argv[0]
+        hint = C.did_you_mean(tried, sorted(COMMANDS)) or C.did_you_mean(argv[0], sorted(COMMANDS))
         group = [n for n in COMMANDS if n.split()[0] == argv[0]]
         if group:
-            raise C.ConfigError(f"'revelio {argv[0]}' needs a subcommand: {', '.join(sorted(group))}")
-        raise C.ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join(sorted(COMMANDS))}")
+            raise C.ConfigError(f"'revelio {argv[0]}' needs a subcommand{hint if len(argv) > 1 else ''}: {', '.join(sorted(group))}")
+        raise C.ConfigError(f"unknown command {argv[0]!r}{hint}; commands: {', '.join(sorted(COMMANDS))}")
     if cmd.raw:
         return cmd.func(rest)
     if "-h" in rest or "--help" in rest:
@@ -139,7 +141,14 @@ def run(argv: list[str]) -> Any:
         if eq:
             path = eq[0].split("=", 1)[1]
             rest = [a for a in rest if a != eq[0]]
+    print_config = "--print_config" in rest  # as LightningCLI: the full resolved config as YAML, then exit
+    rest = [a for a in rest if a != "--print_config"]
     cfg = C.load(cmd.config, path, rest) if cmd.config is not None else None
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(C.to_dict(cfg) if cfg is not None else {}, sort_keys=False), end="")
+        return None
     return cmd.func(cfg) if cmd.config is not None else cmd.func()
 
 

@@ -9,6 +9,7 @@ as provenance next to results.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -73,8 +74,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} fits none of {tp}: {'; '.join(errors)}")
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        if value not in args or isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{did_you_mean(value, list(args))}")
         return value
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
@@ -119,6 +120,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def did_you_mean(name: str, valid: list[str]) -> str:
+    """' (did you mean 'x'?)' for the valid name closest to ``name`` (difflib), or ''."""
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys fail and name the valid ones."""
     hints = _resolved_hints(cls)
@@ -126,8 +133,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f" in '{prefix}'" if prefix else ""
-        raise ConfigError(f"unknown key(s) {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}{where}; "
-                          f"valid keys: {', '.join(names)}")
+        raise ConfigError(f"unknown key(s) {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}{where}"
+                          f"{did_you_mean(unknown[0], names)}; valid keys: {', '.join(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -265,6 +272,15 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def literal_choices(tp: Any) -> list[Any]:
+    """The values a ``Literal`` type (or the Literals of a union) allows; [] for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return list(typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [c for arg in typing.get_args(tp) for c in literal_choices(arg)]
+    return []
+
+
 def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
     """Rows (dotted key, default, help) for every leaf field, for ``--help``.
 
@@ -280,9 +296,13 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         if _is_dataclass_type(tp):
             rows.extend(describe(tp, key + ".", default if dataclasses.is_dataclass(default) else None))
             continue
+        text = f.metadata.get("help", "")
+        choices = list(dict.fromkeys(str(c) for c in literal_choices(tp)))  # 32 and "32" show once
+        if choices and not all(c in text for c in choices):
+            text = f"{text} [{' | '.join(choices)}]".strip()
         if default is dataclasses.MISSING:
             shown = "(required)"
         else:
             shown = yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix("...").strip()
-        rows.append((key, shown, f.metadata.get("help", "")))
+        rows.append((key, shown, text))
     return rows

@@ -1,4 +1,4 @@
-"""The k-sparse autoencoder, in plain torch (METHODS.md section 4).
+"""The k-sparse autoencoder, in plain torch (docs/methods.md, section 4).
 
     x_n   = s * x                                   input normalisation, s = sqrt(d_in) / mean ||x||
     pre   = (x_n - b_dec) W_enc + b_enc             W_enc [d_in, d_sae]

@@ -130,7 +130,7 @@ def test_alignment_ranks_the_latent_that_is_the_mask_first_and_compares_with_sal
 
 
 def test_compare_command_writes_tables_with_daam(sd_store, sd_sae, tmp_path):
-    from revelio.commands.analysis import CompareConfig, compare_cmd
+    from revelio.commands.compare_browse_steer import CompareConfig, compare_cmd
 
     cfg = load(CompareConfig, overrides={"source": {"sae": str(sd_sae)}, "images": 4, "top": 3,
                                          "out": str(tmp_path / "cmp"), "progress": False})
@@ -153,7 +153,7 @@ def test_compare_command_writes_tables_with_daam(sd_store, sd_sae, tmp_path):
     with pytest.raises(ValueError, match="daam"):
         compare_cmd(load(CompareConfig, overrides={"source": {"sae": str(sd_sae)}, "method": "gradcam"}))
 
-    from revelio.commands.analysis import BrowseConfig, browse_cmd
+    from revelio.commands.compare_browse_steer import BrowseConfig, browse_cmd
 
     index = browse_cmd(load(BrowseConfig, overrides={
         "source": {"sae": str(sd_sae)}, "images": 6, "sort": "alignment", "limit": 3, "top_k": 2,
@@ -244,8 +244,45 @@ def test_steering_adds_and_removes_the_decoder_direction_where_and_when_asked(sd
         box_mask([0.5, 0.2, 0, 1])
 
 
+def test_steering_counts_denoising_steps_and_steers_both_cfg_passes_on_flux_true_cfg(tiny_flux):
+    """tiny-flux under true CFG calls its transformer twice a step (conditional, then unconditional): steps=(1, 3)
+    steers exactly scheduler steps 1 and 2, both passes of each, and nothing else."""
+    from revelio.analysis.steering import generate
+    from revelio.zoo import generation_kwargs
+
+    assert "true_cfg_scale" in generation_kwargs(tiny_flux, 4.0)  # tiny-flux has no guidance embedding
+    hook = "transformer_blocks.1"
+    model = sae.SparseAutoencoder(64, 32, 4, seed=0)
+    module = dict(tiny_flux.transformer.named_modules())[hook]
+
+    def run(scale, guidance=4.0):
+        steering = Steering(tiny_flux, model, [SteeringSpec(2, scale, steps=(1, 3))], hook=hook)
+        seen = []  # (step, image tokens after the steering hook) at every firing of the hooked block
+        with steering:
+            h = module.register_forward_hook(lambda m, a, out: seen.append((steering.step, out[1].detach().clone())))
+            try:
+                generate(tiny_flux, "a red circle", seed=0, steps=4, guidance_scale=guidance, size=64)
+            finally:
+                h.remove()
+        assert "step" not in vars(tiny_flux.scheduler)  # the scheduler is itself again
+        return steering, seen
+
+    base, before = run(0.0)
+    steering, after = run(3.0)
+    assert dict(steering.calls_per_step) == {0: 2, 1: 2, 2: 2, 3: 2}  # 4 steps x (cond + uncond)
+    assert dict(steering.steered_per_step) == {1: 2, 2: 2}  # only steps 1 and 2, both passes
+    assert [s for s, _ in after] == [0, 0, 1, 1, 2, 2, 3, 3]
+    d = latent_direction(model, 2)
+    assert torch.equal(after[0][1], before[0][1]) and torch.equal(after[1][1], before[1][1])  # step 0 untouched
+    for i in (2, 3):  # step 1, conditional and unconditional: its input is unchanged, its output moved by 3 d
+        np.testing.assert_allclose((after[i][1] - before[i][1]).numpy(), (3.0 * d).expand(1, 64, -1).numpy(),
+                                   atol=1e-4)
+    single, _ = run(3.0, guidance=1.0)  # no CFG: one call a step, the same steps steered
+    assert dict(single.calls_per_step) == {0: 1, 1: 1, 2: 1, 3: 1} and dict(single.steered_per_step) == {1: 1, 2: 1}
+
+
 def test_steer_command_before_after(sd_sae, tmp_path):
-    from revelio.commands.analysis import SteerConfig, steer_cmd
+    from revelio.commands.compare_browse_steer import SteerConfig, steer_cmd
 
     res = steer_cmd(load(SteerConfig, overrides={"source": {"sae": str(sd_sae)}, "latent": 3, "scale": 40.0,
                                                  "inference_steps": 2, "prompt": "a red circle",

@@ -99,3 +99,90 @@ def test_python_dash_m_lists_commands(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "extract" in r.stdout and "demo" in r.stdout
+
+
+HEAVY = ("torch", "diffusers", "lightning", "transformers", "sklearn")
+
+
+def test_help_imports_nothing_heavy():
+    """Building every command's --help (in a fresh interpreter) imports no torch/diffusers/lightning/transformers."""
+    code = ("import sys, io, contextlib\n"
+            "from revelio import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.run(['--help'])\n"
+            "    for name in sorted(cli.COMMANDS):\n"
+            "        cli.run(name.split() + ['--help'])\n"
+            f"print(len(cli.COMMANDS), ','.join(m for m in {HEAVY!r} if m in sys.modules) or '-')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    n, heavy = r.stdout.split()
+    assert heavy == "-", f"--help imported {heavy}"
+    assert int(n) >= 14  # every command module registered (none skipped as missing)
+
+
+def test_unknown_names_suggest_the_closest(capsys):
+    assert cli.main(["extrat"]) == 2
+    assert "unknown command 'extrat' (did you mean 'extract'?)" in capsys.readouterr().err
+    assert cli.main(["sae", "fitt"]) == 2
+    assert "(did you mean 'sae fit'?)" in capsys.readouterr().err
+    assert cli.main(["extract", "--timestep", "3"]) == 2
+    assert "'timestep' (did you mean 'timesteps'?)" in capsys.readouterr().err
+    assert cli.main(["data", "--data.nmae", "x"]) == 2
+    assert "'data.nmae' in 'data' (did you mean 'name'?)" in capsys.readouterr().err
+    assert cli.main(["data", "--colums", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'columns'" in err and "valid keys:" in err
+
+
+def test_sae_fit_trainer_keys_match_lightning_signature():
+    """The static `--trainer.*` list (help needs no torch) is every YAML-able Trainer argument, and no other."""
+    import dataclasses
+    import inspect
+
+    import lightning
+
+    from revelio.commands.sae import TRAINER_OWNED, SAETrainerConfig, trainer_kwargs
+
+    params = inspect.signature(lightning.Trainer.__init__).parameters
+    keys = [f.name for f in dataclasses.fields(SAETrainerConfig)]
+    assert set(keys) | set(TRAINER_OWNED) == set(params), "Trainer arguments changed: update SAETrainerConfig"
+    assert not set(keys) & set(TRAINER_OWNED)
+    # defaults are Lightning's, except the project's own nine
+    ours = {"max_steps", "accelerator", "devices", "strategy", "num_nodes", "precision", "log_every_n_steps",
+            "val_check_interval", "enable_progress_bar"}
+    for f in dataclasses.fields(SAETrainerConfig):
+        if f.name not in ours:
+            assert f.default == params[f.name].default, f.name
+    kw = trainer_kwargs(SAETrainerConfig(max_epochs=2, gradient_clip_val=0.5))
+    assert kw["max_epochs"] == 2 and kw["gradient_clip_val"] == 0.5 and set(kw) == set(keys)
+
+
+def test_sae_fit_help_print_config_and_choices(capsys):
+    cli.run(["sae", "fit", "--help"])
+    out = capsys.readouterr().out
+    for key in ("--trainer.max_epochs", "--trainer.gradient_clip_val", "--trainer.accumulate_grad_batches",
+                "--trainer.deterministic", "--trainer.profiler"):
+        assert key in out
+    assert "[auto | cpu | gpu | cuda | mps | tpu]" in out  # Literal choices shown
+    assert "[norm | value]" in out
+    cli.run(["sae", "fit", "--print_config", "--trainer.max_epochs", "3", "--model.k", "4",
+             "--trainer.precision", "bf16-mixed"])
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 3 and printed["trainer"]["precision"] == "bf16-mixed"
+    assert printed["model"]["k"] == 4 and printed["data"]["samples"] == "pooled" and printed["out"] == "runs/sae"
+    assert C.from_dict(cli.COMMANDS["sae fit"].config, printed).model.k == 4  # the print is a valid config file
+    assert cli.main(["sae", "fit", "--trainer.accelerator", "gpus"]) == 2
+    assert "trainer.accelerator: 'gpus' is not one of" in capsys.readouterr().err
+    assert cli.main(["sae", "fit", "--trainer.gradient_clip_algorithm", "nrm"]) == 2
+    assert "(did you mean 'norm'?)" in capsys.readouterr().err
+    assert cli.main(["sae", "fit", "--trainer.max_epoch", "3"]) == 2
+    assert "(did you mean 'max_epochs'?)" in capsys.readouterr().err
+
+
+def test_command_modules_are_named_after_their_commands():
+    cli._load_commands()
+    for name, cmd in cli.COMMANDS.items():
+        words = cmd.func.__module__.rsplit(".", 1)[1].split("_")
+        assert name.split()[0] in words, f"'revelio {name}' lives in {cmd.func.__module__}"

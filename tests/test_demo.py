@@ -21,6 +21,7 @@ def demo_run(tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow  # every stage of the demo end to end, even at this small size
 def test_demo_writes_every_stage(demo_run, capsys):
     out, res = demo_run
     p, f = res["paths"], res["figures"]
@@ -57,6 +58,7 @@ def test_demo_writes_every_stage(demo_run, capsys):
     assert "held-out FVU" in md and "mIoU" in md
 
 
+@pytest.mark.slow
 def test_demo_rerun_resumes_the_finished_stores(demo_run, capsys):
     out, _ = demo_run
     stamp = {m: (out / "extract" / f"{m}.h5").stat().st_mtime_ns for m in ("tiny-sd", "tiny-flux")}

@@ -8,6 +8,8 @@ from nbclient import NotebookClient
 
 from test_analysis import make_sae
 
+pytestmark = pytest.mark.slow  # each notebook runs in its own Jupyter kernel, top to bottom
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 

@@ -52,6 +52,7 @@ def test_probe_on_digits_beats_chance_with_baselines(digits_store, tmp_path):
     assert (out / "heatmap.png").stat().st_size > 5000
 
 
+@pytest.mark.slow  # 40-46 s each on the shared 2-core machine (pytest --durations): extraction + probes of a zoo model
 @pytest.mark.parametrize("model,hook", [("tiny-sd", "up_blocks.1"), ("tiny-flux", "transformer_blocks.3")])
 def test_zoo_features_beat_pixels_on_what_the_models_know(model, hook, tmp_path):
     # The zoo models learned the shapes world's colours (docs/zoo.md): the colour of the largest

@@ -112,6 +112,15 @@ def test_nonfinite_activations_reported_with_image_ids(sd_store, tmp_path):
     assert dm.skipped_ids == ids
 
 
+def test_fit_cli_passes_any_trainer_argument(sd_store, tmp_path, one_torch_thread):
+    """A Trainer argument beyond the common ones reaches lightning.Trainer: epochs limited by batches, not max_steps."""
+    res = run(["sae", "fit", "--config", str(YAML), "--data.store", str(sd_store), "--out", str(tmp_path / "run"),
+               "--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+               "--trainer.accumulate_grad_batches", "1", "--data.batch_size", "64", "--logging.wandb_mode", "disabled",
+               "--logging.csv", "false", *SMALL])
+    assert res["steps"] == 6 and res["samples_seen"] == 6 * 64
+
+
 def test_fit_cli_yaml_logs_checkpoints_and_eval(sd_store, tmp_path, capsys, one_torch_thread):
     out = tmp_path / "run"
     res = run(["sae", "fit", "--config", str(YAML), "--data.store", str(sd_store), "--out", str(out),

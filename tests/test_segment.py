@@ -197,7 +197,7 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     from revelio import config as C
-    from revelio.commands.saliency import SaliencyConfig, SegmentConfig
+    from revelio.commands.saliency_segment import SaliencyConfig, SegmentConfig
 
     root = Path(__file__).parent.parent / "configs"
     files = {cls: sorted((root / sub).glob("*.yaml")) for cls, sub in ((SaliencyConfig, "saliency"),

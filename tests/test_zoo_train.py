@@ -49,6 +49,7 @@ def test_flux_generation_is_deterministic_for_a_seed():
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # the benchmark trains its judge on rendered shapes images
 def test_quality_benchmark_runs_on_a_few_prompts(tmp_path):
     spec = importlib.util.spec_from_file_location("zoo_quality", ROOT / "benchmarks" / "zoo_quality.py")
     bench = importlib.util.module_from_spec(spec)
@@ -76,6 +77,7 @@ def _tiny_cfg(tmp_path: Path, model: str) -> ZooTrainConfig:
                           vae=small, sd=small, flux=small, threads=0, vae_crop=16)
 
 
+@pytest.mark.slow  # trains the VAE twice and tiny-flux once (a step each, plus image rendering and saving)
 def test_training_is_seeded_and_saves_loadable_pipelines(tmp_path):
     from diffusers import AutoencoderKL
 

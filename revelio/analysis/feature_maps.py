@@ -74,7 +74,7 @@ def store_feature_maps(store: Any, model: Any, rows: Sequence[int] | np.ndarray,
 
 def extract_config(store: Any) -> Any:
     """The extraction config a store was written with (``revelio extract``'s dataclass)."""
-    from ..commands.extract import ExtractConfig
+    from ..extraction_config import ExtractConfig
 
     return from_dict(ExtractConfig, store.config)
 
@@ -118,7 +118,7 @@ class OnTheFly:
 
     @classmethod
     def from_store(cls, pipe: Any, model: Any, store: Any) -> OnTheFly:
-        from ..commands.extract import plan_from_config
+        from ..extraction_config import plan_from_config
 
         cfg = extract_config(store)
         otf = cls(pipe, model, plan_from_config(cfg))

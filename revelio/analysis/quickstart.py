@@ -13,12 +13,12 @@ def quick_store_and_sae(work: str | Path, model: str = "tiny-sd", hook: str = "u
     """
     import sae
 
-    from ..commands.extract import ExtractConfig, extract_cmd
+    from ..extraction_config import ExtractConfig, extract
     from ..config import load
 
     work = Path(work)
     store = work / f"shapes_{model}.h5"
-    extract_cmd(load(ExtractConfig, overrides={
+    extract(load(ExtractConfig, overrides={
         "model": {"id": model}, "data": {"name": "shapes", "count": images}, "hooks": [hook], "timesteps": [t],
         "prompt": "caption", "storage_dtype": "float32", "out": str(store), "progress": False}))
     folder = work / f"sae_{model}" / "sae"

@@ -10,10 +10,18 @@ chosen region and denoising steps):
 
 ``m`` is the spatial mask on the hook's grid (all ones by default). Generation runs twice
 with the same seed, without and with the hook, to show before/after.
+
+Steps are the pipeline's denoising (scheduler) steps, counted by wrapping ``scheduler.step``:
+step i is every denoiser call made before the i-th scheduler update, however many calls a step
+makes. Under classifier-free guidance *both* passes of a step are steered, the conditional and
+the unconditional one: the intervention edits the denoiser itself, so the guided prediction is
+that of the steered model. This holds alike for batched CFG (SD, SD3: one call on
+[uncond, cond]) and for Flux's true CFG (two calls per step, conditional first).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +38,8 @@ MODES = ("add", "remove")
 @dataclass
 class SteeringSpec:
     """One intervention: ``latent``, ``scale``, ``mode`` (add | remove), optional ``mask`` (any-size (H, W) weights
-    in [0, 1], resized to the hook's grid) and ``steps`` ([start, end) indices of denoiser calls; None: all)."""
+    in [0, 1], resized to the hook's grid) and ``steps`` ([start, end) denoising-step indices, counted as scheduler
+    steps; every denoiser call of a steered step is steered, conditional and unconditional; None: all)."""
 
     latent: int
     scale: float = 4.0
@@ -74,7 +83,11 @@ def latent_direction(model: Any, latent: int) -> torch.Tensor:
 
 
 class Steering:
-    """Context manager: while active, the SAE's hook module is steered by ``specs`` on every denoiser call."""
+    """Context manager: while active, the SAE's hook module is steered by ``specs`` in their denoising steps.
+
+    ``step`` is the current denoising step (scheduler updates so far); after a run, ``calls_per_step``
+    counts the denoiser calls of each step and ``steered_per_step`` the hook outputs that were steered.
+    """
 
     def __init__(self, pipe: Any, model: Any, specs: Sequence[SteeringSpec], hook: str | None = None):
         from extraction.adapters import get_adapter
@@ -89,7 +102,9 @@ class Steering:
         for s in self.specs:
             s.check(model.d_sae)
         self.directions = [latent_direction(model, s.latent) for s in self.specs]
-        self.step = -1
+        self.step = 0
+        self.calls_per_step: Counter[int] = Counter()
+        self.steered_per_step: Counter[int] = Counter()
         self.grid: tuple[int, int] | None = None
         self.n_img: int | None = None
         self._handles: list[Any] = []
@@ -97,8 +112,11 @@ class Steering:
     def __enter__(self) -> Steering:
         den = self.adapter.denoiser
         module = dict(den.named_modules())[self.hook]
-        self.step = -1
+        self.step = 0
+        self.calls_per_step.clear()
+        self.steered_per_step.clear()
         try:
+            self._wrap_scheduler()
             self._handles.append(den.register_forward_pre_hook(self._on_call, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._on_output))
         except BaseException:
@@ -110,12 +128,40 @@ class Steering:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._unwrap_scheduler()
+
+    _scheduler: Any = None
+    _own_step: Any = None  # an instance attribute 'step' the scheduler had before (restored on exit)
+
+    def _wrap_scheduler(self) -> None:
+        """Count denoising steps: each ``scheduler.step`` call ends one (undone by ``__exit__``)."""
+        sched = getattr(self.adapter.pipe, "scheduler", None)
+        if sched is None or not hasattr(sched, "step"):
+            return
+        self._scheduler, self._own_step = sched, vars(sched).get("step")
+        inner = sched.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            self.step += 1
+            return out
+
+        sched.step = step
+
+    def _unwrap_scheduler(self) -> None:
+        sched, self._scheduler = self._scheduler, None
+        if sched is None:
+            return
+        if self._own_step is not None:
+            sched.step = self._own_step
+        else:
+            vars(sched).pop("step", None)  # the class's own method again
 
     def _on_call(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Count denoiser calls (one per step) and note the image-token grid of MM-DiT/DiT calls."""
+        """Count the step's denoiser calls and note the image-token grid of MM-DiT/DiT calls."""
         from ..saliency.mmdit import denoiser_input, mmdit_kind, token_grid
 
-        self.step += 1
+        self.calls_per_step[self.step] += 1
         if self.adapter.family == "unet":
             self.n_img = None
             return
@@ -133,6 +179,7 @@ class Steering:
         todo = [(s, d) for s, d in zip(self.specs, self.directions) if s.active(self.step)]
         if not todo:
             return
+        self.steered_per_step[self.step] += 1
         x = self.adapter.image_part(output, self.n_img)  # a view into the output: edited in place
         if x.ndim == 4:  # (B, C, H, W) -> positions last
             grid = (x.shape[-2], x.shape[-1])

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from probes.linear import DEFAULT_CS
+from probes import DEFAULT_CS
 
 from ..cli import command
 from ..config import ConfigError, field, to_dict
@@ -41,7 +41,7 @@ class StreamingConfig:
     weight_decays: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2],
                                        nonempty=True, min=0, help="L2 path, one head each, chosen on held-out training images")
     val_fraction: float = field(0.2, above=0, below=1, help="share of the training images held out to choose the L2 strength")
-    accelerator: str = field("cpu", help="Lightning accelerator: cpu | gpu | auto")
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = field("cpu", help="Lightning accelerator: cpu | gpu | auto")
     precision: str = field("32-true", help="Lightning precision: 32-true | bf16-mixed | 16-mixed")
     threads: int | None = field(None, min=1, help="torch CPU threads while training (null: leave torch's setting)")
 

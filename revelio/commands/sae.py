@@ -1,6 +1,6 @@
 """``revelio sae fit`` and ``revelio sae eval``: train k-sparse autoencoders on an activation store.
 
-The config follows LightningCLI's layout: ``trainer`` (lightning.Trainer arguments), ``model``
+The config follows LightningCLI's layout: ``trainer`` (every lightning.Trainer argument), ``model``
 (``sae.lightning.SAEModule``) and ``data`` (``sae.data.StoreDataModule``), plus ``logging``,
 ``out``, ``ckpt_path`` and ``seed``.
 """
@@ -15,17 +15,85 @@ from ..cli import command
 from ..config import field, to_dict
 
 
+# Lightning Trainer arguments revelio sets itself (from ``out`` and ``logging``): not config keys.
+TRAINER_OWNED = ("self", "logger", "callbacks", "default_root_dir", "enable_checkpointing", "plugins")
+ACCELERATORS = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+PRECISIONS = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
+                     "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16]
+
+
 @dataclass
 class SAETrainerConfig:
-    max_steps: int = field(1000, min=1, help="optimizer steps to train")
-    accelerator: str = field("auto", help="cpu | gpu | auto")
-    devices: int | str = field(1, help="devices (processes) to train on; >1 uses DDP")
-    strategy: str = field("auto", help="Lightning strategy: auto | ddp | ddp_spawn ... (ddp on CPU uses gloo)")
+    """Every YAML-able ``lightning.Trainer`` argument, as LightningCLI exposes them (``--trainer.KEY``).
+
+    Written out here, not read from Lightning, so ``--help`` needs no torch; ``tests/test_cli.py`` checks
+    the list against the installed ``Trainer.__init__`` signature. Defaults are Lightning's except the
+    first nine. ``logger``, ``callbacks``, ``default_root_dir``, ``enable_checkpointing`` and ``plugins``
+    are set by revelio (``logging.*`` and ``out``).
+    """
+
+    max_steps: int = field(1000, help="optimizer steps to train (-1: no limit, then max_epochs/max_time stop)")
+    accelerator: ACCELERATORS = field("auto", help="hardware to train on")
+    devices: int | str | list[int] = field(1, help="devices (processes) to train on; >1 uses DDP; 'auto' or a list of ids")
+    strategy: str = field("auto", help="Lightning strategy: auto | ddp | ddp_spawn | fsdp ... (ddp on CPU uses gloo)")
     num_nodes: int = field(1, min=1, help="machines for multi-node DDP")
-    precision: str = field("32-true", help="Lightning precision; the SAE math runs in float32")
+    precision: PRECISIONS = field("32-true", help="Lightning precision; the SAE math runs in float32")
     log_every_n_steps: int = field(10, min=1, help="N: scalar metrics (FVU, L0, dead fraction, AuxK, lr, samples) every N steps")
-    val_check_interval: int | float = field(1.0, help="validate every this many steps (int) or at epoch end (1.0)")
+    val_check_interval: int | float | str | dict[str, int] | None = field(
+        1.0, help="validate every this many steps (int), share of an epoch (float) or time (DD:HH:MM:SS)")
     enable_progress_bar: bool = field(True, help="show the progress bar")
+    fast_dev_run: int | bool = field(False, help="run N (true: 1) train/val batches only, as a smoke test")
+    max_epochs: int | None = field(None, help="stop after this many epochs (null: max_steps decides)")
+    min_epochs: int | None = field(None, help="train at least this many epochs")
+    min_steps: int | None = field(None, help="train at least this many steps")
+    max_time: str | dict[str, int] | None = field(None, help="stop after this wall time, DD:HH:MM:SS or {hours: 1}")
+    limit_train_batches: int | float | None = field(None, help="batches (int) or share (float) of an epoch to train")
+    limit_val_batches: int | float | None = field(None, help="batches (int) or share (float) of validation to run")
+    limit_test_batches: int | float | None = field(None, help="unused by sae fit (Lightning's test loop)")
+    limit_predict_batches: int | float | None = field(None, help="unused by sae fit (Lightning's predict loop)")
+    overfit_batches: int | float = field(0.0, help="train and validate on this many (share of) batches only")
+    check_val_every_n_epoch: int | None = field(1, help="validate every N epochs (null: only by val_check_interval)")
+    num_sanity_val_steps: int | None = field(None, help="validation batches run before training (null: 2; -1: all)")
+    enable_model_summary: bool | None = field(None, help="print the module summary at start")
+    accumulate_grad_batches: int = field(1, help="batches whose gradients add up to one optimizer step")
+    gradient_clip_val: int | float | None = field(None, help="clip gradients at this value (null: no clipping)")
+    gradient_clip_algorithm: Literal["norm", "value"] | None = field(None, help="how gradient_clip_val clips (null: norm)")
+    deterministic: bool | Literal["warn"] | None = field(None, help="torch deterministic algorithms (warn: warn only)")
+    benchmark: bool | None = field(None, help="cudnn.benchmark")
+    inference_mode: bool = field(True, help="validate under torch.inference_mode (else no_grad)")
+    use_distributed_sampler: bool = field(True, help="let Lightning wrap samplers for DDP (the store loader shards itself)")
+    profiler: Literal["simple", "advanced", "pytorch", "xla"] | None = field(None, help="Lightning profiler")
+    detect_anomaly: bool = field(False, help="torch autograd anomaly detection")
+    barebones: bool = field(False, help="strip Lightning's extras for speed (no logging/checkpoints: conflicts here)")
+    sync_batchnorm: bool = field(False, help="synchronise batch-norm statistics across devices")
+    reload_dataloaders_every_n_epochs: int = field(0, help="rebuild the data loaders every N epochs")
+    enable_autolog_hparams: bool = field(True, help="log the module's hyperparameters to the loggers")
+    model_registry: str | None = field(None, help="Lightning model-registry name to upload checkpoints to")
+
+
+def trainer_kwargs(cfg: SAETrainerConfig) -> dict:
+    """``lightning.Trainer`` keyword arguments of ``cfg``, checked against the installed Trainer's signature.
+
+    A key this Lightning does not take fails (naming the closest argument) unless it holds its default,
+    then it is left out, so the list works across Lightning versions.
+    """
+    import dataclasses
+    import inspect
+
+    import lightning
+
+    from ..config import ConfigError, did_you_mean
+
+    params = inspect.signature(lightning.Trainer.__init__).parameters
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in params:
+            out[f.name] = value
+        elif value != f.default:
+            raise ConfigError(f"trainer.{f.name}: lightning {lightning.__version__}'s Trainer has no argument "
+                              f"{f.name!r}{did_you_mean(f.name, list(params))}")
+    return out
 
 
 @dataclass
@@ -92,7 +160,7 @@ def sae_fit_cmd(cfg: SAEFitConfig) -> dict:
         raise ValueError("pass data.store and data.hook (e.g. --data.store runs/acts.h5 --data.hook up_blocks.1)")
     data = to_dict(cfg.data)
     store, hook, timestep = data.pop("store"), data.pop("hook"), data.pop("timestep")
-    res = fit(store, hook, timestep, cfg.out, model=to_dict(cfg.model), data=data, trainer=to_dict(cfg.trainer),
+    res = fit(store, hook, timestep, cfg.out, model=to_dict(cfg.model), data=data, trainer=trainer_kwargs(cfg.trainer),
               checkpoint_every_n_steps=cfg.logging.checkpoint_every_n_steps, wandb_mode=cfg.logging.wandb_mode,
               project=cfg.logging.project, run_name=cfg.logging.name, csv=cfg.logging.csv, ckpt_path=cfg.ckpt_path,
               seed=cfg.seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cli import command
-from ..zoo.train import ZooTrainConfig
+from ..zoo.config import ZooTrainConfig
 
 
 @command("zoo train", ZooTrainConfig)

@@ -12,20 +12,29 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import RevelioError
-from .builders import build_tiny_flux, build_tiny_sd, build_tiny_sd3
 
-BUILDERS: dict[str, Callable[[int], object]] = {
-    "tiny-sd": build_tiny_sd,
-    "tiny-flux": build_tiny_flux,
-    "tiny-sd3": build_tiny_sd3,
+if TYPE_CHECKING:
+    import torch
+
+# Zoo name -> builder function in ``builders.py``. Named, not imported: importing torch and
+# diffusers here would make every `revelio ... --help` pay for them (see cli.py).
+BUILDERS: dict[str, str] = {
+    "tiny-sd": "build_tiny_sd",
+    "tiny-flux": "build_tiny_flux",
+    "tiny-sd3": "build_tiny_sd3",
 }
 ZOO_NAMES = list(BUILDERS)
+
+
+def build(name: str, seed: int = 0):
+    """A fresh seeded random-init pipeline of zoo model ``name``."""
+    from . import builders
+
+    return getattr(builders, BUILDERS[name])(seed)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
@@ -65,7 +74,7 @@ def zoo_path(name: str, random_init: bool = False, seed: int = 0) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
         try:
-            BUILDERS[name](seed).save_pretrained(tmp)
+            build(name, seed).save_pretrained(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)  # atomic: a crash never leaves a half-written model folder
@@ -75,6 +84,8 @@ def zoo_path(name: str, random_init: bool = False, seed: int = 0) -> Path:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

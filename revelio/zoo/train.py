@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -31,48 +30,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..config import field, to_dict
+from ..config import to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
 from .builders import IMAGE_SIZE, MAX_TOKENS, build_tiny_flux, build_tiny_sd, build_vae
-
-STAGES = ["vae", "tiny-sd", "tiny-flux"]
-TRAIN_CONFIG_FILE = "revelio_train.json"  # the training config, saved beside each trained pipeline
-DEFAULT_HOLDOUT = ["red circle", "green square", "blue triangle", "yellow diamond", "purple cross", "orange star"]
-
-
-@dataclass
-class StageConfig:
-    """Optimisation settings of one model."""
-
-    steps: int = field(2000, help="optimizer steps")
-    batch_size: int = field(32, help="images per step")
-    lr: float = field(5e-4, help="AdamW learning rate (linear warm-up over the first 5% of steps)")
-    ema_decay: float = field(0.995, help="decay of the exponential moving average whose weights are saved")
-    max_minutes: float = field(0.0, help="safety stop after this many minutes (0: none; a stop makes the run speed-dependent)")
-
-
-@dataclass
-class ZooTrainConfig:
-    """Which models to train, on which shapes images, and where to save them."""
-
-    model: str = field("all", help="vae | tiny-sd | tiny-flux | all (vae first: the denoisers need it)")
-    out: str = field("revelio/zoo/weights", help="folder receiving tiny-sd/ and tiny-flux/ (save_pretrained)")
-    seed: int = field(0, help="seed of data, initialisation, noise and batching")
-    images: int = field(10000, help="training images rendered into the tensor cache")
-    single_fraction: float = field(0.5, help="share of training images holding one object (the rest 1-3)")
-    holdout: list[str] = field(default_factory=lambda: list(DEFAULT_HOLDOUT),
-                               help="'colour shape' pairs kept out of every training image")
-    caption_dropout: float = field(0.1, help="probability of training on the empty caption (classifier-free guidance)")
-    kl_weight: float = field(5e-4, help="VAE: weight of the KL term per latent element (vs per-pixel MSE)")
-    vae_crop: int = field(32, help="VAE: side of the random training crops (the VAE is convolutional; 64 = whole images)")
-    vae: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch_size=16, lr=2e-3, ema_decay=0.99), help="")
-    sd: StageConfig = field(default_factory=lambda: StageConfig(steps=1800, batch_size=32, lr=8e-4), help="")
-    flux: StageConfig = field(default_factory=lambda: StageConfig(steps=4500, batch_size=32, lr=5e-4), help="")
-    threads: int = field(1, help="torch CPU threads (0: torch's default)")
-    device: str = field("cpu", help="training device: cpu | cuda | mps")
-    save_dtype: str = field("float16", help="storage dtype of the saved weights: float16 | float32")
-    workdir: str | None = field(None, help="folder of the rendered-image cache and the trained VAE (default: $REVELIO_HOME/zoo-train)")
+from .config import DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
 
 
 def check_config(cfg: ZooTrainConfig) -> None:

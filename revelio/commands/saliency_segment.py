@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, ImageOps
 
@@ -41,7 +41,7 @@ class SaliencyConfig:
     model: MMDiTModelConfig = field(default_factory=MMDiTModelConfig, help="")
     method: str = field("concept_attention", help="concept_attention | cross_attention (MM-DiT: Flux, SD3) | "
                                                   "daam (UNet: SD 1.x/2.x/SDXL; on MM-DiTs the DiT cross-attention)")
-    source: str = field("generate", help="generate (trace a pipeline call per prompt) | images (real images of "
+    source: Literal["generate", "images"] = field("generate", help="generate (trace a pipeline call per prompt) | images (real images of "
                                          "`data`, noised to t, one denoiser call per seed)")
     prompts: list[str] = field(default_factory=lambda: ["a red circle and a blue square"],
                                help="prompts for source=generate")

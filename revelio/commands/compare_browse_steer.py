@@ -8,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -209,11 +209,12 @@ class SteerConfig:
     source: SourceConfig = field(default_factory=SourceConfig, help="")
     prompt: str = field("a red circle and a blue square", help="prompt of the generation")
     latent: int = field(0, min=0, help="SAE latent to steer with")
-    mode: str = field("add", help="add (x + scale * d) | remove (x - scale * z_latent(x) * d)")
+    mode: Literal["add", "remove"] = field("add", help="add (x + scale * d) | remove (x - scale * z_latent(x) * d)")
     scale: float = field(4.0, help="coefficient, in units of the latent's activation (remove: 1 = remove all)")
     box: list[float] | None = field(None, help="region [top, bottom, left, right] as image fractions "
                                                "(null: everywhere)")
-    steps: list[int] | None = field(None, nonempty=True, min=0, help="[start, end) denoising steps to steer (null: all)")
+    steps: list[int] | None = field(None, nonempty=True, min=0, help="[start, end) denoising (scheduler) steps to steer, both CFG passes "
+                                              "of each (null: all)")
     inference_steps: int = field(20, min=1, help="denoising steps of the generation")
     guidance_scale: float = field(5.0, help="classifier-free guidance scale")
     size: int | None = field(None, min=1, help="image side in pixels (null: the pipeline's default)")
