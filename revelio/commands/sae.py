@@ -32,7 +32,7 @@ class SAETrainerConfig:
     are set by revelio (``logging.*`` and ``out``).
     """
 
-    max_steps: int = field(1000, help="optimizer steps to train (-1: no limit, then max_epochs/max_time stop)")
+    max_steps: int = field(1000, min=-1, help="optimizer steps to train (-1: no limit, then max_epochs/max_time stop)")
     accelerator: ACCELERATORS = field("auto", help="hardware to train on")
     devices: int | str | list[int] = field(1, help="devices (processes) to train on; >1 uses DDP; 'auto' or a list of ids")
     strategy: str = field("auto", help="Lightning strategy: auto | ddp | ddp_spawn | fsdp ... (ddp on CPU uses gloo)")
@@ -69,6 +69,12 @@ class SAETrainerConfig:
     reload_dataloaders_every_n_epochs: int = field(0, help="rebuild the data loaders every N epochs")
     enable_autolog_hparams: bool = field(True, help="log the module's hyperparameters to the loggers")
     model_registry: str | None = field(None, help="Lightning model-registry name to upload checkpoints to")
+
+    def __post_init__(self):
+        if self.max_steps == 0:
+            from ..config import ConfigError
+
+            raise ConfigError("trainer.max_steps: 0 is out of range; it must be >= 1 (or -1: no limit)")
 
 
 def trainer_kwargs(cfg: SAETrainerConfig) -> dict:
