@@ -15,7 +15,7 @@ PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(PIP_QUIET)
-	$(PY) -m pip install -q -e ".[dev]" $(PIP_QUIET)
+	$(PY) -m pip install -q -e ".[dev,saelens]" $(PIP_QUIET)
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from .data import StoreDataModule
-from .io import load, save
+from .io import load, read_config, save
 from .lightning import SAEModule
 from .metrics import evaluate
 
@@ -123,7 +123,7 @@ def evaluate_sae(sae_dir: str | Path, store: str | Path | None = None, split: st
     splits = ("val", "train", "all")
     if split not in splits:
         raise ValueError(f"split {split!r} is not one of {list(splits)}")
-    cfg = json.loads((Path(sae_dir) / "cfg.json").read_text()) if (Path(sae_dir) / "cfg.json").exists() else {}
+    cfg = read_config(sae_dir) if (Path(sae_dir) / "cfg.json").exists() else {}
     store = store or cfg.get("source_store")
     if not store or "hook" not in cfg:
         raise ValueError(f"{sae_dir}/cfg.json names no source store / hook; pass the store explicitly")

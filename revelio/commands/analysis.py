@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class SourceConfig:
     """Which SAE, which store and (when a pipeline is needed) which model."""
 
-    sae: str = field("runs/sae/sae", help="SAE folder (sae.safetensors + cfg.json)")
+    sae: str = field("runs/sae/sae", help="SAE folder (sae_weights.safetensors + cfg.json, SAELens 6 layout)")
     store: str | None = field(None, help="activation store (null: the SAE's source store from its cfg.json)")
     model: str | None = field(None, help="pipeline: zoo name, folder or hub id (null: the store's model)")
     device: str = field("cpu", help="torch device: cpu | cuda | cuda:1 | mps")
