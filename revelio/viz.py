@@ -23,13 +23,19 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def overlay(image: Image.Image | np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend a heat map (any resolution, any range) over an RGB image; returns uint8 (H, W, 3)."""
+def overlay(image: Image.Image | np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet",
+            vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """Blend a heat map (any resolution, any range) over an RGB image; returns uint8 (H, W, 3).
+
+    The map is scaled linearly from ``vmin`` (bottom colour) to ``vmax`` (top colour), clipped; each
+    defaults to the map's own min / max (min-max normalisation per map).
+    """
     img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32) / 255.0
     h, w = img.shape[:2]
     heat = np.asarray(heat, dtype=np.float32)
-    lo, hi = float(heat.min()), float(heat.max())
-    norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    lo = float(heat.min()) if vmin is None else float(vmin)
+    hi = float(heat.max()) if vmax is None else float(vmax)
+    norm = np.clip((heat - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(heat)
     up = np.asarray(Image.fromarray((norm * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)) / 255.0
     colour = plt.get_cmap(cmap)(up)[..., :3]
     return (np.clip((1 - alpha) * img + alpha * colour, 0, 1) * 255).astype(np.uint8)
