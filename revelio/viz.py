@@ -41,22 +41,40 @@ def overlay(image: Image.Image | np.ndarray, heat: np.ndarray, alpha: float = 0.
     return (np.clip((1 - alpha) * img + alpha * colour, 0, 1) * 255).astype(np.uint8)
 
 
+def mask_paint(masks: dict[str, np.ndarray], background: int = 128) -> np.ndarray:
+    """(H, W, 3) uint8: each "<colour> <shape>" object mask painted in that colour, grey elsewhere."""
+    from .datasets.shapes import COLORS
+
+    first = np.asarray(next(iter(masks.values())))
+    paint = np.full(first.shape + (3,), background, dtype=np.uint8)
+    for name, m in masks.items():
+        colour = COLORS.get(name.split()[0]) if " " in name else None
+        if colour is not None:
+            paint[np.asarray(m, dtype=bool)] = colour
+    return paint
+
+
 def sample_grid(samples, path: str | Path, columns: int = 8, show_masks: bool = False) -> Path:
-    """A grid of data-set samples titled with their captions (and optional mask rows)."""
+    """A grid of data-set samples titled with their captions (wrapped, so 3-object captions stay apart) and
+    optional mask rows: each object's mask painted in that object's own colour on grey (background)."""
+    import textwrap
+
     rows = (len(samples) + columns - 1) // columns
     per = 2 if show_masks else 1
-    fig, axes = plt.subplots(rows * per, columns, figsize=(1.9 * columns, 2.1 * rows * per), squeeze=False)
+    lines = max([len(textwrap.wrap(s.caption, 24)) or 1 for s in samples] or [1])
+    fig, axes = plt.subplots(rows * per, columns, figsize=(1.9 * columns, (1.9 + 0.14 * lines) * rows * per),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, s in enumerate(samples):
         r, c = divmod(k, columns)
         ax = axes[r * per, c]
         ax.imshow(s.image)
-        ax.set_title(s.caption, fontsize=6, wrap=True)
+        ax.set_title("\n".join(textwrap.wrap(s.caption, 24)), fontsize=6.5)
         if show_masks and s.masks:
-            objs = [m for name, m in s.masks.items() if name != "background" and " " not in name]
-            lab = np.zeros(objs[0].shape, dtype=np.float32) if objs else np.zeros((2, 2))
-            for j, m in enumerate(objs, start=1):
-                lab[m] = j
-            axes[r * per + 1, c].imshow(lab, cmap="tab10", vmin=0, vmax=10, interpolation="nearest")
+            objs = [(name, m) for name, m in s.masks.items() if " " in name]
+            ax2 = axes[r * per + 1, c]
+            ax2.imshow(mask_paint(s.masks), interpolation="nearest")
+            ax2.set_title("\n".join(textwrap.wrap("masks: " + ", ".join(n for n, _ in objs), 30)), fontsize=5.5)
+    fig.tight_layout()
     return save_figure(fig, path)
