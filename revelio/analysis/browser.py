@@ -469,6 +469,20 @@ class FeatureBrowser:
         return (f"{head}{tools}<table><thead><tr>{ths}</tr></thead><tbody id='body'></tbody></table>"
                 f"<script type='application/json' id='latents'>{payload}</script>")
 
+    def table_html(self, by: str = "frequency", limit: int | None = 20) -> str:
+        """A static table (no script: notebooks) of the first ``limit`` latents in ``by`` order."""
+        cols = ["latent", "frequency", "images", "purity", "entropy", "best concept", "IoU", "description"]
+        body = "".join(
+            f"<tr><td>{r['latent']}</td><td class='num'>{_fmt(r['frequency'], 4)}</td>"
+            f"<td class='num'>{r['image_frequency']:.1%}</td><td class='num'>{_fmt(r['purity'])}</td>"
+            f"<td class='num'>{_fmt(r['entropy'])}</td><td>{html.escape(r['best_concept'] or '-')}</td>"
+            f"<td class='num'>{_fmt(r['alignment'])}</td><td>{html.escape(r['description'])}</td></tr>"
+            for r in self.summary_rows(by, limit))
+        n = len(self.order(by))
+        return (f"<div class='meta'>the first {min(n, limit or n)} of {n} firing latents (of {self.stats.d_sae}), "
+                f"sorted by {html.escape(by)}</div>{self._defs()}<table><thead><tr>"
+                + "".join(f"<th>{c}</th>" for c in cols) + f"</tr></thead><tbody>{body}</tbody></table>")
+
     # ---- outputs ------------------------------------------------------------------------
     def export(self, out_dir: str | Path, by: str = "frequency", limit: int | None = None) -> Path:
         """Write the static dashboard: index.html listing every latent, and one page per firing latent (the first
