@@ -131,6 +131,7 @@ def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, cap
 @pytest.mark.slow
 def test_wheel_ships_the_configs(tmp_path):
     """A wheel (not the editable clone) carries configs/ as revelio/configs; a shipped name resolves from it."""
+    pytest.importorskip("setuptools", reason="the wheel is built without isolation, from the venv's setuptools")
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"
     import shutil
