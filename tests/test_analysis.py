@@ -158,7 +158,7 @@ def test_compare_command_writes_tables_with_daam(sd_store, sd_sae, tmp_path):
     index = browse_cmd(load(BrowseConfig, overrides={
         "source": {"sae": str(sd_sae)}, "images": 6, "sort": "alignment", "limit": 3, "top_k": 2,
         "alignment": str(res["paths"]["npz"]), "out": str(tmp_path / "dash"), "progress": False}))
-    first = int(re.findall(r"href='latent_(\d+)\.html'", index.read_text())[0])
+    first = next(r["id"] for r in dashboard_rows(index) if r["page"])  # rows in the export's (alignment) order
     iou = np.array([table.means(c, "mask")[0] for c in table.concepts])  # (concepts, d_sae) mean IoU
     assert np.nanmax(iou[:, first]) == pytest.approx(np.nanmax(iou))  # listed first: the best concept IoU of all
 
