@@ -10,12 +10,12 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean browser-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(PIP_QUIET)
-	$(PY) -m pip install -q -e ".[dev]" $(PIP_QUIET)
+	$(PY) -m pip install -q -e ".[dev,saelens]" $(PIP_QUIET)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +23,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/revelio demo
 
-test: $(STAMP)
+# tests/test_browser.py drives Debian's chromium headless; install it when missing (as root, as CI runs).
+browser-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	      || echo "chromium could not be installed: tests/test_browser.py will be skipped"; \
+	  else echo "no chromium + chromedriver and no root apt-get: tests/test_browser.py will be skipped"; fi; fi
+
+test: $(STAMP) browser-deps
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
 
 # The edit loop: everything but the tests marked slow (whole demo, notebooks, real subprocesses, training).

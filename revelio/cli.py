@@ -71,6 +71,17 @@ def command(name: str, config: type | None = None, raw: bool = False):
     return wrap
 
 
+# Which folder of the shipped configs (revelio/configs, a link to configs/) a command's ``--config NAME`` reads.
+_SECTIONS = {"extract": "extract", "sae fit": "sae", "probe": "probes", "probe report": "probes",
+             "saliency": "saliency", "segment": "segment", "compare": "analysis", "browse": "analysis",
+             "steer": "analysis", "zoo train": "zoo"}
+
+
+def config_section(name: str) -> str | None:
+    """The shipped-config folder of command ``name`` (``revelio extract --config tiny-sd`` -> extract/tiny-sd.yaml)."""
+    return _SECTIONS.get(name)
+
+
 def _load_commands() -> None:
     for mod in COMMAND_MODULES:
         try:
@@ -91,6 +102,9 @@ def _usage() -> str:
 
 def command_help(cmd: Command) -> str:
     lines = [f"usage: revelio {cmd.name} [--config FILE.yaml] [--section.key VALUE ...] [--print_config]", "", cmd.help, ""]
+    shipped = C.shipped_configs(config_section(cmd.name)) if cmd.config is not None else []
+    if shipped:
+        lines += [f"shipped configs (--config NAME, from any folder): {', '.join(shipped)}", ""]
     if cmd.config is not None:
         rows = C.describe(cmd.config)
         kw = max(len(r[0]) for r in rows)
@@ -108,6 +122,23 @@ def split_command(argv: list[str]) -> tuple[Command | None, list[str]]:
         if len(argv) >= n and name in COMMANDS:
             return COMMANDS[name], argv[n:]
     return None, argv
+
+
+def parse_config(cmd: Command, rest: list[str]) -> Any:
+    """The config of ``cmd`` from ``--config FILE|NAME`` and dotted overrides (None for a command without one)."""
+    path = None
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            raise C.ConfigError("--config needs a file path or a shipped config name")
+        path = rest[i + 1]
+        rest = rest[:i] + rest[i + 2:]
+    else:
+        eq = [a for a in rest if a.startswith("--config=")]
+        if eq:
+            path = eq[0].split("=", 1)[1]
+            rest = [a for a in rest if a != eq[0]]
+    return C.load(cmd.config, path, rest, section=config_section(cmd.name)) if cmd.config is not None else None
 
 
 def run(argv: list[str]) -> Any:
@@ -129,21 +160,9 @@ def run(argv: list[str]) -> Any:
     if "-h" in rest or "--help" in rest:
         print(command_help(cmd))
         return None
-    path = None
-    if "--config" in rest:
-        i = rest.index("--config")
-        if i + 1 >= len(rest):
-            raise C.ConfigError("--config needs a file path")
-        path = rest[i + 1]
-        rest = rest[:i] + rest[i + 2:]
-    else:
-        eq = [a for a in rest if a.startswith("--config=")]
-        if eq:
-            path = eq[0].split("=", 1)[1]
-            rest = [a for a in rest if a != eq[0]]
     print_config = "--print_config" in rest  # as LightningCLI: the full resolved config as YAML, then exit
     rest = [a for a in rest if a != "--print_config"]
-    cfg = C.load(cmd.config, path, rest) if cmd.config is not None else None
+    cfg = parse_config(cmd, rest)
     if print_config:
         import yaml
 

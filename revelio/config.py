@@ -246,13 +246,46 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> T:
-    """Load ``cls`` from an optional YAML file and dotted overrides."""
+# The shipped configs (package data; in a clone ``revelio/configs`` is a link to the top-level ``configs/``).
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs(section: str | None = None) -> list[str]:
+    """Names of the shipped configs, ``section/name`` (all sections) or ``name`` (one section)."""
+    if section is not None:
+        return sorted(p.stem for p in (SHIPPED / section).glob("*.yaml"))
+    return sorted(f"{p.parent.name}/{p.stem}" for p in SHIPPED.glob("*/*.yaml"))
+
+
+def find_config(path: str | Path, section: str | None = None) -> Path:
+    """A config file from a path, or a shipped config: ``tiny-sd`` (in the command's ``section``),
+    ``extract/tiny-sd``, or ``configs/extract/tiny-sd.yaml`` from any folder."""
+    p = Path(path)
+    if p.exists():
+        return p
+    name = str(path).removesuffix(".yaml").removesuffix(".yml")
+    name = name.removeprefix("configs/").removeprefix("revelio/configs/")
+    candidates = [SHIPPED / f"{name}.yaml"] + ([SHIPPED / section / f"{name}.yaml"] if section else [])
+    if section is None and "/" not in name:
+        candidates += sorted(SHIPPED.glob(f"*/{name}.yaml"))
+    found = [c for c in dict.fromkeys(candidates) if c.is_file()]
+    in_section = [c for c in found if c.parent.name == section]
+    if in_section or len(found) == 1:
+        return (in_section or found)[0]
+    if len(found) > 1:
+        raise ConfigError(f"config {str(path)!r} names several shipped configs: "
+                          + ", ".join(f"{c.parent.name}/{c.stem}" for c in found))
+    names = shipped_configs(section) if section else shipped_configs()
+    raise ConfigError(f"config file {str(path)!r} does not exist and is no shipped config; shipped"
+                      + (f" for this command ({section}/)" if section else "") + ": " + ", ".join(names))
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+         section: str | None = None) -> T:
+    """Load ``cls`` from an optional YAML file (a path or a shipped name, see ``find_config``) and dotted overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        p = find_config(path, section)
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")

@@ -4,10 +4,10 @@
 trains one from an activation store. The stage reads activations only through ``extraction.store``.
 """
 
-from .io import load, save
+from .io import load, read_config, save
 from .model import Codes, SparseAutoencoder, fvu, geometric_median
 
-__all__ = ["Codes", "SparseAutoencoder", "fit_from_store", "fvu", "geometric_median", "load", "save"]
+__all__ = ["Codes", "SparseAutoencoder", "fit_from_store", "fvu", "geometric_median", "load", "read_config", "save"]
 
 
 def fit_from_store(store_path, hook: str, timestep: int, out_dir, **kw):

@@ -1,4 +1,9 @@
-"""The SAE folder: ``sae.safetensors`` + ``cfg.json`` with SAELens tensor names and shapes.
+"""The SAE folder, in the layout SAELens 6 writes: ``sae_weights.safetensors`` + ``cfg.json``.
+
+``SAE.load_from_disk(folder)`` of SAELens 6 loads it as a ``topk`` SAE (a BatchTopK SAE with its
+learned threshold as a ``jumprelu`` SAE, as SAELens itself exports BatchTopK), with the hook under
+``metadata.hook_name``; ``load`` reads such folders written by SAELens too, and folders of older
+Revelio versions (``sae.safetensors``).
 
 Saved weights act on RAW activations: the input normalisation x_n = s x is folded in
 (W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s), so any SAELens-style reader gets
@@ -21,9 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from .model import ARCHITECTURES, SparseAutoencoder
 
-WEIGHTS = "sae.safetensors"
+WEIGHTS = "sae_weights.safetensors"  # SAELens 6's file name
+LEGACY_WEIGHTS = "sae.safetensors"  # Revelio before format_version 2
 CONFIG = "cfg.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SAELENS_FORMAT = "6.0.0"  # the SAELens config layout the folder follows (metadata.sae_lens_version)
 
 
 class SAEFileError(ValueError):
@@ -47,7 +54,10 @@ def read_cfg(folder: str | Path) -> dict[str, Any]:
 
 
 def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``folder`` atomically (a temp folder renamed into place); ``extra`` goes into cfg.json."""
+    """Write ``model`` to ``folder`` atomically (a temp folder renamed into place); ``extra`` goes into cfg.json.
+
+    ``extra["hook"]`` (and ``model`` / ``timestep``) are mirrored into ``metadata`` as SAELens reads them.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     s = float(model.norm_scale)
@@ -57,22 +67,41 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
         "b_enc": model.b_enc.detach().float().cpu().contiguous(),
         "b_dec": (model.b_dec.detach() / s).float().cpu().contiguous(),
     }
+    thr = float(model.threshold)
+    # SAELens architecture: per-sample TopK is "topk"; BatchTopK at inference (a global threshold on the
+    # pre-activations, unchanged by the folding) is SAELens's "jumprelu" with that threshold on every latent.
+    # A BatchTopK SAE without a learned threshold yet still encodes with batch top-k; SAELens gets "topk".
+    if model.architecture == "batchtopk" and thr >= 0:
+        tensors["threshold"] = torch.full((model.d_sae,), thr)
+        saelens: dict[str, Any] = {"architecture": "jumprelu"}
+    else:
+        saelens = {"architecture": "topk", "k": model.k, "rescale_acts_by_decoder_norm": False}
+    extra = dict(extra or {})
+    metadata = {**(extra.pop("metadata", None) or {}),
+                **{k: v for k, v in {"sae_lens_version": SAELENS_FORMAT, "hook_name": extra.get("hook"),
+                                     "model_name": extra.get("model"), "timestep": extra.get("timestep"),
+                                     "dataset_path": extra.get("dataset"), "trained_with": "revelio"}.items()
+                   if v is not None}}
+    for stale in ("architecture", "k", "rescale_acts_by_decoder_norm", "activation_fn_str", "activation_fn_kwargs",
+                  "hook_name"):
+        extra.pop(stale, None)  # a loaded folder's cfg passed back in: the model decides these
     cfg = {
-        "format_version": FORMAT_VERSION,
-        "d_in": model.d_in, "d_sae": model.d_sae, "k": model.k,
-        "architecture": model.architecture,
-        "activation_fn_str": "topk", "activation_fn_kwargs": {"k": model.k},
+        **extra,  # what the caller records (hook, timestep, source store, ...); the keys below describe the weights
+        # SAELens 6 keys (SAELens ignores the keys its config class lacks)
+        "d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",  # weights already act on raw activations (s folded in)
+        "reshape_activations": "none",
+        "metadata": metadata,
+        **saelens,
+        # Revelio's own
+        "format_version": FORMAT_VERSION,
+        "revelio_architecture": model.architecture, "k": model.k,
         "norm_scale": s, "norm_folded": True,
-        "threshold": float(model.threshold),
+        "threshold": thr,
         "matryoshka_prefixes": model.prefixes,
         "k_aux": model.k_aux, "aux_coef": model.aux_coef, "dead_after": model.dead_after,
-        "dtype": "float32", "device": "cpu",
     }
-    cfg.update(extra or {})
-    if "hook" in cfg:
-        cfg.setdefault("hook_name", cfg["hook"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS))
@@ -91,49 +120,114 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
     return folder
 
 
+def weights_file(folder: str | Path) -> Path:
+    """The weights file of an SAE folder: SAELens's ``sae_weights.safetensors`` or Revelio's older ``sae.safetensors``."""
+    folder = Path(folder)
+    for name in (WEIGHTS, LEGACY_WEIGHTS):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{folder} is not an SAE folder: it needs {CONFIG} and {WEIGHTS} (or {LEGACY_WEIGHTS})")
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """cfg.json of an SAE folder with ``hook`` / ``timestep`` / ``model`` filled from SAELens's places.
+
+    SAELens 6 keeps the hook under ``metadata.hook_name`` (older SAELens: ``hook_name`` / ``hook_point``).
+    """
+    cfg = read_cfg(folder)
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    for ours, theirs in (("hook", ("hook_name", "hook_point")), ("model", ("model_name",)), ("timestep", ("timestep",))):
+        if cfg.get(ours) is None:
+            for key in theirs:
+                v = meta.get(key, cfg.get(key))
+                if v is not None:
+                    cfg[ours] = v
+                    break
+    if cfg.get("hook") is not None:
+        cfg.setdefault("hook_name", cfg["hook"])
+    return cfg
+
+
+def _architecture(cfg: dict[str, Any], t: dict[str, torch.Tensor], where: Path) -> tuple[str, int, float]:
+    """(Revelio architecture, k, threshold) of a folder's cfg: ours, or SAELens's topk / jumprelu / standard+topk."""
+    if cfg.get("revelio_architecture") in ARCHITECTURES:
+        arch = cfg["revelio_architecture"]
+    else:
+        arch = cfg.get("architecture", "topk")
+    act = cfg.get("activation_fn", cfg.get("activation_fn_str"))
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    threshold = float(cfg.get("threshold", -1.0)) if not isinstance(cfg.get("threshold"), (list, dict)) else -1.0
+    if arch == "standard" and act == "topk":  # SAELens before 6: "standard" + a topk activation
+        arch = "topk"
+    if arch == "jumprelu" and "revelio_architecture" not in cfg:
+        th = t.get("threshold")
+        if th is None:
+            raise ValueError(f"{where} is a jumprelu SAE without a 'threshold' tensor")
+        if not torch.allclose(th, th.flatten()[0].expand_as(th)):
+            raise ValueError(f"{where} is a jumprelu SAE with per-latent thresholds; Revelio loads only one threshold "
+                             "for all latents (a BatchTopK SAE exported by SAELens or Revelio)")
+        arch, threshold = "batchtopk", float(th.flatten()[0])
+        k = k or max(1, int(cfg.get("d_sae", t["W_enc"].shape[1])) // 32)  # k only matters for re-training
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{where} has architecture {arch!r}; Revelio loads {list(ARCHITECTURES)}, SAELens's "
+                         "'jumprelu' with one threshold and 'standard' with a topk activation")
+    if k is None:
+        raise ValueError(f"{where} names no k (neither 'k' nor 'activation_fn_kwargs.k')")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise ValueError(f"{where} has rescale_acts_by_decoder_norm=true, which Revelio's TopK does not apply")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise ValueError(f"{where} has normalize_activations={cfg['normalize_activations']!r}; Revelio loads only "
+                         "'none' (fold the scaling into the weights first)")
+    return arch, int(k), threshold
+
+
 def load(folder: str | Path, device: str | torch.device = "cpu", d_in: int | None = None) -> SparseAutoencoder:
-    """Load an SAE folder (ours or SAELens's TopK): a module with ``encode``, ``decode``, ``forward`` and ``cfg``.
+    """Load an SAE folder (ours, an older Revelio one, or SAELens's TopK / BatchTopK): a module with
+    ``encode``, ``decode``, ``forward`` and ``cfg`` (``cfg["hook"]`` also from SAELens's ``metadata.hook_name``).
 
     ``d_in``, when given, must match the saved width (fails clearly otherwise).
     """
     folder = Path(folder)
-    cfg = read_cfg(folder)
-    if not (folder / WEIGHTS).exists():
-        raise FileNotFoundError(f"{folder} is not an SAE folder: {folder / WEIGHTS} is missing")
+    wfile = weights_file(folder)
+    cfg = read_config(folder)
     try:
-        t = load_file(str(folder / WEIGHTS))
+        t = load_file(str(wfile))
     except (SafetensorError, OSError, RuntimeError) as e:  # truncated, random bytes, bad header
-        raise SAEFileError(f"{folder / WEIGHTS} is not a readable safetensors file ({e})") from e
+        raise SAEFileError(f"{wfile} is not a readable safetensors file ({e})") from e
     missing = [n for n in ("W_enc", "W_dec", "b_enc", "b_dec") if n not in t]
     if missing:
-        raise SAEFileError(f"{folder / WEIGHTS} lacks tensors {missing}; found {sorted(t)}")
+        raise SAEFileError(f"{wfile} lacks tensors {missing}; found {sorted(t)}")
     if t["W_enc"].ndim != 2:
-        raise SAEFileError(f"{folder / WEIGHTS}: W_enc must be 2-D (d_in, d_sae), got shape {tuple(t['W_enc'].shape)}")
+        raise SAEFileError(f"{wfile}: W_enc must be 2-D (d_in, d_sae), got shape {tuple(t['W_enc'].shape)}")
+    t = {n: v.float() if v.is_floating_point() else v for n, v in t.items()}
     saved_in, d_sae = t["W_enc"].shape
     expected = {"W_dec": (d_sae, saved_in), "b_enc": (d_sae,), "b_dec": (saved_in,)}
     for name, shape in expected.items():
         if tuple(t[name].shape) != shape:
-            raise SAEFileError(f"{folder / WEIGHTS}: {name} has shape {tuple(t[name].shape)}, expected {shape} "
+            raise SAEFileError(f"{wfile}: {name} has shape {tuple(t[name].shape)}, expected {shape} "
                                f"(W_enc is (d_in={saved_in}, d_sae={d_sae}))")
     for key, value in (("d_in", saved_in), ("d_sae", d_sae)):
         if key in cfg and cfg[key] != value:
-            raise SAEFileError(f"{folder / CONFIG} says {key}={cfg[key]!r} but the tensors in {WEIGHTS} have "
+            raise SAEFileError(f"{folder / CONFIG} says {key}={cfg[key]!r} but the tensors in {wfile.name} have "
                                f"{key}={value}")
     bad = [n for n, v in t.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise SAEFileError(f"{folder / WEIGHTS}: tensors {sorted(bad)} hold NaN/inf values")
+        raise SAEFileError(f"{wfile}: tensors {sorted(bad)} hold NaN/inf values")
     if d_in is not None and d_in != saved_in:
         raise ValueError(f"d_in mismatch: the SAE in {folder} was trained on d_in={saved_in}, the data has d_in={d_in}")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if k is None:
-        raise SAEFileError(f"{folder / CONFIG} names no k (neither 'k' nor 'activation_fn_kwargs.k')")
+    try:
+        arch, k, threshold = _architecture(cfg, t, folder / CONFIG)
+    except SAEFileError:
+        raise
+    except ValueError as e:
+        raise SAEFileError(str(e)) from e
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
         raise SAEFileError(f"{folder / CONFIG}: k={k!r} must be an integer in [1, d_sae={d_sae}]")
-    arch = cfg.get("architecture", "topk")
-    if arch not in ARCHITECTURES and cfg.get("activation_fn_str") == "topk":  # SAELens "standard" + topk activation
-        arch = "topk"
+    b_enc = t["b_enc"]
+    if not cfg.get("apply_b_dec_to_input", True):  # x W + b_enc == (x - b_dec) W + (b_enc + b_dec W)
+        b_enc = b_enc + t["b_dec"] @ t["W_enc"]
     try:
-        model = SparseAutoencoder(saved_in, d_sae, int(k), architecture=arch,
+        model = SparseAutoencoder(saved_in, d_sae, k, architecture=arch,
                                   matryoshka=cfg.get("matryoshka_prefixes") or (),
                                   k_aux=cfg.get("k_aux"), aux_coef=cfg.get("aux_coef", 1 / 32),
                                   dead_after=cfg.get("dead_after", 10_000_000))
@@ -143,9 +237,9 @@ def load(folder: str | Path, device: str | torch.device = "cpu", d_in: int | Non
     with torch.no_grad():
         model.W_enc.copy_(t["W_enc"] / s)
         model.W_dec.copy_(t["W_dec"] * s)
-        model.b_enc.copy_(t["b_enc"])
+        model.b_enc.copy_(b_enc)
         model.b_dec.copy_(t["b_dec"] * s)
         model.norm_scale.fill_(s)
-        model.threshold.fill_(float(cfg.get("threshold", -1.0)))
+        model.threshold.fill_(threshold)
     model.cfg = cfg
     return model.to(device).eval()

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from .data import StoreDataModule
-from .io import SAEFileError, load, read_cfg, save
+from .io import SAEFileError, load, read_cfg, read_config, save
 from .lightning import SAEModule
 from .logs import RunHistory, make_loggers
 from .metrics import evaluate
@@ -142,7 +142,7 @@ def evaluate_sae(sae_dir: str | Path, store: str | Path | None = None, split: st
     if split not in splits:
         raise ValueError(f"split {split!r} is not one of {list(splits)}")
     model = load(sae_dir, device=device)  # a missing, corrupt or inconsistent SAE folder fails here, naming the file
-    cfg = read_cfg(sae_dir)
+    cfg = read_config(sae_dir)
     for key in ("hook", "timestep"):
         if key not in cfg:
             raise SAEFileError(f"{Path(sae_dir) / 'cfg.json'} names no {key}: it cannot be matched to a store's "

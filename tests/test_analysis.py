@@ -158,7 +158,7 @@ def test_compare_command_writes_tables_with_daam(sd_store, sd_sae, tmp_path):
     index = browse_cmd(load(BrowseConfig, overrides={
         "source": {"sae": str(sd_sae)}, "images": 6, "sort": "alignment", "limit": 3, "top_k": 2,
         "alignment": str(res["paths"]["npz"]), "out": str(tmp_path / "dash"), "progress": False}))
-    first = int(re.findall(r"href='latent_(\d+)\.html'", index.read_text())[0])
+    first = next(r["id"] for r in dashboard_rows(index) if r["page"])  # rows in the export's (alignment) order
     iou = np.array([table.means(c, "mask")[0] for c in table.concepts])  # (concepts, d_sae) mean IoU
     assert np.nanmax(iou[:, first]) == pytest.approx(np.nanmax(iou))  # listed first: the best concept IoU of all
 
@@ -185,6 +185,12 @@ def test_latent_stats_against_a_naive_recount(sd_store, sd_sae):
     assert counts.sum() == (stats.peak[:, j] > 0).sum()
 
 
+def dashboard_rows(index: Path) -> list[dict]:
+    """The latent rows the index page renders (its embedded JSON)."""
+    text = index.read_text()
+    return json.loads(re.search(r"<script type='application/json' id='latents'>(.*?)</script>", text, re.S).group(1))
+
+
 def test_dashboard_is_self_contained_and_sorted(sd_store, sd_sae, tmp_path):
     model = sae.load(sd_sae)
     with open_store(sd_store) as st:
@@ -194,17 +200,47 @@ def test_dashboard_is_self_contained_and_sorted(sd_store, sd_sae, tmp_path):
     pages = sorted((tmp_path / "dash").glob("latent_*.html"))
     assert [int(p.stem.split("_")[1]) for p in pages] == sorted(order[:5])
     html = index.read_text()
-    assert re.findall(r"href='latent_(\d+)\.html'", html) == [f"{j:05d}" for j in order[:5]]
+    rows = dashboard_rows(index)
+    assert sorted(r["id"] for r in rows) == list(range(model.d_sae))  # every latent listed, dead ones too
+    assert f"{model.d_sae} latents listed" in html and "sorted by <b id='sorted'>purity</b>" in html
+    assert [r["id"] for r in rows if r["page"]] == order[:5]  # pages: the first 5 in purity order
     assert "src='http" not in html and "<script src" not in html  # no server, no network
-    page = pages[0].read_text()
-    n_top = len(b.top_maps(int(pages[0].stem.split("_")[1])))  # cached by export; the store is closed
-    assert 1 <= n_top <= 4 and page.count("data:image/png;base64,") == 2 * n_top  # image + overlay each
-    assert "Activation histogram" in page
+    assert "-0.000" not in html
+    j = order[1]
+    page = (tmp_path / "dash" / f"latent_{j:05d}.html").read_text()
+    n_top = len(b.top_maps(j))  # cached by export; the store is closed
+    n_int = sum(len(items) for *_, items in b.interval_maps(j))
+    assert 1 <= n_top <= 4 and page.count("data:image/png;base64,") == 2 * (n_top + n_int)  # image + overlay each
+    assert f"latent_{order[0]:05d}.html" in page and f"latent_{order[2]:05d}.html" in page  # previous / next
+    assert "Activation histogram" in page and ">images</text>" in page  # y axis label
+    assert "Activation intervals" in page and "class='cbar'" in page and "0 to its top peak" in page
     assert "Best-matching concepts" in page and "mean IoU vs mask" in page  # shapes has masks
+    assert "-0.000" not in page and b.description(j) in page.replace("&#x27;", "'")
     pur = b.purity[order]
     assert all(np.nan_to_num(pur[:-1], nan=-1) >= np.nan_to_num(pur[1:], nan=-1))
     with pytest.raises(ValueError, match="frequency"):
         b.order("loudness")
+
+
+def test_mask_purity_counts_peaks_inside_object_masks(sd_store, sd_sae):
+    """Purity per object mask, against a direct recount: the share of top images whose peak position lies in
+    the mask of the latent's commonest concept there (not the largest object's label)."""
+    model = sae.load(sd_sae)
+    with open_store(sd_store) as st:
+        b = FeatureBrowser(st, model, rows=range(12), top_k=4, progress=False, align=False)
+        for j in b.order("frequency")[:6]:
+            top = b.top_maps(j)
+            counts = {}
+            for row, heat, _ in top:
+                smp = store_samples(st, [row])[0]
+                y, x = np.unravel_index(np.argmax(heat), heat.shape)
+                scale = smp.image.size[0] // heat.shape[0]
+                for c, m in smp.masks.items():
+                    if " " not in c and m[y * scale + scale // 2, x * scale + scale // 2]:
+                        counts[c] = counts.get(c, 0) + 1
+            assert b.purity[j] == pytest.approx(max(counts.values()) / len(top))
+            assert counts[b.purity_concept[j]] == max(counts.values())
+    assert b.purity_kind == "mask"
 
 
 def test_steering_adds_and_removes_the_decoder_direction_where_and_when_asked(sd_sae, tiny_sd):

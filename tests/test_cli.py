@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -186,3 +187,100 @@ def test_command_modules_are_named_after_their_commands():
     for name, cmd in cli.COMMANDS.items():
         words = cmd.func.__module__.rsplit(".", 1)[1].split("_")
         assert name.split()[0] in words, f"'revelio {name}' lives in {cmd.func.__module__}"
+
+
+def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    """``--config tiny-sd`` names the shipped file of the command's folder; a path (here ``configs/...``, which
+    does not exist under the other cwd) still works."""
+    from revelio.commands.extract import ExtractConfig
+    from revelio.commands.sae import SAEFitConfig
+
+    cli._load_commands()
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    sections = {cli.config_section(n) for n in cli.COMMANDS} - {None}
+    assert sections == {p.name for p in (root / "configs").iterdir() if p.is_dir()}
+    for section in sections:
+        for f in sorted((root / "configs" / section).glob("*.yaml")):
+            assert C.find_config(f.stem, section).resolve() == f.resolve()
+            assert C.find_config(f"configs/{section}/{f.name}", section).resolve() == f.resolve()
+    for cls, section in ((ExtractConfig, "extract"), (SAEFitConfig, "sae")):
+        by_name = C.to_dict(C.load(cls, "tiny-sd", section=section))
+        assert by_name == C.to_dict(C.load(cls, root / "configs" / section / "tiny-sd.yaml"))
+    assert C.find_config("sae/tiny-sd", "extract") == C.SHIPPED / "sae" / "tiny-sd.yaml"
+    with pytest.raises(C.ConfigError, match="several shipped configs: extract/tiny-sd, sae/tiny-sd"):
+        C.find_config("tiny-sd")
+    assert cli.main(["extract", "--config", "tiny-sdd"]) == 2
+    err = capsys.readouterr().err
+    assert "'tiny-sdd' does not exist and is no shipped config" in err and "tiny-flux, tiny-sd" in err
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs(tmp_path):
+    """A wheel (not the editable clone) carries configs/ as revelio/configs; a shipped name resolves from it."""
+    pytest.importorskip("setuptools", reason="the wheel is built without isolation, from the venv's setuptools")
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    import shutil
+
+    shutil.copytree(root, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache", "wandb"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(f"revelio/configs/{p.parent.name}/{p.name}" for p in (root / "configs").glob("*/*.yaml"))
+    assert shipped and set(shipped) <= set(names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    r = subprocess.run([sys.executable, "-c", "from revelio.config import find_config, SHIPPED; "
+                        "p = find_config('tiny-sd', 'extract'); print(p); assert p.is_file() and 'site' in str(p)"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _readme_recipe_commands() -> list[list[str]]:
+    """The ``revelio ...`` lines of README's real-model recipes (continuations joined, torchrun lines unwrapped)."""
+    import re
+    import shlex
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("## Running the same on real models (GPU)", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    out = []
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if line.startswith("torchrun"):
+            line = "revelio " + line.split("$(which revelio)", 1)[1]
+        if line.startswith("revelio "):
+            out.append(shlex.split(line)[1:])
+    return out
+
+
+def test_readme_recipes_chain_their_paths(tmp_path, monkeypatch):
+    """Every path one README recipe step writes is the path the next step reads (configs resolved as the CLI does,
+    from another folder): extract -> sae fit -> probe / compare -> browse."""
+    cli._load_commands()
+    monkeypatch.chdir(tmp_path)
+    written: set[str] = set()
+    steps = []
+    for argv in _readme_recipe_commands():
+        cmd, rest = cli.split_command(argv)
+        assert cmd is not None, argv
+        cfg = cli.parse_config(cmd, rest)
+        steps.append((cmd.name, cfg))
+        reads = {"sae fit": lambda c: [c.data.store], "probe": lambda c: [c.store, *c.sae],
+                 "compare": lambda c: [c.source.sae], "browse": lambda c: [c.source.sae, c.alignment]}.get(cmd.name)
+        for path in (reads(cfg) if reads else []):
+            assert path in written, f"{cmd.name} reads {path}, which no earlier recipe step writes ({sorted(written)})"
+        if cmd.name == "extract":
+            written.add(cfg.out)
+            assert cfg.data.name in ("folder", "hf") and cfg.data.path, "recipes run on real images"
+        elif cmd.name == "sae fit":
+            written.add(f"{cfg.out}/sae")
+        elif cmd.name == "compare":
+            written.add(f"{cfg.out}/alignment.npz")
+    names = [n for n, _ in steps]
+    assert names.count("extract") >= 3 and {"sae fit", "probe", "compare", "browse", "segment"} <= set(names)

@@ -103,3 +103,21 @@ def test_shapes_colour_label_names_the_largest_objects_colour():
     assert load_dataset(DataConfig(name="shapes", count=4, label="colour")).class_names == list(COLORS)
     with pytest.raises(ValueError, match="shape, colour"):
         Shapes(label="size")
+
+
+def test_preview_mask_colours_are_the_objects_colours():
+    """The data preview paints each object's mask in the object's own colour (3-object images included)."""
+    from revelio.datasets import Shapes
+    from revelio.viz import mask_paint
+
+    ds = Shapes(size=64, count=40, seed=0)
+    three = [s for s in (ds[i] for i in range(40)) if len([n for n in s.masks if " " in n]) == 3]
+    assert three
+    for s in three[:3]:
+        paint, img = mask_paint(s.masks), np.asarray(s.image)
+        objects = np.zeros(img.shape[:2], dtype=bool)
+        for name, m in s.masks.items():
+            if " " in name:
+                objects |= m
+        np.testing.assert_array_equal(paint[objects], img[objects])  # the image shows each object in its colour
+        assert (paint[~objects] == 128).all()

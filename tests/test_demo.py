@@ -77,3 +77,21 @@ def test_demo_rejects_unknown_stage_and_timestep(tmp_path):
         run(["demo", "--out", str(tmp_path), "--steps", "[extrct]"])
     with pytest.raises(ValueError, match="sae_timestep 999"):
         run(["demo", "--out", str(tmp_path), "--sae_timestep", "999"])
+
+
+@pytest.mark.slow
+def test_demo_headline_numbers_repeat_run_to_run(demo_run, tmp_path):
+    """Same machine, same thread count: a second run of the SAE and compare stages on the same stores gives the
+    same headline numbers (held-out FVU, dead fraction, 'best latent beats saliency for n of m') and tables."""
+    import shutil
+
+    out, res = demo_run
+    again = tmp_path / "again"
+    shutil.copytree(out / "extract", again / "extract")
+    res2 = run(["demo", "--out", str(again), *SMALL, "--steps", "[sae,compare]"])
+    for model in ("tiny-sd", "tiny-flux"):
+        assert res2["figures"][f"sae_{model}"] == res["figures"][f"sae_{model}"]
+        assert res2["figures"][f"compare_{model}"] == res["figures"][f"compare_{model}"]
+        first = json.loads((out / "compare" / model / "alignment.json").read_text())
+        second = json.loads((again / "compare" / model / "alignment.json").read_text())
+        assert json.dumps(second["concepts"], sort_keys=True) == json.dumps(first["concepts"], sort_keys=True)

@@ -230,16 +230,16 @@ def _cfg(folder: Path) -> dict:
     ("missing cfg", "cfg.json is missing"),
     ("bad json", "cfg.json is not valid JSON"),
     ("json list", "cfg.json must hold a JSON object"),
-    ("d_in", "cfg.json says d_in=16 but the tensors in sae.safetensors have d_in=8"),
-    ("d_sae", "cfg.json says d_sae=64 but the tensors in sae.safetensors have d_sae=32"),
+    ("d_in", "cfg.json says d_in=16 but the tensors in sae_weights.safetensors have d_in=8"),
+    ("d_sae", "cfg.json says d_sae=64 but the tensors in sae_weights.safetensors have d_sae=32"),
     ("k", "cfg.json: k=99 must be an integer in [1, d_sae=32]"),
-    ("truncated", "sae.safetensors is not a readable safetensors file"),
-    ("random", "sae.safetensors is not a readable safetensors file"),
-    ("missing weights", "sae.safetensors is missing"),
+    ("truncated", "sae_weights.safetensors is not a readable safetensors file"),
+    ("random", "sae_weights.safetensors is not a readable safetensors file"),
+    ("missing weights", "needs cfg.json and sae_weights.safetensors"),
     ("wrong tensor", "b_dec has shape (5,), expected (8,)"),
 ])
 def test_broken_sae_folder_is_one_line_naming_the_file(sae_dir, damage, expected, capsys):
-    w, c = sae_dir / "sae.safetensors", sae_dir / "cfg.json"
+    w, c = sae_dir / "sae_weights.safetensors", sae_dir / "cfg.json"
     if damage == "missing cfg":
         c.unlink()
     elif damage == "bad json":

@@ -189,3 +189,31 @@ def test_cli_errors_name_the_valid_choices(digits_store, tmp_path, capsys):
     assert "baselines.pixels false" in capsys.readouterr().err
     assert main(["probe", "report", "--store", str(digits_store), "--sae", "[]", "--out", str(tmp_path)]) == 2
     assert "at least one SAE" in capsys.readouterr().err
+
+
+def test_heatmap_rows_follow_depth_and_title_names_the_label(tmp_path, monkeypatch):
+    """tiny-flux's blocks sort by depth (double-stream 0, 2, 10 before single-stream), not alphabetically; the
+    title says which label was probed."""
+    from revelio.commands import probe as P
+
+    hooks = ["single_transformer_blocks.1", "transformer_blocks.10", "transformer_blocks.2", "transformer_blocks.0"]
+    assert sorted(hooks, key=P.depth_key) == ["transformer_blocks.0", "transformer_blocks.2", "transformer_blocks.10",
+                                              "single_transformer_blocks.1"]
+    assert sorted(["up_blocks.1", "mid_block", "down_blocks.2", "up_blocks.0"], key=P.depth_key) == [
+        "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1"]
+
+    class Store:
+        config = {"data": {"name": "shapes", "label": "colour"}}
+
+    assert P.data_label(Store()) == "colour of the largest object"
+    seen = {}
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks",
+                        lambda self, ticks, labels=None, **kw: seen.setdefault("rows", list(labels)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **kw: seen.setdefault("title", t))
+    recs = [{"features": "raw", "probe": "linear", "hook": h, "timestep": 25, "accuracy_mean": 0.5,
+             "accuracy_std": 0.1, "chance_mean": 0.17} for h in hooks]
+    P.plot_heatmap(recs, [(h, 25) for h in hooks], tmp_path / "h.png", "tiny-flux on shapes", P.data_label(Store()))
+    assert seen["rows"] == sorted(hooks, key=P.depth_key)
+    assert "predicting the label: colour of the largest object" in seen["title"]

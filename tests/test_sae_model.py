@@ -210,11 +210,13 @@ def test_export_import_roundtrip_and_saelens_formula(tmp_path):
     with torch.no_grad():
         m.b_enc.normal_()
     folder = sae.save(m, tmp_path / "sae", extra={"hook": "up_blocks.1", "timestep": 25})
-    tensors = load_file(str(folder / "sae.safetensors"))
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]  # SAELens 6 names
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
     assert {n: tuple(t.shape) for n, t in tensors.items()} == {
         "W_enc": (10, 30), "W_dec": (30, 10), "b_enc": (30,), "b_dec": (10,)}
     cfg = json.loads((folder / "cfg.json").read_text())
-    assert cfg["d_in"] == 10 and cfg["d_sae"] == 30 and cfg["k"] == 3 and cfg["hook_name"] == "up_blocks.1"
+    assert (cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["architecture"]) == (10, 30, 3, "topk")
+    assert cfg["metadata"]["hook_name"] == "up_blocks.1" and cfg["metadata"]["timestep"] == 25
     # a SAELens-style reader applies the saved tensors to RAW activations
     W_enc, W_dec, b_enc, b_dec = (tensors[n] for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
     pre = (x - b_dec) @ W_enc + b_enc
@@ -240,7 +242,8 @@ def test_codes_csr_dense():
 
 
 def test_loads_a_saelens_style_topk_folder(tmp_path):
-    """A folder written by another tool: SAELens names, cfg without our keys, k under activation_fn_kwargs."""
+    """A folder in the pre-6 SAELens style (and Revelio's older file name ``sae.safetensors``): "standard"
+    architecture with k under activation_fn_kwargs, hook at the top level."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(5)
@@ -257,3 +260,98 @@ def test_loads_a_saelens_style_topk_folder(tmp_path):
     z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx)).relu()
     torch.testing.assert_close(m.encode(x), z)
     torch.testing.assert_close(m(x)[0], z @ t["W_dec"] + t["b_dec"])
+    assert m.cfg["hook"] == "blocks.3.hook_resid_post"
+
+
+def test_older_revelio_folder_still_loads(tmp_path):
+    """A folder of format_version 1: ``sae.safetensors``, hook only at the top level, s folded in."""
+    torch.manual_seed(4)
+    m = SparseAutoencoder(6, 12, 2)
+    x = torch.randn(9, 6) * 3
+    m.init_from_data(x)
+    s = float(m.norm_scale)
+    from safetensors.torch import save_file
+
+    save_file({"W_enc": (m.W_enc.detach() * s).contiguous(), "W_dec": (m.W_dec.detach() / s).contiguous(),
+               "b_enc": m.b_enc.detach().contiguous(), "b_dec": (m.b_dec.detach() / s).contiguous()},
+              str(tmp_path / "sae.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "format_version": 1, "d_in": 6, "d_sae": 12, "k": 2, "architecture": "topk", "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 2}, "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "norm_scale": s, "norm_folded": True, "threshold": -1.0, "hook": "mid_block", "hook_name": "mid_block",
+        "timestep": 25}))
+    back = sae.load(tmp_path)
+    assert (back.cfg["hook"], back.cfg["timestep"]) == ("mid_block", 25)
+    torch.testing.assert_close(back(x)[0], m(x)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(back.encode(x), m.encode(x), atol=1e-5, rtol=1e-5)
+
+
+# ---- the real SAELens package (the ``saelens`` extra, installed by ``make test``) -------------------------------
+def _saelens():
+    from sae_lens import SAE  # noqa: F401  (a missing extra fails here, by name)
+    import sae_lens
+
+    return sae_lens
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_saelens_loads_revelio_folder_and_agrees(tmp_path, arch):
+    """``SAE.load_from_disk`` of SAELens 6 reads a Revelio folder: same codes and reconstruction on the same inputs,
+    the hook under metadata.hook_name; a BatchTopK SAE comes back as SAELens's jumprelu with its threshold."""
+    sl = _saelens()
+    torch.manual_seed(7)
+    m = SparseAutoencoder(12, 48, 4, architecture=arch)
+    x = torch.randn(64, 12) * 4 + 1
+    m.init_from_data(x, b_dec="mean")
+    with torch.no_grad():
+        m.b_enc.normal_(0, 0.3)
+        if arch == "batchtopk":
+            m.threshold.fill_(0.4)
+    folder = sae.save(m, tmp_path / "sae", extra={"hook": "up_blocks.1", "timestep": 25, "model": "tiny-sd"})
+    theirs = sl.SAE.load_from_disk(str(folder))
+    assert type(theirs).__name__ == {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE"}[arch]
+    assert theirs.cfg.metadata.hook_name == "up_blocks.1" and theirs.cfg.metadata.model_name == "tiny-sd"
+    with torch.no_grad():
+        z_theirs, z_ours = theirs.encode(x), m.encode(x)
+        assert (z_ours > 0).sum(1).float().mean() > 1  # codes that are not trivially empty
+        torch.testing.assert_close(z_theirs, z_ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs.decode(z_ours), m.decode(z_ours), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs(x), m(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_revelio_loads_saelens_saved_folders_with_their_hook(tmp_path):
+    """Folders written by SAELens's own ``save_model`` (TopK, and a jumprelu with one threshold, as SAELens
+    exports BatchTopK): ``sae.load`` gives the same encode/decode and the hook from metadata.hook_name."""
+    sl = _saelens()
+    from sae_lens.saes.sae import SAEMetadata
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 10, generator=g) * 2
+    for name, cls, cfg_cls, kw in (("topk", sl.TopKSAE, sl.TopKSAEConfig, {"k": 3}),
+                                   ("topk_nobdec", sl.TopKSAE, sl.TopKSAEConfig, {"k": 3, "apply_b_dec_to_input": False}),
+                                   ("jumprelu", sl.JumpReLUSAE, sl.JumpReLUSAEConfig, {})):
+        theirs = cls(cfg_cls(d_in=10, d_sae=40, metadata=SAEMetadata(hook_name=f"blocks.2.{name}"), **kw))
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            if name == "jumprelu":
+                theirs.threshold.fill_(0.3)
+        theirs.save_model(str(tmp_path / name))
+        assert (tmp_path / name / "sae_weights.safetensors").exists()
+        ours = sae.load(tmp_path / name)
+        assert ours.cfg["hook"] == f"blocks.2.{name}"
+        assert ours.architecture == {"topk": "topk", "topk_nobdec": "topk", "jumprelu": "batchtopk"}[name]
+        with torch.no_grad():
+            z = theirs.encode(x)
+            assert (z > 0).any()
+            torch.testing.assert_close(ours.encode(x), z, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours.decode(z), theirs.decode(z), atol=1e-5, rtol=1e-5)
+        # and the round trip: Revelio re-saves it, SAELens reads it back to the same SAE
+        again = sl.SAE.load_from_disk(str(sae.save(ours, tmp_path / f"{name}_again", extra=ours.cfg)))
+        with torch.no_grad():
+            torch.testing.assert_close(again.encode(x), z, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        theirs.threshold[3] = 2.0
+    theirs.save_model(str(tmp_path / "per_latent"))
+    with pytest.raises(ValueError, match="per-latent thresholds"):
+        sae.load(tmp_path / "per_latent")

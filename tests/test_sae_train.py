@@ -82,6 +82,13 @@ def test_dit_tokens_batchtopk_matryoshka(flux_store, tmp_path, one_torch_thread)
                                 matryoshka=[dm.d_in])
     m = sae.load(folder)
     assert m.architecture == "batchtopk" and m.threshold > 0 and m.prefixes == [dm.d_in, 4 * dm.d_in]
+    from sae_lens import SAE  # SAELens reads the BatchTopK folder as a jumprelu SAE with the learned threshold
+
+    theirs = SAE.load_from_disk(str(folder))
+    with sae.data.open_store(flux_store) as st:
+        x = torch.as_tensor(np.asarray(st.tokens("transformer_blocks.3", 250, np.arange(2))[0], dtype=np.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), m.encode(x), atol=1e-4, rtol=1e-4)
     metrics = json.loads((tmp_path / "f" / "metrics.json").read_text())["val"]
     assert 0 < metrics["l0"] < 3 * 4 and metrics["fvu"] < 1.5
 
@@ -142,6 +149,16 @@ def test_fit_cli_yaml_logs_checkpoints_and_eval(sd_store, tmp_path, capsys, one_
     assert {p.name for p in (out / "checkpoints").glob("*.ckpt")} >= {"step00000006.ckpt", "step00000012.ckpt", "last.ckpt"}
     m = sae.load(out / "sae")
     assert (m.d_in, m.d_sae, m.k, m.cfg["hook"], m.cfg["timestep"]) == (64, 256, 8, "up_blocks.1", 25)
+    # the folder `sae fit` wrote is a SAELens 6 folder: same codes and reconstruction on the store's activations
+    from sae_lens import SAE
+
+    theirs = SAE.load_from_disk(str(out / "sae"))
+    assert theirs.cfg.metadata.hook_name == "up_blocks.1" and theirs.cfg.metadata.timestep == 25
+    with sae.data.open_store(sd_store) as st:
+        x = torch.as_tensor(np.asarray(st.pooled("up_blocks.1", 25, np.arange(8)), dtype=np.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), m.encode(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(theirs(x), m(x)[0], atol=1e-4, rtol=1e-4)
     capsys.readouterr()
     ev = run(["sae", "eval", "--sae", str(out / "sae")])
     assert ev["l0"] == 8.0 and 0 < ev["fvu"] < 1 and ev["n_images"] == 2

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class SourceConfig:
     """Which SAE, which store and (when a pipeline is needed) which model."""
 
-    sae: str = field("runs/sae/sae", help="SAE folder (sae.safetensors + cfg.json)")
+    sae: str = field("runs/sae/sae", help="SAE folder (sae_weights.safetensors + cfg.json, SAELens 6 layout)")
     store: str | None = field(None, help="activation store (null: the SAE's source store from its cfg.json)")
     model: str | None = field(None, help="pipeline: zoo name, folder or hub id (null: the store's model)")
     device: str = field("cpu", help="torch device: cpu | cuda | cuda:1 | mps")
@@ -170,7 +170,8 @@ class BrowseConfig:
     source: SourceConfig = field(default_factory=SourceConfig, help="")
     images: int | None = field(None, min=1, help="store images to browse (the first done rows; null: all)")
     sort: str = field("frequency", help="latent order: frequency | purity | alignment | index")
-    limit: int | None = field(64, min=1, help="latents listed and given a page (null: every live latent)")
+    limit: int | None = field(None, min=1, help="latents given a page, the first in sort order (null: every live latent); "
+                                         "the index lists every latent either way")
     top_k: int = field(8, min=1, help="top-activating images per latent")
     alignment: str | None = field(None, help="alignment.npz of a compare run (null: score against the data set's "
                                              "masks when it has them)")
@@ -195,7 +196,8 @@ def browse_cmd(cfg: BrowseConfig) -> Path:
         browser = FeatureBrowser(store, model, rows=first_rows(store, cfg.images), alignment=table,
                                  top_k=cfg.top_k, eval_size=cfg.eval_size, progress=cfg.progress)
         index = browser.export(cfg.out, by=cfg.sort, limit=cfg.limit)
-    print(f"browse: dashboard of {min(len(browser.order(cfg.sort)), cfg.limit or model.d_sae)} latents at {index}")
+    pages = len(browser.order(cfg.sort)[:cfg.limit])
+    print(f"browse: dashboard of {model.d_sae} latents ({pages} with a page) at {index}")
     return index
 
 

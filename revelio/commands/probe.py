@@ -137,13 +137,36 @@ def _keys(store: Any, hooks: list[str] | None, timesteps: list[int] | None) -> l
     return keys
 
 
-def plot_heatmap(records: list[dict[str, Any]], keys: list[tuple[str, int]], path: Path, title: str) -> Path:
-    """Layer x timestep accuracy of the raw linear probes, baselines and chance in the title."""
+# Depth of a hook's family in a denoiser (UNet: down < mid < up; MM-DiT: double-stream < single-stream blocks).
+_FAMILY_DEPTH = {"conv_in": 0, "x_embedder": 0, "pos_embed": 0, "time_embedding": 0, "down_blocks": 1, "mid_block": 2,
+                 "up_blocks": 3, "transformer_blocks": 1, "single_transformer_blocks": 2, "norm_out": 4, "conv_out": 4,
+                 "proj_out": 4}
+
+
+def depth_key(hook: str) -> tuple:
+    """Sort key putting hooks in the order the input passes them (numbers compared as numbers, not as text)."""
+    parts = hook.split(".")
+    return (_FAMILY_DEPTH.get(parts[0], 3),) + tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def data_label(store: Any) -> str:
+    """What the store's label is ('colour of the largest object', 'class folder', ...), from its data config."""
+    data = (getattr(store, "config", None) or {}).get("data") or {}
+    name = data.get("name", "?")
+    if name == "shapes":
+        return f"{data.get('label', 'shape')} of the largest object"
+    return {"digits": "digit", "folder": "class folder", "hf": "label column"}.get(name, "label")
+
+
+def plot_heatmap(records: list[dict[str, Any]], keys: list[tuple[str, int]], path: Path, title: str,
+                 label: str | None = None) -> Path:
+    """Layer x timestep accuracy of the raw linear probes (rows by depth), the label probed, baselines and chance
+    in the title."""
     import matplotlib.pyplot as plt
 
     from ..viz import save_figure
 
-    hooks = list(dict.fromkeys(h for h, _ in keys))
+    hooks = sorted(dict.fromkeys(h for h, _ in keys), key=depth_key)
     ts = sorted({t for _, t in keys})
     acc = np.full((len(hooks), len(ts)), np.nan)
     sd = np.full_like(acc, np.nan)
@@ -161,14 +184,16 @@ def plot_heatmap(records: list[dict[str, Any]], keys: list[tuple[str, int]], pat
     ax.set_xticks(range(len(ts)), [str(t) for t in ts])
     ax.set_yticks(range(len(hooks)), hooks)
     ax.set_xlabel("timestep")
-    ax.set_ylabel("layer (hook)")
+    ax.set_ylabel("layer (hook), input side first")
     base = [f"{r['hook']} {r['accuracy_mean']:.2f}" for r in records if r["features"] not in ("raw", "sae")]
     chance = np.mean([r["chance_mean"] for r in records]) if records else float("nan")
     grid = next((r.get("grid") for r in records if r.get("grid")), 1)
     pooled = "spatial mean" if grid == 1 else f"{grid}x{grid} grid means"
-    ax.set_title(f"{title}\nlinear probe test accuracy on {pooled} (mean ± std over seeds)\nchance {chance:.2f}"
+    what = f"label: {label}" if label else "label"
+    ax.set_title(f"{title}\nlinear probe test accuracy predicting the {what}\non {pooled} (mean ± std over seeds); "
+                 f"chance {chance:.2f}"
                  + (f"; baselines: {', '.join(base)}" if base else ""), fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.colorbar(im, ax=ax, fraction=0.05, label="test accuracy (0 to 1)")
     return save_figure(fig, path)
 
 
@@ -224,9 +249,10 @@ def probe_cmd(cfg: ProbeConfig) -> dict[str, Any]:
             sae_device=cfg.device, backend=cfg.backend, streaming={**to_dict(cfg.streaming), "progress": False},
             grid=cfg.grid, progress=cfg.progress)
         title = f"{st.attrs.get('model', '?')} on {st.attrs.get('dataset', '?')} ({context['n_images']} images)"
+        label = data_label(st)
     files = {"csv": write_csv(out / "probes.csv", records, COLUMNS),
              "json": write_json(out / "probes.json", {"config": to_dict(cfg), "context": context, "results": records}),
-             "heatmap": plot_heatmap(records, keys, out / "heatmap.png", title)}
+             "heatmap": plot_heatmap(records, keys, out / "heatmap.png", title, label)}
     if any(r["probe"] == "k-sparse" for r in records):
         files["sparse"] = plot_sparse(records, out / "sparse_probing.png")
     for r in records:

@@ -179,7 +179,7 @@ def sae_fit_cmd(cfg: SAEFitConfig) -> dict:
 
 @dataclass
 class SAEEvalConfig:
-    sae: str = field("runs/sae/sae", help="SAE folder (sae.safetensors + cfg.json)")
+    sae: str = field("runs/sae/sae", help="SAE folder (sae_weights.safetensors + cfg.json, SAELens 6 layout)")
     store: str | None = field(None, help="activation store (null: the SAE's source store)")
     split: Literal["val", "train", "all"] = field("val", help="images to evaluate on; val = the held-out split of training")
     batch_size: int = field(4096, min=1, help="samples per batch")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,16 +36,22 @@ def load_maps(path: str | Path) -> tuple[np.ndarray, list[str], dict[str, str]]:
 
 def save_overlays(path: str | Path, image: Image.Image, maps: np.ndarray, concepts: Sequence[str],
                   title: str = "") -> Path:
-    """A PNG row: the image, then one heat-map overlay per concept (each map min-max normalised)."""
+    """A PNG row: the image, then one heat-map overlay per concept, each map min-max normalised on its own
+    (0 = its minimum, 1 = its maximum), with a colourbar that says so."""
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     n = len(concepts) + 1
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n + 0.6, 2.7), squeeze=False)
     axes[0, 0].imshow(image)
-    axes[0, 0].set_title(title, fontsize=7, wrap=True)
+    axes[0, 0].set_title(textwrap.fill(title, 28), fontsize=7)
     for ax, m, c in zip(axes[0, 1:], maps, concepts):
         ax.imshow(overlay(image, m))
         ax.set_title(c, fontsize=8)
     for ax in axes[0]:
         ax.axis("off")
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=list(axes[0]), fraction=0.02, pad=0.01)
+    bar.set_label("map, min-max normalised\nper concept (0 = min, 1 = max)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     return save_figure(fig, path)
