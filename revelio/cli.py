@@ -127,7 +127,13 @@ def run(argv: list[str]) -> Any:
             path = eq[0].split("=", 1)[1]
             rest = [a for a in rest if a != eq[0]]
     cfg = C.load(cmd.config, path, rest) if cmd.config is not None else None
-    return cmd.func(cfg) if cmd.config is not None else cmd.func()
+    if cfg is None:
+        return cmd.func()
+    # one writer per output: a second run on the same --out is refused before any model is loaded
+    from extraction.files import hold_output
+
+    with hold_output(getattr(cfg, "out", None) or None):
+        return cmd.func(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"revelio: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # another writer holds the output, the disk is full, an I/O error: one line naming the file
+        files = sys.modules.get("extraction.files")
+        if files is None or not isinstance(e, files.OutputError):
+            raise
+        print(f"revelio: error: {e}", file=sys.stderr)
         return 2
     return 0
 

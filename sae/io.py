@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from extraction.files import OutputError, make_tmp, write_failed
 from safetensors.torch import load_file, save_file
 
 from .model import ARCHITECTURES, SparseAutoencoder
@@ -52,7 +52,7 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
     cfg.update(extra or {})
     if "hook" in cfg:
         cfg.setdefault("hook_name", cfg["hook"])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = make_tmp(folder, folder=True)  # the umask's permissions, not mkdtemp's 0700
     try:
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
@@ -64,8 +64,10 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, (OutputError, ValueError, TypeError)):
+            raise write_failed(e, "writing", folder / WEIGHTS) from e  # a full disk, an I/O error: name the file
         raise
     return folder
 

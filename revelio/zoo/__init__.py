@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from extraction.files import make_tmp
 
 from ..config import RevelioError
 from .builders import build_tiny_flux, build_tiny_sd, build_tiny_sd3
@@ -63,7 +64,7 @@ def zoo_path(name: str, random_init: bool = False, seed: int = 0) -> Path:
     target = cache_dir() / "zoo" / f"{name}-random-seed{seed}"
     if not (target / "model_index.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        tmp = make_tmp(target, folder=True)
         try:
             BUILDERS[name](seed).save_pretrained(tmp)
             if target.exists():
