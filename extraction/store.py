@@ -175,6 +175,7 @@ def _is_reserved(path: str | Path) -> bool:
 
 
 SPACE_MARGIN = 1 << 20  # bytes kept free beyond a batch's raw size for HDF5's metadata (chunk index, attributes)
+FINISH_MARGIN = 256 << 10  # free bytes needed to finish a store (trimmed sizes and the final attributes)
 
 
 @dataclass
@@ -257,9 +258,9 @@ class StoreWriter:
 
     def finish(self) -> int:
         """Trim unused rows (skipped images), record skipped ids and mark the store complete."""
-        if not self.reserved:  # a reserved store's last metadata (sizes, a few attributes) fits in its header space
-            n_skip = int(self.f["source/skipped"][...].sum())
-            check_free_space(self.path, SPACE_MARGIN + n_skip * (self.f["source/id"].dtype.itemsize + 4), "finishing")
+        # the last metadata (sizes, the skipped list, complete) may need a little new space even in a reserved store
+        n_skip = int(self.f["source/skipped"][...].sum())
+        check_free_space(self.path, FINISH_MARGIN + n_skip * (self.f["source/id"].dtype.itemsize + 4), "finishing")
         try:
             return self._finish()
         except OutputError:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from extraction.files import OutputError, make_tmp, write_failed
+from extraction.files import OutputError, fix_mode, make_tmp, write_failed
 from safetensors.torch import load_file, save_file
 
 from .model import ARCHITECTURES, SparseAutoencoder
@@ -55,6 +55,7 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
     tmp = make_tmp(folder, folder=True)  # the umask's permissions, not mkdtemp's 0700
     try:
         save_file(tensors, str(tmp / WEIGHTS))
+        fix_mode(tmp / WEIGHTS)  # safetensors creates it 0600 whatever the umask
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
