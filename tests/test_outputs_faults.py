@@ -117,17 +117,25 @@ def test_two_extract_processes_same_out(reference, tmp_path):
     go = tmp_path / "go"
     script = textwrap.dedent(f"""
         import os, sys, time
+        import revelio.cli, revelio.commands.extract, extraction.run, torch
+        open(sys.argv[1], "w").close()
         while not os.path.exists({str(go)!r}):
-            time.sleep(0.005)
-        from revelio.cli import main
-        sys.exit(main({EXTRACT + ['--out', str(out)]!r}))
+            time.sleep(0.002)
+        sys.exit(revelio.cli.main({EXTRACT + ['--out', str(out)]!r}))
     """)
-    # both processes import everything first, then start together when the file appears
-    procs = [subprocess.Popen([sys.executable, "-c", "import revelio.cli, extraction.run, torch\n" + script],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(2)]
-    time.sleep(3)
+    # a barrier: both processes import everything, say so, then start together when `go` appears
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env()) for r in ready]
+    t0 = time.time()
+    while not all(r.exists() for r in ready):
+        assert all(p.poll() is None for p in procs) and time.time() - t0 < 300, "a process died while importing"
+        time.sleep(0.02)
     go.touch()
-    res = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read(), p.pid) for p in procs]
+    res = []
+    for p in procs:
+        o, e = p.communicate(timeout=600)
+        res.append((p.returncode, o, e, p.pid))
     codes = sorted(r[0] for r in res)
     assert codes == [0, 2], res
     (_, _, _, win_pid), (_, _, err, _) = sorted(res, key=lambda r: r[0])
