@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter, grid_for_tokens, sample_generators
+from .files import hold_output, lock_owner, locked_message
 from .hooks import ActivationCapture
 from .store import ActSpec, AsyncWriter, Batch, StoreError, StoreWriter, create_store, join_shards
 
@@ -209,6 +210,9 @@ class Extractor:
                 complete = bool(f.attrs.get("complete", False))
                 done = int(f["images/done"][...].sum())
         except OSError as e:
+            owner = lock_owner(path)
+            if owner is not None:
+                raise StoreError(locked_message(path, owner)) from e
             raise StoreError(f"{path} exists but is not a readable store ({e}); delete it or choose another output")
         if stored != self.plan.identity:
             keys = sorted(set(stored or {}) | set(self.plan.identity))
@@ -220,8 +224,15 @@ class Extractor:
         return complete, done
 
     def run(self, dataset: Any, path: str | Path, positions: Sequence[int] | None = None) -> Summary:
-        """Extract ``positions`` of ``dataset`` (all by default) into the store at ``path``, resuming if present."""
-        plan, path = self.plan, Path(path)
+        """Extract ``positions`` of ``dataset`` (all by default) into the store at ``path``, resuming if present.
+
+        The run holds ``path``'s writer lock (``extraction.files.hold_output``): a second writer is refused.
+        """
+        with hold_output(path):
+            return self._run(dataset, Path(path), positions)
+
+    def _run(self, dataset: Any, path: Path, positions: Sequence[int] | None = None) -> Summary:
+        plan = self.plan
         positions = list(range(len(dataset)) if positions is None else positions)
         all_ids = dataset.ids()
         ids_of = [all_ids[i] for i in positions]
@@ -277,11 +288,19 @@ class Extractor:
             n = writer.finish()
             skipped_ids = json.loads(writer.f.attrs["skipped"])
             written = aw.bytes_written
-        finally:
-            bar.close()
+        except BaseException:
             if aw is not None and aw.thread.is_alive():
                 aw.q.put(None)
                 aw.thread.join()
+            if writer is not None:
+                try:
+                    writer.close()
+                except Exception as e:  # the first error is the one to report; the done rows are already on disk
+                    log.warning("closing %s after an error also failed: %s", path, e)
+                writer = None
+            raise
+        finally:
+            bar.close()
             if writer is not None:
                 writer.close()
         secs = time.perf_counter() - t0
@@ -303,6 +322,11 @@ def run_extraction(ex: Extractor, dataset: Any) -> Summary:
     rank, world = dist_info()
     if world == 1:
         return ex.run(dataset, out)
+    with hold_output(out):  # rank 0 only: the other ranks lock nothing (their shards belong to rank 0's job)
+        return _run_ranks(ex, dataset, out, rank, world)
+
+
+def _run_ranks(ex: Extractor, dataset: Any, out: Path, rank: int, world: int) -> Summary:
     import torch.distributed as dist
 
     own_group = not dist.is_initialized()

@@ -15,16 +15,22 @@ Layout (docs/design.md, "Activation store")::
 Rows are the readable images in data-set order (skipped images get no row). Crash safety: the
 file skeleton is created in a temporary file and renamed into place; all chunks are allocated
 up front (uncompressed stores) so a batch write only touches raw data; each batch is flushed
-before its ``done`` flags are set and flushed again. A SIGKILL at any point therefore leaves a
-file whose done rows are whole, and a rerun continues after the last done row.
+(and fsynced) before its ``done`` flags are set and flushed again. A SIGKILL at any point therefore
+leaves a file whose done rows are whole, and a rerun continues after the last done row.
+
+Disk space: the skeleton of an uncompressed store reserves its whole size on disk (``posix_fallocate``)
+before it is renamed into place, so a full disk is reported before the first batch and no later batch
+write can meet ENOSPC. Compressed stores (and file systems without fallocate) check the free space
+before every batch instead. Any write error ends the run with ``WriteFailed`` ("no space left on device
+while writing batch rows 4-5 of <file>"); the rows done before it stay readable and a rerun resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +40,8 @@ from typing import Any
 import h5py
 import numpy as np
 import yaml
+
+from .files import OutputError, check_free_space, fsync_path, lock_owner, locked_message, make_tmp, write_failed
 
 FORMAT_VERSION = 1
 CAPTION_BYTES = 512
@@ -99,8 +107,7 @@ def create_store(path: str | Path, *, source_index: list[int], source_ids: list[
     path.parent.mkdir(parents=True, exist_ok=True)
     m = len(source_index)
     id_bytes = max(1, max((len(s.encode()) for s in source_ids), default=1))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = make_tmp(path)
     try:
         with h5py.File(tmp, "w") as f:
             for k, v in attrs.items():
@@ -129,11 +136,46 @@ def create_store(path: str | Path, *, source_index: list[int], source_ids: list[
                 d = _new(f, act_name(s.hook, s.timestep), (m, *s.row_shape), storage_dtype, chunk_rows, compression)
                 d.attrs.update(layout=s.layout, hook=s.hook, timestep=int(s.timestep), capture=s.capture,
                                spatial=np.asarray(s.spatial, dtype=np.int64))
+        if compression in (None, "none"):
+            _reserve(tmp, path)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
+    except (ValueError, TypeError):
+        raise
+    except Exception as e:  # h5py reports a full disk as OSError or RuntimeError; name the cause and the file
+        if isinstance(e, OutputError):
+            raise
+        raise write_failed(e, "creating", path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _reserve(path: str | Path, target: str | Path) -> None:
+    """Allocate the file's whole (sparse) size on disk, so that writes into it never meet a full disk."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate here: checked per batch
+            return
+        err = write_failed(e, f"reserving {size / 1e6:.1f} MB for", target)
+        raise type(err)(err.errno, f"{err}; free some space and rerun") from e
+    finally:
+        os.close(fd)
+
+
+def _is_reserved(path: str | Path) -> bool:
+    """Whether every byte of the file is allocated on disk (an uncompressed store whose skeleton was reserved)."""
+    st = os.stat(path)
+    return getattr(st, "st_blocks", 0) * 512 >= st.st_size
+
+
+SPACE_MARGIN = 1 << 20  # bytes kept free beyond a batch's raw size for HDF5's metadata (chunk index, attributes)
+FINISH_MARGIN = 256 << 10  # free bytes needed to finish a store (trimmed sizes and the final attributes)
 
 
 @dataclass
@@ -154,10 +196,14 @@ class StoreWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.f = h5py.File(self.path, "r+")
-        done = self.f["images/done"][...]
-        self.next_row = int(done.sum())
-        if not done[: self.next_row].all():
-            raise StoreError(f"{self.path}: done rows are not a prefix; the file was not written by this tool")
+        done = self.f["images/done"][...].astype(bool)
+        # the done rows are a prefix; a write error inside a batch's done flags may leave some of that batch's
+        # flags set (their rows were written and flushed before): keep the leading run, redo the rest
+        self.next_row = int(np.argmin(done)) if not done.all() else len(done)
+        if done[self.next_row:].any():
+            self.f["images/done"][self.next_row:] = False
+            self.f.flush()
+        self.reserved = _is_reserved(self.path) and all(self.f[n].compression is None for n in _act_datasets(self.f))
         self._caption_bytes = self.f["images/caption"].dtype.itemsize
         self._id_bytes = self.f["images/id"].dtype.itemsize
 
@@ -170,7 +216,24 @@ class StoreWriter:
         return int(np.searchsorted(src, last)) + 1
 
     def write(self, b: Batch) -> None:
-        """Write data rows, flush, then mark them done and flush again (the done flag is the commit)."""
+        """Write data rows, flush, then mark them done and flush again (the done flag is the commit).
+
+        A failed write (full disk, I/O error) raises ``WriteFailed`` naming the rows and the file; the
+        rows done before it are untouched.
+        """
+        k, r = len(b.positions), self.next_row
+        what = f"writing batch rows {r}-{r + k - 1} of" if k else "recording skipped images in"
+        if not self.reserved:
+            need = sum(a.nbytes for a in b.acts.values()) + SPACE_MARGIN
+            check_free_space(self.path, need, what)
+        try:
+            self._write(b)
+        except OutputError:
+            raise
+        except Exception as e:
+            raise write_failed(e, what, self.path) from e
+
+    def _write(self, b: Batch) -> None:
         f = self.f
         if len(b.skipped_positions):
             sk = f["source/skipped"]
@@ -186,13 +249,26 @@ class StoreWriter:
             f["images/caption"][r:r + k] = _enc(b.captions, self._caption_bytes)
             f["images/source"][r:r + k] = f["source/index"][...][b.positions]
         f.flush()
+        fsync_path(self.path)  # the rows are on disk before the flags that commit them
         if k:
             f["images/done"][r:r + k] = True
             f.flush()
+            fsync_path(self.path)
             self.next_row += k
 
     def finish(self) -> int:
         """Trim unused rows (skipped images), record skipped ids and mark the store complete."""
+        # the last metadata (sizes, the skipped list, complete) may need a little new space even in a reserved store
+        n_skip = int(self.f["source/skipped"][...].sum())
+        check_free_space(self.path, FINISH_MARGIN + n_skip * (self.f["source/id"].dtype.itemsize + 4), "finishing")
+        try:
+            return self._finish()
+        except OutputError:
+            raise
+        except Exception as e:
+            raise write_failed(e, "finishing", self.path) from e
+
+    def _finish(self) -> int:
         f = self.f
         n = self.next_row
         for name in ("images/id", "images/label", "images/caption", "images/source", "images/done"):
@@ -208,6 +284,7 @@ class StoreWriter:
         f.flush()
         f.attrs["complete"] = True
         f.flush()
+        fsync_path(self.path)
         return n
 
     def close(self) -> None:
@@ -251,9 +328,14 @@ class AsyncWriter:
         """Block until every queued batch is on disk (for measurements; the loop never needs it)."""
         self.q.join()
 
+    def _raise(self) -> None:
+        if isinstance(self.error, OutputError):  # a full disk / I/O error: its message names the file
+            raise self.error
+        raise RuntimeError("the store writer failed") from self.error
+
     def put(self, batch: Batch) -> None:
         if self.error is not None:
-            raise RuntimeError("the store writer failed") from self.error
+            self._raise()
         self.q.put(batch)
 
     def close(self) -> None:
@@ -261,7 +343,7 @@ class AsyncWriter:
         self.q.put(None)
         self.thread.join()
         if self.error is not None:
-            raise RuntimeError("the store writer failed") from self.error
+            self._raise()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,6 +365,9 @@ class ActivationStore:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
+            owner = lock_owner(self.path)
+            if owner is not None:  # HDF5 refuses a file another process has open for writing
+                raise StoreError(locked_message(self.path, owner)) from e
             raise StoreError(f"{self.path} is not an HDF5 activation store ({e})") from e
         f = self._f
         if "format_version" not in f.attrs or "images" not in f or "acts" not in f:
@@ -484,8 +569,7 @@ def join_shards(shards: list[str | Path], out: str | Path) -> Path:
                 raise StoreError(f"shard {s} is not finished; cannot join")
         ns = [int(f["images/done"].shape[0]) for f in files]
         total = sum(ns)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = make_tmp(out)
         try:
             with h5py.File(tmp, "w") as g:
                 for k, v in files[0].attrs.items():
@@ -510,6 +594,7 @@ def join_shards(shards: list[str | Path], out: str | Path) -> Path:
                     v = g.create_virtual_dataset(name, layout)
                     v.attrs.update(dict(d0.attrs))
                 g.attrs["complete"] = True
+            fsync_path(tmp)
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):

@@ -55,6 +55,9 @@ def user_message(e: BaseException) -> str:
     """The one line printed for a user error: its message, an OSError's cause and file named."""
     if isinstance(e, KeyError) and e.args:
         return str(e.args[0])
+    files = sys.modules.get("extraction.files")
+    if files is not None and isinstance(e, files.OutputError):  # another writer holds the output, a full disk: its own line
+        return " ".join(str(e).split("\n")).strip()
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
         files = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
         return f"{e.strerror.lower()}: {files}"
@@ -168,7 +171,13 @@ def run(argv: list[str]) -> Any:
 
         print(yaml.safe_dump(C.to_dict(cfg) if cfg is not None else {}, sort_keys=False), end="")
         return None
-    return cmd.func(cfg) if cmd.config is not None else cmd.func()
+    if cfg is None:
+        return cmd.func()
+    # one writer per output: a second run on the same --out is refused before any model is loaded
+    from extraction.files import hold_output
+
+    with hold_output(getattr(cfg, "out", None) or None):
+        return cmd.func(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from extraction.files import OutputError, fix_mode, make_tmp, write_failed
 from safetensors.torch import load_file, save_file
 
 from .model import ARCHITECTURES, SparseAutoencoder
@@ -102,9 +102,10 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
         "matryoshka_prefixes": model.prefixes,
         "k_aux": model.k_aux, "aux_coef": model.aux_coef, "dead_after": model.dead_after,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = make_tmp(folder, folder=True)  # the umask's permissions, not mkdtemp's 0700
     try:
         save_file(tensors, str(tmp / WEIGHTS))
+        fix_mode(tmp / WEIGHTS)  # safetensors creates it 0600 whatever the umask
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
@@ -114,8 +115,10 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, (OutputError, ValueError, TypeError)):
+            raise write_failed(e, "writing", folder / WEIGHTS) from e  # a full disk, an I/O error: name the file
         raise
     return folder
 

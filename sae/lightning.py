@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
+from extraction.files import make_tmp
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
@@ -163,8 +163,7 @@ class SAEModule(L.LightningModule):
         axes[0].set_title(f"feature density, step {self.global_step}")
         fig.tight_layout()
         out = root / f"step_{self.global_step:08d}.png"
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=root)
-        os.close(fd)
+        tmp = make_tmp(out, ext=".png")
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, out)

@@ -8,18 +8,19 @@ folder ``sae/`` and ``metrics.json``.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+from extraction.files import OutputError, atomic_write, hold_output, write_failed
 from extraction.store import open_store
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
 from .data import StoreDataModule
@@ -33,12 +34,24 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path) as f:
         json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
     return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temp file, fsynced and renamed: a full disk or a kill never truncates one,
+    and a failed write is a ``WriteFailed`` naming the checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        import torch
+
+        with atomic_write(Path(path), "wb") as f:
+            torch.save(checkpoint, f)
+
+
+# errors of the file system (not of the input): reported as one line naming the file
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
 
 
 def _loggers(out: Path, wandb_mode: str, project: str, name: str | None, csv: bool,
@@ -73,7 +86,17 @@ def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model:
 
     ``model``, ``data`` and ``trainer`` are keyword arguments of ``SAEModule``, ``StoreDataModule`` and
     ``lightning.Trainer``. ``ckpt_path`` resumes a run exactly. Returns paths and held-out metrics.
+    The run holds ``out_dir``'s writer lock: a second ``fit`` into the same folder is refused.
     """
+    with hold_output(out_dir):
+        return _fit(store, hook, timestep, out_dir, model, data, trainer, checkpoint_every_n_steps, wandb_mode,
+                    project, run_name, csv, ckpt_path, seed)
+
+
+def _fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model: dict[str, Any] | None,
+         data: dict[str, Any] | None, trainer: dict[str, Any] | None, checkpoint_every_n_steps: int,
+         wandb_mode: str, project: str, run_name: str | None, csv: bool, ckpt_path: str | None,
+         seed: int) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True, verbose=False)
@@ -90,8 +113,14 @@ def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model:
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="step{step:08d}", every_n_train_steps=checkpoint_every_n_steps,
                            save_top_k=-1, save_last=True, auto_insert_metric_name=False)
     loggers, history = _loggers(out, wandb_mode, project, run_name, csv, ckpt_path)
+    tkw.setdefault("plugins", [AtomicCheckpointIO()])
     tr = L.Trainer(default_root_dir=str(out), logger=loggers, callbacks=[history, ckpt], **tkw)
-    tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    try:
+        tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except OSError as e:  # a checkpoint, a log line or a histogram met a full disk: the checkpoints before it stay
+        if isinstance(e, OutputError) or e.errno not in DISK_ERRNOS:
+            raise
+        raise write_failed(e, "writing", e.filename or out) from e
     result: dict[str, Any] = {"steps": tr.global_step, "samples_seen": int(module.samples_seen)}
     if tr.global_rank == 0:
         if len(dm.val_rows):

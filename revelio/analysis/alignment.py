@@ -270,7 +270,9 @@ class AlignmentTable:
                 -1, len(METRICS), self.d_sae)
             arrays[f"c{i}_paired_saliency"] = np.array([p[1] for p in rec.paired]).reshape(-1, len(METRICS))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
+        from extraction.files import make_tmp
+
+        tmp = make_tmp(path, ext=".npz")
         np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(tmp, path)
         return path

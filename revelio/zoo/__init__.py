@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,7 +71,9 @@ def zoo_path(name: str, random_init: bool = False, seed: int = 0) -> Path:
     target = cache_dir() / "zoo" / f"{name}-random-seed{seed}"
     if not (target / "model_index.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        from extraction.files import make_tmp
+
+        tmp = make_tmp(target, folder=True)
         try:
             build(name, seed).save_pretrained(tmp)
             if target.exists():

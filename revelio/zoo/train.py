@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from extraction.files import make_tmp
 
 from ..config import to_dict
 from ..datasets.shapes import Shapes
@@ -250,7 +251,7 @@ def _fit(module: _EMAModule, loader: DataLoader, stage: StageConfig, device: str
 def _save_atomic(obj, target: Path, cfg: ZooTrainConfig) -> Path:
     """``save_pretrained`` (plus the training config) into a temporary sibling folder, then rename it onto ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp = make_tmp(target, folder=True)
     try:
         obj.save_pretrained(tmp)
         (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
