@@ -373,3 +373,16 @@ def test_saliency_command_writes_maps_and_overlays(tmp_path):
         run(["saliency", "--out", str(out)])
     with pytest.raises(RevelioError, match="valid: concept_attention, cross_attention, daam"):
         run(["saliency", "--method", "gradcam"])
+
+
+def test_concept_embedding_depends_on_the_list_only_in_mean_encoding(tiny_flux):
+    """first_token pads every concept like a prompt, so its embedding is its own; "mean" pads to the longest
+    concept of the list, and T5 runs without an attention mask, so a longer concept changes "red" a little."""
+    from revelio.saliency.mmdit import encode_concepts
+
+    alone, _ = encode_concepts(tiny_flux, "flux", ["red"], "first_token")
+    listed, _ = encode_concepts(tiny_flux, "flux", ["red", "a very long background word"], "first_token")
+    torch.testing.assert_close(listed[0], alone[0])
+    alone, _ = encode_concepts(tiny_flux, "flux", ["red"], "mean")
+    listed, _ = encode_concepts(tiny_flux, "flux", ["red", "a very long background word"], "mean")
+    assert not torch.allclose(listed[0], alone[0], atol=1e-4)
