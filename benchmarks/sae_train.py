@@ -5,13 +5,21 @@ and peak memory of each (peak RSS of a fresh process on CPU, max allocated on CU
 ratio ours / baseline; then the data module's read throughput from an activation store on disk
 against the samples/s the training step consumes.
 
+``--inits`` instead compares encoder inits on zoo activations (tiny-sd ``up_blocks.1`` tokens at
+t = 25 of 256 shapes images, extracted here unless ``--zoo_store`` names such a store): every init
+(``lstsq``, ``unit``, ``sparsify``; see ``SparseAutoencoder``) trains the same number of steps on the
+same batches, then held-out FVU, L0 and the fraction of latents that never fire on the held-out
+tokens are printed, for each k.
+
     python benchmarks/sae_train.py [--device cuda] [--batch 512] [--expansions 16 64] [--steps 2]
+    python benchmarks/sae_train.py --inits [--ks 8 32] [--init_steps 1000] [--expansions 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -129,6 +137,86 @@ def loader_throughput(store: Path, batch: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def zoo_tokens(store: Path | None, tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) tiny-sd up_blocks.1 tokens at t = 25, split by image (10% held out, seed 0)."""
+    from sae.data import StoreDataModule, read_samples
+
+    from extraction.store import open_store
+
+    if store is None:
+        from revelio.commands.extract import ExtractConfig, extract_cmd
+        from revelio.config import load
+
+        store = tmp / "tiny-sd.h5"
+        cfg = load(ExtractConfig, overrides={
+            "model": {"id": "tiny-sd"}, "data": {"name": "shapes", "size": 64, "count": 256, "seed": 0},
+            "hooks": ["up_blocks.1"], "timesteps": [25], "capture": "output", "pooling": "none", "prompt": "empty",
+            "storage_dtype": "float32", "batch_size": 32, "seed": 0, "out": str(store), "progress": False})
+        extract_cmd(cfg)
+    dm = StoreDataModule(str(store), "up_blocks.1", 25, samples="tokens", val_fraction=0.1, seed=0, check_finite=False)
+    dm.setup()
+    with open_store(store) as st:
+        train = read_samples(st, "up_blocks.1", 25, dm.train_rows, "tokens")[0]
+        val = read_samples(st, "up_blocks.1", 25, dm.val_rows, "tokens")[0]
+    return torch.from_numpy(np.asarray(train, dtype=np.float32)), torch.from_numpy(np.asarray(val, dtype=np.float32))
+
+
+def train_init(init: str, train: torch.Tensor, val: torch.Tensor, k: int, expansion: int, steps: int, batch: int,
+               device: str, arch: str = "topk", seed: int = 0) -> dict:
+    """The Lightning module's step (Adam, Gao et al.'s lr, 100 warm-up steps, AuxK) as a plain loop."""
+    d_in = train.shape[1]
+    d_sae = expansion * d_in
+    m = SparseAutoencoder(d_in, d_sae, k, architecture=arch, dead_after=100 * batch, encoder_init=init,
+                          seed=seed).to(device)
+    g = torch.Generator().manual_seed(seed)
+    m.init_from_data(train[torch.randperm(len(train), generator=g)[:16384]].to(device), "geometric_median")
+    lr = 2e-4 / math.sqrt(d_sae / 2**14)
+    opt = torch.optim.Adam(m.parameters(), lr=lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+
+    def held_out() -> tuple[float, float, float]:
+        with torch.no_grad():
+            xv = val.to(device) * m.norm_scale
+            codes = m.encode_sparse(xv)
+            x_hat = m.decode_sparse(codes)
+            fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
+            fired[codes.latents[codes.values > 0]] = True
+            return float(fvu(xv, x_hat)), float(codes.l0(len(xv))), 1 - float(fired.float().mean())
+
+    step0 = held_out()[0]
+    for step in range(steps):
+        idx = torch.randint(len(train), (batch,), generator=g)
+        out = m.loss(train[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        m.remove_parallel_grads()
+        opt.step()
+        sched.step()
+        m.set_decoder_unit_norm()
+        m.update_dead_counters(out["fires"] > 0, batch)
+    f, l0, never = held_out()
+    return {"step0_fvu": step0, "fvu": f, "l0": l0, "never_fire": never}
+
+
+def compare_inits(args) -> None:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        train, val = zoo_tokens(Path(args.zoo_store) if args.zoo_store else None, Path(tmp))
+    e = args.expansions[0]
+    print(f"encoder inits on tiny-sd up_blocks.1 tokens (t=25): {len(train)} train / {len(val)} held-out tokens, "
+          f"d_in {train.shape[1]}, d_sae {e * train.shape[1]}, batch {args.batch}, {args.init_steps} steps, "
+          f"device {args.device}, seeds {args.seeds} (init and batch order; mean, and min-max over seeds)")
+    print(f"{'k':>4} {'init':>9} {'step-0 FVU':>10} {'held-out FVU':>12} {'(min-max)':>15} {'L0':>6} {'never fire':>10}")
+    for k in args.ks:
+        for init in ("lstsq", "unit", "sparsify"):
+            rs = [train_init(init, train, val, k, e, args.init_steps, args.batch, args.device, seed=s)
+                  for s in args.seeds]
+            mean = {key: float(np.mean([r[key] for r in rs])) for key in rs[0]}
+            f = [r["fvu"] for r in rs]
+            print(f"{k:>4} {init:>9} {mean['step0_fvu']:>10.4f} {mean['fvu']:>12.4f} "
+                  f"{f'({min(f):.4f}-{max(f):.4f})':>15} {mean['l0']:>6.2f} {mean['never_fire']:>10.3f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,8 +226,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--expansions", type=int, nargs="+", default=[16, 64])
     p.add_argument("--store_images", type=int, default=192)
+    p.add_argument("--inits", action="store_true", help="compare encoder inits on zoo activations instead")
+    p.add_argument("--ks", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--init_steps", type=int, default=1000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--zoo_store", default=None, help="a store with tiny-sd up_blocks.1 at t=25 (else extracted)")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.inits:
+        compare_inits(args)
+        return
     if args._one:
         print(json.dumps(time_steps(args._one, args.d_in, args.expansions[0], args.k, args.batch, args.steps, args.device)))
         return

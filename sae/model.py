@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 Architecture = Literal["topk", "batchtopk"]
 ARCHITECTURES = ("topk", "batchtopk")
+EncoderInit = Literal["lstsq", "unit", "sparsify"]
+ENCODER_INITS = ("lstsq", "unit", "sparsify")
 
 
 @dataclass
@@ -130,14 +132,23 @@ class SparseAutoencoder(nn.Module):
         k_aux: latents of the AuxK loss (default d_in // 2).
         aux_coef: weight of the AuxK loss (1/32 in Gao et al.).
         dead_after: samples without firing after which a latent counts as dead.
+        encoder_init: the encoder's starting scale. All three start tied (each encoder row parallel to
+            its unit decoder row, b_enc = 0). "lstsq": rows of the one length that minimises the first
+            reconstruction error on the ``init_from_data`` sample (a closed form: the TopK choice does not
+            depend on that length); "unit": rows of unit norm (W_enc = W_dec^T); "sparsify": EleutherAI
+            sparsify's init, encoder rows drawn as ``nn.Linear``'s default (uniform in +-1/sqrt(d_in),
+            norm about 0.58) and the decoder their normalised copy.
     """
 
     def __init__(self, d_in: int, d_sae: int, k: int, architecture: Architecture = "topk",
                  matryoshka: list[int] | tuple[int, ...] = (), k_aux: int | None = None,
-                 aux_coef: float = 1 / 32, dead_after: int = 10_000_000, seed: int = 0):
+                 aux_coef: float = 1 / 32, dead_after: int = 10_000_000, seed: int = 0,
+                 encoder_init: EncoderInit = "lstsq"):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {architecture!r} is not one of {list(ARCHITECTURES)}")
+        if encoder_init not in ENCODER_INITS:
+            raise ValueError(f"encoder_init {encoder_init!r} is not one of {list(ENCODER_INITS)}")
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
         prefixes = sorted(set(int(m) for m in matryoshka) | {d_sae}) if matryoshka else [d_sae]
@@ -149,13 +160,20 @@ class SparseAutoencoder(nn.Module):
         self.k_aux = k_aux if k_aux is not None else max(1, d_in // 2)
         self.aux_coef = aux_coef
         self.dead_after = dead_after
+        self.encoder_init = encoder_init
         g = torch.Generator().manual_seed(seed)
-        W_dec = torch.randn(d_sae, d_in, generator=g)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if encoder_init == "sparsify":
+            bound = 1 / math.sqrt(d_in)  # nn.Linear's default (Kaiming-uniform, a = sqrt(5))
+            W_enc_rows = (torch.rand(d_sae, d_in, generator=g) * 2 - 1) * bound
+            W_dec = W_enc_rows / W_enc_rows.norm(dim=1, keepdim=True)
+        else:
+            W_dec = torch.randn(d_sae, d_in, generator=g)
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            W_enc_rows = W_dec.clone()  # tied: W_enc = W_dec^T (rescaled from data by "lstsq")
         self.W_dec = nn.Parameter(W_dec)
         # the encoder is stored as rows [d_sae, d_in] (so that its sparse gradient is written in place);
         # W_enc [d_in, d_sae] is the view of the equations and of the saved file
-        self.W_enc_rows = nn.Parameter(W_dec.clone())  # tied init: W_enc = W_dec^T
+        self.W_enc_rows = nn.Parameter(W_enc_rows)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("norm_scale", torch.tensor(1.0))
@@ -172,7 +190,8 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def init_from_data(self, x: Tensor, b_dec: Literal["mean", "geometric_median", "zeros"] = "mean",
                        normalize: bool = True) -> None:
-        """Set the normalisation constant (mean ||x_n|| = sqrt(d_in)) and b_dec from a data sample."""
+        """Set the normalisation constant (mean ||x_n|| = sqrt(d_in)) and b_dec from a data sample;
+        with ``encoder_init="lstsq"`` also the encoder's length (see :meth:`fit_encoder_scale`)."""
         choices = ("mean", "geometric_median", "zeros")
         if b_dec not in choices:
             raise ValueError(f"b_dec init {b_dec!r} is not one of {list(choices)}")
@@ -182,6 +201,26 @@ class SparseAutoencoder(nn.Module):
         center = {"mean": lambda: xn.mean(0), "geometric_median": lambda: geometric_median(xn),
                   "zeros": lambda: torch.zeros_like(self.b_dec)}[b_dec]()
         self.b_dec.copy_(center.to(self.b_dec))
+        if self.encoder_init == "lstsq":
+            self.fit_encoder_scale(xn)
+
+    @torch.no_grad()
+    def fit_encoder_scale(self, xn: Tensor) -> float:
+        """Rescale the encoder by the c minimising sum ||(xn - b_dec) - c * D(xn)||^2; returns c.
+
+        With b_enc = 0 the pre-activations are linear in the encoder's scale, so the TopK (or
+        BatchTopK) choice and the ReLU do not depend on it and the reconstruction without b_dec is
+        c times D(xn) = ReLU(TopK(pre)) W_dec at scale 1: c = <xn - b_dec, D> / <D, D>.
+        """
+        if float(self.b_enc.abs().max()) != 0.0:
+            raise ValueError("fit_encoder_scale needs b_enc = 0 (it is meant for the initialisation)")
+        xn = xn.to(self.W_dec)
+        codes = self.encode_sparse(xn, train=True)
+        D = self.decode_sparse(codes, bias=False)
+        c = float((xn - self.b_dec).mul(D).sum() / D.pow(2).sum().clamp_min(1e-12))
+        if c > 0:
+            self.W_enc_rows.mul_(c)
+        return c
 
     # ---- decoder constraint -------------------------------------------------------------
     @torch.no_grad()
@@ -292,6 +331,26 @@ class SparseAutoencoder(nn.Module):
             self.threshold.fill_(float(min_active))
         else:
             self.threshold.mul_(momentum).add_((1 - momentum) * min_active)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, x: Tensor, max_entries: int = 2**25) -> float:
+        """BatchTopK: set the inference threshold so that these raw activations get k codes per sample on average.
+
+        The threshold is placed between the (k*n)-th and (k*n+1)-th largest pre-activations of the n
+        samples (never below 0: codes pass a ReLU), so ``encode`` (pre > threshold) gives mean L0 = k on
+        them. At most ``max_entries`` pre-activations are formed (n is cut to max_entries // d_sae rows).
+        The running mean kept during training lags the falling activation scale; this replaces it.
+        """
+        if self.architecture != "batchtopk":
+            raise ValueError("calibrate_threshold is for architecture 'batchtopk'")
+        n = max(1, min(x.shape[0], max_entries // self.d_sae))
+        xn = x[:n].to(self.W_enc) * self.norm_scale
+        pre = self._pre(xn).flatten()
+        m = min(self.k * n, pre.numel() - 1)
+        top = pre.topk(m + 1).values  # sorted, descending
+        t = max(0.0, float((top[m - 1] + top[m]) / 2))
+        self.threshold.fill_(t)
+        return t
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}, architecture={self.architecture}, "

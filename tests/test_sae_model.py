@@ -355,3 +355,56 @@ def test_revelio_loads_saelens_saved_folders_with_their_hook(tmp_path):
     theirs.save_model(str(tmp_path / "per_latent"))
     with pytest.raises(ValueError, match="per-latent thresholds"):
         sae.load(tmp_path / "per_latent")
+
+
+
+
+def test_batchtopk_threshold_calibration_gives_k_per_sample(one_torch_thread):
+    """The calibrated threshold sits between the (k n)-th and (k n + 1)-th largest pre-activations:
+    exactly k codes per sample on average on the calibration data, about k on fresh data."""
+    world = SparseWorld()
+    m = SparseAutoencoder(32, 128, 3, architecture="batchtopk", dead_after=2000)
+    m.init_from_data(world.batch(2048))
+    train(m, world, 100)
+    x = world.batch(4096)
+    t = m.calibrate_threshold(x)
+    pre = ((x * m.norm_scale - m.b_dec) @ m.W_enc + m.b_enc).detach()  # naive dense pre-activations
+    assert int((pre > t).sum()) == 3 * len(x)
+    assert float((m.encode(x) != 0).sum(1).float().mean()) == pytest.approx(3.0)
+    fresh = (m.encode(world.batch(4096)) != 0).sum(1).float().mean()
+    assert abs(float(fresh) - 3) <= 0.05 * 3
+    with pytest.raises(ValueError, match="batchtopk"):
+        SparseAutoencoder(8, 16, 2).calibrate_threshold(x[:, :8])
+
+
+@pytest.mark.parametrize("init", ["lstsq", "unit", "sparsify"])
+def test_encoder_inits(init):
+    """All inits are tied in direction; "lstsq" picks the length with the least first reconstruction error."""
+    world = SparseWorld()
+    x = world.batch(2048)
+    m = SparseAutoencoder(32, 128, 3, encoder_init=init, seed=2)
+    m.init_from_data(x)
+    W_enc, W_dec = m.W_enc.detach().T, m.W_dec.detach()
+    torch.testing.assert_close(W_enc / W_enc.norm(dim=1, keepdim=True), W_dec)
+    torch.testing.assert_close(W_dec.norm(dim=1), torch.ones(128))
+    norms = W_enc.norm(dim=1)
+    if init == "unit":
+        torch.testing.assert_close(norms, torch.ones(128))
+    elif init == "sparsify":  # nn.Linear's default: uniform in +-1/sqrt(d_in), rows of norm about sqrt(1/3)
+        assert W_enc.abs().max() <= 32 ** -0.5 and abs(float(norms.mean()) - 3 ** -0.5) < 0.05
+    else:  # one common length c, the least-squares optimum: a brute-force scan finds nothing better
+        c = float(norms.mean())
+        torch.testing.assert_close(norms, torch.full((128,), c))
+        xn = x * m.norm_scale
+
+        def err(scale):
+            with torch.no_grad():
+                m.W_enc_rows.mul_(scale)
+                e = float(fvu(xn, m.decode_sparse(m.encode_sparse(xn))))
+                m.W_enc_rows.div_(scale)
+            return e
+
+        best = err(1.0)
+        assert all(err(s) >= best - 1e-6 for s in (0.5, 0.8, 0.95, 1.05, 1.25, 2.0))
+    with pytest.raises(ValueError, match="encoder_init"):
+        SparseAutoencoder(8, 16, 2, encoder_init="xavier")

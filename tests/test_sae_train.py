@@ -17,7 +17,7 @@ import sae
 from revelio.cli import run
 from sae.data import StoreDataModule
 from sae.lightning import SAEModule
-from sae.train import fit
+from sae.train import evaluate_sae, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "configs" / "sae" / "tiny-sd.yaml"
@@ -222,3 +222,45 @@ def test_ddp_two_cpu_processes_match_single_process(sd_store, tmp_path):
     assert abs(d["val"]["fvu"] - res["val"]["fvu"]) < 0.03
     assert d["val"]["l0"] == res["val"]["l0"] == 8.0
     assert d["val"]["fvu"] < 0.9
+
+
+@pytest.fixture(scope="module")
+def sd_store_128(tmp_path_factory):
+    """tiny-sd up_blocks.1 at t=25 of 128 shapes images (enough held-out images for a stable L0)."""
+    from revelio.commands.extract import ExtractConfig, extract_cmd
+    from revelio.config import load
+
+    out = tmp_path_factory.mktemp("store128") / "sd128.h5"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract_cmd(load(ExtractConfig, overrides={
+            "model": {"id": "tiny-sd"}, "data": {"name": "shapes", "size": 64, "count": 128, "seed": 0},
+            "hooks": ["up_blocks.1"], "timesteps": [25], "storage_dtype": "float32", "batch_size": 32,
+            "out": str(out), "progress": False}))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_batchtopk_threshold_is_calibrated_at_checkpoints_and_end(sd_store_128, tmp_path, one_torch_thread):
+    """A short BatchTopK run: the saved threshold gives held-out L0 within 5% of k (the running mean alone lags)."""
+    sd_store = sd_store_128
+    res = fit(sd_store, "up_blocks.1", 25, tmp_path / "b",
+              model={"expansion": 4, "k": 4, "architecture": "batchtopk", "warmup_steps": 5, "hist_every": 0,
+                     "dead_after": 20000, "init_samples": 8192},
+              data={"samples": "tokens", "batch_size": 256},
+              trainer={"max_steps": 30, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                       "enable_model_summary": False, "val_check_interval": 15},
+              checkpoint_every_n_steps=15, wandb_mode="disabled", csv=False)
+    assert abs(res["val"]["l0"] - 4) <= 0.05 * 4
+    assert abs(evaluate_sae(res["sae"], split="val")["l0"] - 4) <= 0.05 * 4
+    mid = torch.load(tmp_path / "b" / "checkpoints" / "step00000015.ckpt", weights_only=False)
+    module = SAEModule(d_in=64, expansion=4, k=4, architecture="batchtopk")
+    module.load_state_dict(mid["state_dict"])
+    dm = StoreDataModule(str(sd_store), "up_blocks.1", 25, samples="tokens")
+    dm.setup()
+    x = module._calibration_sample(dm, 8192)
+    module.sae.eval()
+    l0_saved = float((module.sae.encode(x) != 0).sum(1).float().mean())
+    assert abs(l0_saved - 4) <= 0.01 * 4  # the checkpoint of step 15 holds the threshold calibrated then

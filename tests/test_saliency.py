@@ -66,8 +66,10 @@ def _gelu_ff(ff, x):
     return _linear(F.gelu(_linear(x, ff.net[0].proj), approximate="tanh"), ff.net[2])
 
 
-def _flux_block_by_hand(block, img, txt, temb, rope, concepts):
+def _flux_block_by_hand(block, img, txt, temb, rope, concepts, concept_temb=None):
     """One Flux double-stream block for image, prompt and concept tokens, written out by hand.
+
+    ``concept_temb``: the embedding driving the concepts' adaptive norm (default: the block's ``temb``).
 
     Returns (ConceptAttention score softmaxed over concepts, cross-attention score, updated concepts).
     """
@@ -76,7 +78,7 @@ def _flux_block_by_hand(block, img, txt, temb, rope, concepts):
     n_txt = txt.shape[1]
     x, *_ = _ada_zero(block.norm1, img, temb)
     t, *_ = _ada_zero(block.norm1_context, txt, temb)
-    c, g_msa, sh, sc, g_mlp = _ada_zero(block.norm1_context, concepts, temb)
+    c, g_msa, sh, sc, g_mlp = _ada_zero(block.norm1_context, concepts, temb if concept_temb is None else concept_temb)
     qi = _rope(_rms(_heads(_linear(x, attn.to_q), h), attn.norm_q), cos[n_txt:], sin[n_txt:])
     ki = _rope(_rms(_heads(_linear(x, attn.to_k), h), attn.norm_k), cos[n_txt:], sin[n_txt:])
     vi = _heads(_linear(x, attn.to_v), h)
@@ -98,21 +100,29 @@ def _flux_block_by_hand(block, img, txt, temb, rope, concepts):
 
 # --- DAAM ----------------------------------------------------------------------------------------------------
 
-def test_daam_matches_naive_softmax_maps_and_drops_cfg_half(tiny_sd):
+@pytest.mark.parametrize("order", ["reference", "clamp_each_step"])
+def test_daam_matches_naive_softmax_maps_and_drops_cfg_half(tiny_sd, order):
+    """Naive DAAM in either aggregation order; "reference" is daam 0.2.0's: per layer and head the
+    probabilities are summed over steps at their native resolution, upsampled and clamped only at the end."""
     unet = tiny_sd.unet
     attn2 = {n: m for n, m in unet.named_modules() if n.endswith("attn2") and not n.startswith("mid_block")}
     calls, handles = _record_inputs(attn2)
     try:
-        with trace(tiny_sd) as tc:
+        with trace(tiny_sd, order=order) as tc:
             tiny_sd(PROMPT, num_inference_steps=2, guidance_scale=7.5, height=32, width=32, generator=_gen(),
                     output_type="latent")
     finally:
         for hd in handles:
             hd.remove()
     assert set(tc.modules) == set(attn2) and tc.calls == 2
+
+    def up(maps):  # (1, T, s, s) -> latent size 8x8, bicubic
+        return maps if maps.shape[-1] == 8 else F.interpolate(maps, size=(8, 8), mode="bicubic", align_corners=False)
+
     expected, count = torch.zeros(32, 8, 8), 0
     for name, m in attn2.items():
         assert len(calls[name]) == 2
+        per_head = {}
         for args, kwargs in calls[name]:
             x, ctx = args[0], kwargs["encoder_hidden_states"]
             assert x.shape[0] == 2  # CFG batch: [unconditional, conditional]
@@ -123,13 +133,21 @@ def test_daam_matches_naive_softmax_maps_and_drops_cfg_half(tiny_sd):
             for h in range(m.heads):
                 p = torch.softmax(q[:, h] @ k[:, h].T / q.shape[-1] ** 0.5, dim=-1)  # (HW, T)
                 maps = p.T.reshape(1, -1, side, side)
-                if side != 8:
-                    maps = F.interpolate(maps, size=(8, 8), mode="bicubic", align_corners=False)
-                expected += maps[0].clamp(min=0)
+                if order == "clamp_each_step":
+                    expected += up(maps)[0].clamp(min=0)
+                else:
+                    per_head[h] = per_head.get(h, 0) + maps
                 count += 1
+        for total in per_head.values():  # reference: upsample and clamp each (layer, head) sum over steps
+            expected += up(total)[0].clamp(min=0)
     got = tc.maps()
     assert got.shape == (1, 32, 8, 8)
     torch.testing.assert_close(got[0], expected / count, rtol=1e-4, atol=1e-6)
+    if order == "reference":  # the two orders really differ (bicubic overshoot clamped at different times)
+        with trace(tiny_sd, order="clamp_each_step") as other:
+            tiny_sd(PROMPT, num_inference_steps=2, guidance_scale=7.5, height=32, width=32, generator=_gen(),
+                    output_type="latent")
+        assert not torch.allclose(other.maps(), got, rtol=1e-4, atol=1e-6)
 
 
 def test_daam_word_maps_merge_subtokens_and_name_available_words(tiny_sd):
@@ -152,16 +170,23 @@ def test_daam_word_maps_merge_subtokens_and_name_available_words(tiny_sd):
         assert type(m.processor).__name__ == "AttnProcessor2_0"
 
 
-def test_daam_running_sum_does_not_grow_and_restores_on_error(tiny_sd):
+def test_daam_running_sums_do_not_grow_and_restore_on_error(tiny_sd):
     before = {n: m.processor for n, m in tiny_sd.unet.named_modules() if n.endswith("attn2")}
+    sizes = []
     with pytest.raises(RuntimeError, match="boom"):
         with trace(tiny_sd, steps=[1, 2]) as tc:
+            tiny_sd(PROMPT, num_inference_steps=2, height=32, width=32, generator=_gen(), output_type="latent")
+            first = dict(tc._layer_sums)
+            sizes.append(sum(t.numel() for t in tc._layer_sums.values()))
             tiny_sd(PROMPT, num_inference_steps=3, height=32, width=32, generator=_gen(), output_type="latent")
-            first = tc._sum
+            sizes.append(sum(t.numel() for t in tc._layer_sums.values()))
             raise RuntimeError("boom")
     heads = sum(m.heads for m in tc.modules.values())
-    assert tc.calls == 3 and tc._count == 2 * heads  # only the two chosen steps count
-    assert tc._sum is first and tc._sum.shape == (1, 32, 8, 8)  # one running sum, updated in place
+    assert tc.calls == 5 and tc._count == 2 * heads  # only denoiser calls 1 and 2 (of 0..4) count
+    assert sizes[0] == sizes[1] and set(first) == set(tc.modules)  # one sum per layer, flat in steps
+    assert all(tc._layer_sums[n] is first[n] for n in first)  # updated in place
+    for n, m in tc.modules.items():  # native resolution: (batch, heads, tokens, h, w)
+        assert tc._layer_sums[n].shape[:3] == (1, m.heads, 32) and tc._layer_sums[n].shape[-1] in (8, 4, 2)
     assert all(m.processor is before[n] for n, m in tiny_sd.unet.named_modules() if n.endswith("attn2"))
 
 
@@ -207,31 +232,57 @@ def test_two_call_cfg_unconditional_call_is_skipped(tiny_flux):
 
 # --- ConceptAttention ----------------------------------------------------------------------------------------
 
-def test_concept_attention_matches_hand_computation_of_two_blocks(tiny_flux):
-    concepts = ["circle", "bluey", "background"]  # "bluey" is several T5 tokens: mean-pooled
+def _concepts_by_hand(pipe, concepts, encoding):
+    """Concept embeddings before context_embedder, from the pipeline's own prompt encoder."""
+    tok = pipe.tokenizer_2
+    rows = []
+    if encoding == "mean":  # each on its own, padded to the longest concept + 1; mean of its word tokens
+        max_len = max(len(tok(c, add_special_tokens=False).input_ids) for c in concepts)
+        for c in concepts:
+            n = len(tok(c, add_special_tokens=False).input_ids)
+            emb, _, _ = pipe.encode_prompt(prompt=[c], prompt_2=[c], device="cpu", max_sequence_length=max_len + 1)
+            rows.append(emb[0, :n].mean(0))
+    else:  # first_token: each encoded exactly like a prompt (padded to the tokenizer's length); first token
+        for c in concepts:
+            emb, _, _ = pipe.encode_prompt(prompt=[c], prompt_2=[c], device="cpu",
+                                           max_sequence_length=tok.model_max_length)
+            rows.append(emb[0, 0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("encoding,modulation", [("reference", "reference"), ("mean", "prompt"),
+                                                 ("first_token", "prompt"), ("mean", "zero_pooled")])
+def test_concept_attention_matches_hand_computation_of_two_blocks(tiny_flux, encoding, modulation):
+    concepts = ["circle", "bluey", "background"]  # "bluey" is several T5 tokens
     blocks = tiny_flux.transformer.transformer_blocks
-    calls, handles = _record_inputs({str(i): b for i, b in enumerate(blocks)})
+    calls, handles = _record_inputs({"den": tiny_flux.transformer, **{str(i): b for i, b in enumerate(blocks)}})
     try:
-        with concept_attention(tiny_flux, concepts, layers=[0, 1], baseline=True) as ca:
+        with concept_attention(tiny_flux, concepts, layers=[0, 1], baseline=True, encoding=encoding,
+                               modulation=modulation) as ca:
             tiny_flux(PROMPT, num_inference_steps=1, height=32, width=32, generator=_gen(), output_type="latent",
                       max_sequence_length=16)
     finally:
         for hd in handles:
             hd.remove()
+    enc = "first_token" if encoding == "reference" else encoding  # the reference's Flux code
+    zero = modulation in ("reference", "zero_pooled")  # its concepts' temb: zero pooled vector
+    assert (ca.encoding, ca.modulation) == (enc, "zero_pooled" if zero else "prompt")
     with torch.no_grad():
-        rows = []
-        max_len = max(len(tiny_flux.tokenizer_2(c, add_special_tokens=False).input_ids) for c in concepts)
-        for c in concepts:  # each on its own through T5, padded to the longest concept; mean of its tokens
-            n = len(tiny_flux.tokenizer_2(c, add_special_tokens=False).input_ids)
-            emb, _, _ = tiny_flux.encode_prompt(prompt=[c], prompt_2=[c], device="cpu",
-                                                max_sequence_length=max_len + 1)
-            rows.append(emb[0, :n].mean(0))
-        stream = _linear(torch.stack(rows), tiny_flux.transformer.context_embedder)[None]
+        stream = _linear(_concepts_by_hand(tiny_flux, concepts, enc), tiny_flux.transformer.context_embedder)[None]
+        _, dkw = calls["den"][0]
         scores, crosses = [], []
         for i in range(2):
             _, kw = calls[str(i)][0]
+            temb = kw["temb"]
+            if zero:  # time embedding of the same timestep with a zero pooled text vector
+                tte = tiny_flux.transformer.time_text_embed
+                t = dkw["timestep"] * 1000
+                temb_c = tte(t, torch.zeros_like(dkw["pooled_projections"]))
+                assert not torch.allclose(temb_c, temb)
+            else:
+                temb_c = temb
             s, cr, stream = _flux_block_by_hand(blocks[i], kw["hidden_states"], kw["encoder_hidden_states"],
-                                                kw["temb"], kw["image_rotary_emb"], stream)
+                                                temb, kw["image_rotary_emb"], stream, concept_temb=temb_c)
             scores.append(s)
             crosses.append(cr)
     expected = (scores[0] + scores[1]) / 2
@@ -242,6 +293,33 @@ def test_concept_attention_matches_hand_computation_of_two_blocks(tiny_flux):
                                ((crosses[0] + crosses[1]) / 2).transpose(1, 2).reshape(1, 3, 4, 4),
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.sum(1), torch.ones(1, 4, 4))
+
+
+def test_sd3_joined_concept_encoding_follows_the_joint_prompt_sequence():
+    """SD3's reference encoding: the joined concepts as one prompt; CLIP's start token + one token per concept."""
+    from revelio.saliency.mmdit import encode_concepts
+    from revelio.zoo import load_pipeline
+
+    pipe = load_pipeline("tiny-sd3")
+    concepts = ["circle", "square", "background"]
+    emb, lead = encode_concepts(pipe, "sd3", concepts, "joined")
+    with torch.no_grad():
+        joint = pipe.encode_prompt("circle square background", None, None, device="cpu",
+                                   do_classifier_free_guidance=False)[0]
+    assert lead == 1 and emb.shape == (4, joint.shape[-1])
+    torch.testing.assert_close(emb, joint[0, :4])
+    kw = dict(prompt=PROMPT, num_inference_steps=1, height=32, width=32, output_type="latent", guidance_scale=1.0)
+    with concept_attention(pipe, concepts, layers=[-2, -1]) as ref, \
+            concept_attention(pipe, concepts, layers=[-2, -1], encoding="mean") as mean:
+        pipe(**kw, generator=_gen())
+    assert ref.encoding == "joined" and ref.modulation == "prompt"
+    assert ref.maps().shape == mean.maps().shape == (1, 3, 4, 4)  # the start token gets no map
+    torch.testing.assert_close(ref.maps().sum(1), torch.ones(1, 4, 4))
+    assert not torch.allclose(ref.maps(), mean.maps())
+    with pytest.raises(RevelioError, match="reference's SD3 encoding"):
+        concept_attention(load_pipeline("tiny-flux"), concepts, encoding="joined")
+    with pytest.raises(RevelioError, match="not one of"):
+        concept_attention(pipe, concepts, modulation="pooled")
 
 
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
@@ -295,3 +373,16 @@ def test_saliency_command_writes_maps_and_overlays(tmp_path):
         run(["saliency", "--out", str(out)])
     with pytest.raises(RevelioError, match="valid: concept_attention, cross_attention, daam"):
         run(["saliency", "--method", "gradcam"])
+
+
+def test_concept_embedding_depends_on_the_list_only_in_mean_encoding(tiny_flux):
+    """first_token pads every concept like a prompt, so its embedding is its own; "mean" pads to the longest
+    concept of the list, and T5 runs without an attention mask, so a longer concept changes "red" a little."""
+    from revelio.saliency.mmdit import encode_concepts
+
+    alone, _ = encode_concepts(tiny_flux, "flux", ["red"], "first_token")
+    listed, _ = encode_concepts(tiny_flux, "flux", ["red", "a very long background word"], "first_token")
+    torch.testing.assert_close(listed[0], alone[0])
+    alone, _ = encode_concepts(tiny_flux, "flux", ["red"], "mean")
+    listed, _ = encode_concepts(tiny_flux, "flux", ["red", "a very long background word"], "mean")
+    assert not torch.allclose(listed[0], alone[0], atol=1e-4)

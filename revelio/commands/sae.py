@@ -114,7 +114,11 @@ class SAEModelConfig:
     dead_after: int = field(10_000_000, min=1, help="samples without firing after which a latent is dead")
     b_dec_init: Literal["mean", "geometric_median", "zeros"] = field("geometric_median", help="b_dec init from a data sample")
     normalize: bool = field(True, help="scale inputs so that mean ||x|| = sqrt(d_in) (constant saved with the SAE)")
-    init_samples: int = field(16384, min=1, help="samples used for b_dec and the normalisation constant")
+    encoder_init: Literal["lstsq", "unit", "sparsify"] = field(
+        "lstsq", help="encoder start: tied rows of the least-squares length (lstsq), of unit norm (unit), or "
+                      "EleutherAI sparsify's nn.Linear init (sparsify)")
+    init_samples: int = field(16384, min=1, help="samples used for b_dec, the normalisation constant, the lstsq encoder "
+                                          "scale and the BatchTopK threshold calibration (held-out samples)")
     lr: float | None = field(None, above=0, help="Adam lr (null: 2e-4 / sqrt(d_sae / 2^14))")
     warmup_steps: int = field(100, min=0, help="linear lr warm-up steps")
     decay_fraction: float = field(0.0, min=0, max=1, help="linear lr decay to 0 over this last share of max_steps")

@@ -59,6 +59,14 @@ class SaliencyConfig:
     layers: list[int] | None = field(None, help="concept methods: double-stream block indices to average "
                                                 "(negative from the end; null: all)")
     include_mid: bool = field(False, help="daam on UNets: also trace the mid block")
+    concept_encoding: Literal["reference", "first_token", "joined", "mean"] = field(
+        "reference", help="concept methods: reference (Flux: first_token, SD3: joined) | first_token | joined (SD3) "
+                          "| mean (mean of each concept's T5 tokens)")
+    concept_modulation: Literal["reference", "zero_pooled", "prompt"] = field(
+        "reference", help="concept methods: pooled vector of the concepts' temb: reference (Flux: zero_pooled, SD3: "
+                          "prompt) | zero_pooled | prompt")
+    daam_order: Literal["reference", "clamp_each_step"] = field(
+        "reference", help="daam: reference (sum per layer/head, upsample + clamp at the end) | clamp_each_step")
     out: str = field("runs/saliency", help="output folder: <id>.npz (maps, concepts) and <id>.png overlays")
     progress: bool = field(True, help="show a progress bar")
 
@@ -91,11 +99,12 @@ def _generate(pipe, cfg: SaliencyConfig, prompt: str, concepts: list[str]):
                               generator=torch.Generator("cpu").manual_seed(cfg.seed),
                               **generation_kwargs(pipe, cfg.guidance_scale))
     if cfg.method == "daam":
-        with trace(pipe, include_mid=cfg.include_mid) as tc:
+        with trace(pipe, include_mid=cfg.include_mid, order=cfg.daam_order) as tc:
             image = pipe(prompt, **kw).images[0]
         words = concepts or list(dict.fromkeys(w for w, _ in tc.words()))
         return image, tc.word_maps(words).numpy(), words
-    with concept_attention(pipe, concepts, layers=cfg.layers, baseline=cfg.method == "cross_attention") as ca:
+    with concept_attention(pipe, concepts, layers=cfg.layers, baseline=cfg.method == "cross_attention",
+                           encoding=cfg.concept_encoding, modulation=cfg.concept_modulation) as ca:
         image = pipe(prompt, **kw).images[0]
     maps = ca.maps() if cfg.method == "concept_attention" else ca.cross_attention_maps()
     return image, maps[0].numpy(), concepts
@@ -107,12 +116,13 @@ def _on_image(pipe, cfg: SaliencyConfig, image, caption: str, concepts: list[str
 
     if cfg.method == "daam":
         tc = daam_on_images(pipe, [image], [caption], t=cfg.t, seeds=cfg.seeds, size=cfg.size,
-                            include_mid=cfg.include_mid)
+                            include_mid=cfg.include_mid, order=cfg.daam_order)
         present = [w for w, _ in tc.words()]
         words = [c for c in concepts if normalise(c) in present] or list(dict.fromkeys(present))
         return tc.word_maps(words).numpy(), words
     ca = concept_attention_on_images(pipe, [image], concepts, [caption], t=cfg.t, seeds=cfg.seeds, size=cfg.size,
-                                     layers=cfg.layers, baseline=cfg.method == "cross_attention")
+                                     layers=cfg.layers, baseline=cfg.method == "cross_attention",
+                                     encoding=cfg.concept_encoding, modulation=cfg.concept_modulation)
     maps = ca.maps() if cfg.method == "concept_attention" else ca.cross_attention_maps()
     return maps[0].numpy(), concepts
 
@@ -170,6 +180,12 @@ class SegmentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], nonempty=True, help="noise seeds, maps averaged")
     size: int = field(64, min=1, help="model input side in pixels (images resized + centre-cropped)")
     layers: list[int] | None = field(None, help="double-stream block indices for the concept methods (null: all)")
+    concept_encoding: Literal["reference", "first_token", "joined", "mean"] = field(
+        "reference", help="concept methods: reference (Flux: first_token, SD3: joined) | first_token | joined (SD3) "
+                          "| mean")
+    concept_modulation: Literal["reference", "zero_pooled", "prompt"] = field(
+        "reference", help="concept methods: reference (Flux: zero_pooled, SD3: prompt) | zero_pooled | prompt")
+    daam_order: Literal["reference", "clamp_each_step"] = field("reference", help="daam aggregation order")
     seed: int = field(0, help="shapes world seed")
     label: str = field("shape", help="shapes: segment the objects' shape words (shape) or colour words (colour)")
     out: str = field("runs/segment", help="output folder: results.json and table.md")
@@ -213,7 +229,8 @@ def segment_cmd(cfg: SegmentConfig) -> dict[str, dict[str, float]]:
             pipes[mc.id] = load_pipeline(mc.id, device=mc.device, dtype=mc.dtype)
         results[m] = evaluate(data, m, pipes[mc.id] if mc else None, multiclass=cfg.protocol == "multi", t=cfg.t,
                               seeds=cfg.seeds, size=cfg.size, layers=cfg.layers, background=cfg.background,
-                              total=cfg.count)
+                              total=cfg.count, options={"encoding": cfg.concept_encoding,
+                                                        "modulation": cfg.concept_modulation, "order": cfg.daam_order})
     words = f" ({cfg.label} words)" if cfg.dataset == "shapes" else ""
     title = f"{cfg.dataset}{words}, {cfg.protocol}-class protocol, {cfg.model.id} / {cfg.daam_model.id}, t={cfg.t}, " \
             f"{len(cfg.seeds)} seed(s)"

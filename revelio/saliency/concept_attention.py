@@ -1,9 +1,13 @@
 """ConceptAttention (Helbling et al., ICML 2025) for MM-DiT pipelines (Flux, SD3).
 
-Concept words, each encoded on its own, get a residual stream of their own that runs
-through the TEXT stream's weights of every double-stream block: the block's adaptive
-norm with its ``temb``, q/k/v projections and q/k norms, a SECOND attention in which
-concept queries attend to [concept, image] keys, the output projection, gates and MLP.
+Concept words get a residual stream of their own that runs through the TEXT stream's
+weights of every double-stream block: the block's adaptive norm, q/k/v projections and
+q/k norms, a SECOND attention in which concept queries attend to [concept, image] keys,
+the output projection, gates and MLP. By default the concepts are encoded and modulated as
+the reference code does (``encoding``/``modulation``, see ``mmdit.encode_concepts`` and
+``mmdit.resolve_concept_options``): Flux: each concept alone, first T5 token, adaptive norms
+driven by the timestep embedding of a ZERO pooled vector; SD3: the joined concepts as one
+prompt, the prompt's own ``temb``.
 Image and prompt tokens never see the concepts, so the generated image is unchanged
 (the original attention processor runs untouched; ours only adds work after it).
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +34,8 @@ from torch import nn
 
 from ..config import RevelioError
 from .hooks import ConditionalRows, HookSession, captured, hooked, swapped_processors
-from .mmdit import denoiser_input, double_blocks, encode_concepts, image_heads, mmdit_kind, text_heads, token_grid
+from .mmdit import (denoiser_input, double_blocks, encode_concepts, image_heads, mmdit_kind, resolve_concept_options,
+                    text_heads, token_grid)
 
 
 def check_concepts(concepts: Sequence[str]) -> list[str]:
@@ -71,12 +77,19 @@ class ConceptAttention(HookSession):
     count (None: all). The concept stream itself runs through every block at every call.
     ``cfg``: see :class:`~revelio.saliency.hooks.ConditionalRows` (None: detect).
     ``baseline``: also accumulate the cross-attention baseline (``cross_attention_maps()``).
+    ``encoding``: "reference" | "first_token" | "joined" (SD3) | "mean" (see ``mmdit.encode_concepts``).
+    ``modulation``: which pooled text vector builds the ``temb`` of the concepts' adaptive norms:
+    "reference" | "zero_pooled" (a zero vector, as the reference's Flux code) | "prompt" (the prompt's,
+    i.e. the block's own ``temb``, as the reference's SD3 code).
     """
 
     def __init__(self, pipe, concepts: Sequence[str], layers: Sequence[int] | None = None,
-                 steps: Sequence[int] | None = None, cfg: bool | None = None, baseline: bool = False):
+                 steps: Sequence[int] | None = None, cfg: bool | None = None, baseline: bool = False,
+                 encoding: Literal["reference", "first_token", "joined", "mean"] = "reference",
+                 modulation: Literal["reference", "zero_pooled", "prompt"] = "reference"):
         self.kind = mmdit_kind(pipe)
         self.concepts = check_concepts(concepts)
+        self.encoding, self.modulation = resolve_concept_options(self.kind, encoding, modulation)
         self.pipe = pipe
         self.blocks = double_blocks(pipe)
         n = len(self.blocks)
@@ -105,8 +118,11 @@ class ConceptAttention(HookSession):
     # -- context manager --------------------------------------------------------------------
     def _install(self, stack: ExitStack) -> None:
         den = self.pipe.transformer
-        self._embeds = encode_concepts(self.pipe, self.kind, self.concepts).to(den.dtype)
+        embeds, self._lead = encode_concepts(self.pipe, self.kind, self.concepts, self.encoding)
+        self._embeds = embeds.to(den.dtype)
         stack.enter_context(hooked(den, pre=self._on_call, with_kwargs=True))
+        if self.modulation == "zero_pooled":
+            stack.enter_context(hooked(den.time_text_embed, post=self._zero_pooled_temb, with_kwargs=True))
         for i, b in enumerate(self.blocks):
             stack.enter_context(hooked(b, pre=self._temb_hook(i), with_kwargs=True))
         modules = {str(i): b.attn for i, b in enumerate(self.blocks)}
@@ -128,6 +144,22 @@ class ConceptAttention(HookSession):
         self._stream = c.unsqueeze(0).expand(b, -1, -1).contiguous()
         self._temb: dict[int, torch.Tensor] = {}
 
+    def _zero_pooled_temb(self, module, args, kwargs, _out):
+        """The same timestep (and guidance) embedding with the pooled text vector set to zero."""
+        if self._rows is None or getattr(self, "_in_zero", False):
+            return
+        args, kwargs = list(args), dict(kwargs)
+        if "pooled_projection" in kwargs:
+            kwargs["pooled_projection"] = torch.zeros_like(kwargs["pooled_projection"])
+        else:
+            args[-1] = torch.zeros_like(args[-1])
+        self._in_zero = True
+        try:
+            with torch.no_grad():
+                self._zero_temb = module(*args, **kwargs)
+        finally:
+            self._in_zero = False
+
     def _temb_hook(self, i: int):
         def hook(_m, args, kwargs):
             temb = kwargs["temb"] if "temb" in kwargs else args[2]
@@ -140,7 +172,7 @@ class ConceptAttention(HookSession):
         if not self._active or i > self.layers[-1]:
             return  # an uncounted call, or past the last scored block: the concept stream is not needed
         rows = self._rows
-        temb = self._temb[i][rows]
+        temb = (self._temb[i] if self.modulation == "prompt" else self._zero_temb)[rows]
         scoring = i in self.layers
         names = ("q", "k", "v") if scoring and self.baseline else ("k", "v")
         img = image_heads(attn, {k: cap[k][rows] for k in names}, self.kind, rotary, text_len, names=names)
@@ -156,12 +188,13 @@ class ConceptAttention(HookSession):
         o_c = F.scaled_dot_product_attention(con["q"].transpose(1, 2), keys, values)  # (B, H, C, d)
         o_c = o_c.transpose(1, 2).flatten(2)  # heads concatenated, before the output projection
         if scoring:
+            lead = self._lead  # leading stream tokens without a map ("joined": CLIP's start token)
             o_img = cap["in_o"][rows]
             cross = None
             if self.baseline:
-                cross = torch.einsum("bnhd,bchd->bnc", img["q"].float(), con["k"].float()) \
+                cross = torch.einsum("bnhd,bchd->bnc", img["q"].float(), con["k"][:, lead:].float()) \
                     .div(attn.heads * img["q"].shape[-1] ** 0.5).softmax(-1)
-            self._add(torch.einsum("bnd,bcd->bnc", o_img.float(), o_c.float()).softmax(-1), cross)
+            self._add(torch.einsum("bnd,bcd->bnc", o_img.float(), o_c[:, lead:].float()).softmax(-1), cross)
         if not pre_only:
             c = c + g_msa.unsqueeze(1) * attn.to_add_out(o_c)
             h = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -200,6 +233,8 @@ class ConceptAttention(HookSession):
 
 def concept_attention(pipe, concepts: Sequence[str], layers: Sequence[int] | None = None,
                       steps: Sequence[int] | None = None, cfg: bool | None = None,
-                      baseline: bool = False) -> ConceptAttention:
+                      baseline: bool = False, encoding: str = "reference",
+                      modulation: str = "reference") -> ConceptAttention:
     """``with concept_attention(pipe, concepts) as ca: pipe(prompt)`` then ``ca.maps()``; see :class:`ConceptAttention`."""
-    return ConceptAttention(pipe, concepts, layers=layers, steps=steps, cfg=cfg, baseline=baseline)
+    return ConceptAttention(pipe, concepts, layers=layers, steps=steps, cfg=cfg, baseline=baseline,
+                            encoding=encoding, modulation=modulation)

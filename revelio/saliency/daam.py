@@ -4,10 +4,12 @@ UNet pipelines (SD 1.x/2.x, SDXL): every cross-attention module (``attn2``) of t
 up blocks (the mid block on request) gets a wrapping processor. The original processor
 runs unchanged; the wrapper takes the query/key projections it computed and forms the
 attention probabilities softmax(Q K^T / sqrt(d)) (batch, heads, HW, tokens). Only the
-conditional half of a classifier-free-guidance batch is kept. Each head's map per token is
-upsampled bicubically to the latent size, clamped at 0 and added to ONE running sum per
-token, so memory does not grow with steps; ``maps()`` is the mean over heads, layers and
-calls.
+conditional half of a classifier-free-guidance batch is kept. Aggregation follows the
+reference code (daam 0.2.0): each layer keeps one running sum per head and token over the
+calls at its own resolution (memory does not grow with steps); ``maps()`` upsamples each
+(layer, head) sum bicubically to the latent size, clamps it at 0 and averages over heads,
+layers and calls. ``order="clamp_each_step"`` instead upsamples and clamps every call's map
+before adding it to one running sum per token at latent size (slightly different maps).
 
 MM-DiT pipelines (Flux, SD3): the same idea inside joint attention: the probabilities of
 image queries over the whole joint key set, read at the prompt's (T5) text keys, on the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,9 @@ def unet_cross_attention(unet: nn.Module, include_mid: bool = False) -> dict[str
             if n.endswith(".attn2") and n.startswith(keep) and hasattr(m, "set_processor")}
 
 
+ORDERS = ("reference", "clamp_each_step")
+
+
 class _Processor:
     """Runs the original processor, then hands the captured projections to the trace."""
 
@@ -59,9 +65,9 @@ class _Processor:
         if self.tracer._active:  # a counted, conditional call
             with torch.no_grad():
                 if self.tracer.family == "unet":
-                    self.tracer._unet_layer(attn, cap)
+                    self.tracer._unet_layer(self.name, attn, cap)
                 else:
-                    self.tracer._dit_layer(attn, cap, image_rotary_emb, encoder_hidden_states.shape[1])
+                    self.tracer._dit_layer(self.name, attn, cap, image_rotary_emb, encoder_hidden_states.shape[1])
         return out
 
 
@@ -70,9 +76,15 @@ class DAAMTrace(HookSession):
 
     ``include_mid``: also trace the UNet's mid block. ``steps``: indices of the denoiser calls
     that count (None: all). ``cfg``: see :class:`~revelio.saliency.hooks.ConditionalRows` (None: detect).
+    ``order``: "reference" (sum per layer and head over calls at native resolution, upsample and
+    clamp when maps are read) or "clamp_each_step" (upsample and clamp each call's map, then sum).
     """
 
-    def __init__(self, pipe, include_mid: bool = False, steps: Sequence[int] | None = None, cfg: bool | None = None):
+    def __init__(self, pipe, include_mid: bool = False, steps: Sequence[int] | None = None, cfg: bool | None = None,
+                 order: Literal["reference", "clamp_each_step"] = "reference"):
+        if order not in ORDERS:
+            raise RevelioError(f"DAAM order {order!r} is not one of {list(ORDERS)}")
+        self.order = order
         self.pipe = pipe
         if getattr(pipe, "unet", None) is not None:
             self.family = "unet"
@@ -93,8 +105,10 @@ class DAAMTrace(HookSession):
 
     def reset(self) -> None:
         """Forget maps and the captured prompt (keeps the hooks)."""
-        self._sum: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None  # order "clamp_each_step": (B, tokens, H, W) at latent size
+        self._layer_sums: dict[str, torch.Tensor] = {}  # order "reference": (B, heads, tokens, h, w) per layer
         self._count = 0
+        self._maps: torch.Tensor | None = None  # maps() of the current sums
         self.calls = 0
         self.input_ids: list[list[int]] | None = None
         self._active = False
@@ -123,13 +137,13 @@ class DAAMTrace(HookSession):
         self.calls += 1
 
     # -- the method ---------------------------------------------------------------------------
-    def _unet_layer(self, attn: nn.Module, cap: dict) -> None:
+    def _unet_layer(self, name: str, attn: nn.Module, cap: dict) -> None:
         q = split_heads(cap["q"][self._rows], attn.heads)
         k = split_heads(cap["k"][self._rows], attn.heads)
         probs = torch.einsum("bnhd,bthd->bhnt", q.float(), k.float()).mul(attn.scale).softmax(-1)
-        self._accumulate(probs)
+        self._accumulate(name, probs)
 
-    def _dit_layer(self, attn: nn.Module, cap: dict, rotary, text_len: int) -> None:
+    def _dit_layer(self, name: str, attn: nn.Module, cap: dict, rotary, text_len: int) -> None:
         rows = self._rows
         img = image_heads(attn, {k: v[rows] for k, v in cap.items() if k in ("q", "k")}, self.family, rotary,
                           text_len, names=("q", "k"))
@@ -146,31 +160,47 @@ class DAAMTrace(HookSession):
             li = torch.einsum("bnd,bmd->bnm", q, img["k"][:, :, h].float()) * scale
             lse = torch.logsumexp(torch.cat([lt, li], dim=-1), dim=-1, keepdim=True)
             probs.append((lt - lse).exp())
-        self._accumulate(torch.stack(probs, dim=1))
+        self._accumulate(name, torch.stack(probs, dim=1))
 
-    def _accumulate(self, probs: torch.Tensor) -> None:
-        """(B, heads, N, T) probabilities -> per-head maps at latent size, clamped, summed into the running sum."""
+    def _accumulate(self, name: str, probs: torch.Tensor) -> None:
+        """(B, heads, N, T) probabilities of one layer and call -> the running sums (see ``order``)."""
         b, heads, n, t = probs.shape
         lat_h, lat_w = self.latent
         h, w = grid_for_tokens(n, lat_h, lat_w)
-        maps = probs.transpose(2, 3).reshape(b * heads, t, h, w)
-        if (h, w) != (lat_h, lat_w):
-            maps = F.interpolate(maps, size=(lat_h, lat_w), mode="bicubic", align_corners=False)
-        maps = maps.clamp_(min=0).view(b, heads, t, lat_h, lat_w).sum(1)
-        if self._sum is None:
-            self._sum = torch.zeros_like(maps)
-        if self._sum.shape != maps.shape:
-            raise RevelioError(f"the batch or resolution changed within one trace ({tuple(self._sum.shape)} -> "
-                               f"{tuple(maps.shape)}); use one trace per batch or call reset()")
-        self._sum += maps
+        maps = probs.transpose(2, 3).reshape(b, heads, t, h, w)
+        self._maps = None
+        if self.order == "reference":
+            acc = self._layer_sums.get(name)
+            if acc is None:
+                acc = self._layer_sums[name] = torch.zeros_like(maps)
+            self._check_shape(acc, maps)
+            acc += maps
+        else:
+            maps = _upsample_clamp(maps, (lat_h, lat_w)).sum(1)
+            if self._sum is None:
+                self._sum = torch.zeros_like(maps)
+            self._check_shape(self._sum, maps)
+            self._sum += maps
         self._count += heads
+
+    @staticmethod
+    def _check_shape(acc: torch.Tensor, maps: torch.Tensor) -> None:
+        if acc.shape != maps.shape:
+            raise RevelioError(f"the batch or resolution changed within one trace ({tuple(acc.shape)} -> "
+                               f"{tuple(maps.shape)}); use one trace per batch or call reset()")
 
     # -- results ------------------------------------------------------------------------------
     def maps(self) -> torch.Tensor:
         """Per-token heat maps (batch, text tokens, H, W): the mean over heads, layers and traced calls."""
-        if self._sum is None:
+        if self._count == 0:
             raise RevelioError("no maps recorded: run the pipeline (or a denoiser call) inside the `with` block")
-        return self._sum / self._count
+        if self._maps is None:
+            if self.order == "reference":
+                total = sum(_upsample_clamp(acc, self.latent).sum(1) for acc in self._layer_sums.values())
+            else:
+                total = self._sum
+            self._maps = total / self._count
+        return self._maps
 
     def _prompt_index(self, index: int) -> int:
         if self.input_ids is None:
@@ -201,6 +231,16 @@ class DAAMTrace(HookSession):
         return torch.stack([self.word_map(w, index) for w in words])
 
 
-def trace(pipe, include_mid: bool = False, steps: Sequence[int] | None = None, cfg: bool | None = None) -> DAAMTrace:
+def _upsample_clamp(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, heads, T, h, w) -> bicubic to ``size``, clamped at 0 (bicubic overshoots below 0)."""
+    b, heads, t, h, w = maps.shape
+    if (h, w) != tuple(size):
+        maps = F.interpolate(maps.reshape(b * heads, t, h, w), size=tuple(size), mode="bicubic",
+                             align_corners=False).view(b, heads, t, *size)
+    return maps.clamp(min=0)
+
+
+def trace(pipe, include_mid: bool = False, steps: Sequence[int] | None = None, cfg: bool | None = None,
+          order: Literal["reference", "clamp_each_step"] = "reference") -> DAAMTrace:
     """``with trace(pipe) as tc: pipe(prompt)`` then ``tc.word_map(word)``; see :class:`DAAMTrace`."""
-    return DAAMTrace(pipe, include_mid=include_mid, steps=steps, cfg=cfg)
+    return DAAMTrace(pipe, include_mid=include_mid, steps=steps, cfg=cfg, order=order)

@@ -121,24 +121,74 @@ def text_heads(attn: nn.Module, text: torch.Tensor, kind: str, rotary, names: tu
     return out
 
 
-@torch.no_grad()
-def encode_concepts(pipe, kind: str, concepts: list[str]) -> torch.Tensor:
-    """One embedding per concept, each encoded ON ITS OWN: (C, joint_attention_dim), before ``context_embedder``.
+CONCEPT_ENCODINGS = ("reference", "first_token", "joined", "mean")
+CONCEPT_MODULATIONS = ("reference", "zero_pooled", "prompt")
 
-    The concept is run through the pipeline's T5 prompt encoder (Flux's prompt tokens; the T5
-    part of SD3's joint text sequence) as a prompt by itself, padded only to the longest concept
-    (not to the prompt length), so a concept's embedding does not depend on padding. A
-    concept of several tokens (sub-words or several words) is pooled as the MEAN of its
-    tokens' outputs, end-of-sequence and padding excluded.
+
+def resolve_concept_options(kind: str, encoding: str, modulation: str) -> tuple[str, str]:
+    """Replace "reference" by what the reference code does for this model kind; refuse unknown choices.
+
+    The reference's Flux code encodes each concept alone and keeps its first T5 token, and builds the
+    concept stream's modulation from a ZERO pooled text vector; its SD3 code encodes the joined
+    concepts as one prompt and modulates the concepts with the prompt's own ``temb``.
     """
+    if encoding not in CONCEPT_ENCODINGS:
+        raise RevelioError(f"concept encoding {encoding!r} is not one of {list(CONCEPT_ENCODINGS)}")
+    if modulation not in CONCEPT_MODULATIONS:
+        raise RevelioError(f"concept modulation {modulation!r} is not one of {list(CONCEPT_MODULATIONS)}")
+    if encoding == "reference":
+        encoding = "first_token" if kind == "flux" else "joined"
+    if modulation == "reference":
+        modulation = "zero_pooled" if kind == "flux" else "prompt"
+    if encoding == "joined" and kind != "sd3":
+        raise RevelioError("concept encoding 'joined' is the reference's SD3 encoding (its first token is CLIP's "
+                           "start token); for Flux use 'first_token' or 'mean'")
+    return encoding, modulation
+
+
+def _t5(pipe, kind: str):
     n = "2" if kind == "flux" else "3"
     tok, encoder = getattr(pipe, f"tokenizer_{n}", None), getattr(pipe, f"text_encoder_{n}", None)
     if encoder is None:
         raise RevelioError(f"ConceptAttention encodes concepts with the pipeline's T5 encoder (text_encoder_{n}), "
                            f"which this pipeline was loaded without")
+    return tok, encoder
+
+
+@torch.no_grad()
+def encode_concepts(pipe, kind: str, concepts: list[str], encoding: str = "mean") -> tuple[torch.Tensor, int]:
+    """Concept tokens before ``context_embedder``: ((C + lead, joint_attention_dim), lead).
+
+    ``lead`` leading tokens ride along in the concept stream but get no map (1 for "joined", else 0).
+
+    - "first_token" (the reference's Flux code): each concept is a prompt ON ITS OWN through the T5
+      prompt encoder (Flux's prompt tokens; the T5 part of SD3's text sequence), padded like prompts to
+      the tokenizer's maximum length (at most 512) without attention mask; its first output token.
+    - "joined" (the reference's SD3 code; SD3 only): the concepts joined by spaces are ONE prompt through
+      the pipeline's ``encode_prompt`` (CLIP-L | CLIP-G, zero-padded, then T5); the first C + 1 tokens of
+      that sequence (CLIP's start token and the next C tokens) form the stream, the start token unscored.
+      The i-th concept is the i-th CLIP token, so this lines up only when each concept is one token.
+    - "mean": each concept on its own through T5, padded to the longest concept + 1 of the list; the
+      MEAN of its tokens' outputs (end-of-sequence and padding excluded), so multi-token concepts keep
+      every piece. T5 runs without attention mask (as the pipelines do), so the padding length, hence
+      the concept list, still changes an embedding slightly.
+    """
+    if encoding == "joined":
+        n_clip = getattr(pipe, "tokenizer_max_length", 77)
+        if len(concepts) + 1 > n_clip:
+            raise RevelioError(f"concept encoding 'joined' keeps the first C + 1 = {len(concepts) + 1} CLIP tokens, "
+                               f"more than CLIP's {n_clip}")
+        embeds = pipe.encode_prompt(prompt=" ".join(concepts), prompt_2=None, prompt_3=None,
+                                    device=pipe.transformer.device, do_classifier_free_guidance=False)[0]
+        return embeds[0, : len(concepts) + 1], 1
+    tok, encoder = _t5(pipe, kind)
+    if encoding == "first_token":
+        length = min(int(tok.model_max_length), 512)
+        ids = tok(concepts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        return encoder(ids.to(encoder.device))[0][:, 0], 0
     counts = [max(1, len(tok(c, add_special_tokens=False).input_ids)) for c in concepts]
     length = max(counts) + 1  # + end of sequence
     # The pipelines' own T5 path (``_get_t5_prompt_embeds``): padded ids, no attention mask.
     ids = tok(concepts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     out = encoder(ids.to(encoder.device))[0]
-    return torch.stack([out[i, :k].mean(0) for i, k in enumerate(counts)])
+    return torch.stack([out[i, :k].mean(0) for i, k in enumerate(counts)]), 0

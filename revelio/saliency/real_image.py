@@ -36,9 +36,10 @@ def forward_on_images(pipe, images: Sequence[Image.Image], captions: Sequence[st
 
 
 def daam_on_images(pipe, images: Sequence[Image.Image], captions: Sequence[str], t: int = 500,
-                   seeds: Sequence[int] = (0,), size: int = 512, include_mid: bool = False) -> DAAMTrace:
+                   seeds: Sequence[int] = (0,), size: int = 512, include_mid: bool = False,
+                   order: str = "reference") -> DAAMTrace:
     """DAAM maps of a real image batch; query words with ``.word_map(word, index)``."""
-    tc = DAAMTrace(pipe, include_mid=include_mid, cfg=False)
+    tc = DAAMTrace(pipe, include_mid=include_mid, cfg=False, order=order)
     with tc:
         forward_on_images(pipe, images, captions, t, seeds, size)
     return tc
@@ -47,9 +48,11 @@ def daam_on_images(pipe, images: Sequence[Image.Image], captions: Sequence[str],
 def concept_attention_on_images(pipe, images: Sequence[Image.Image], concepts: Sequence[str],
                                 captions: Sequence[str] | None = None, t: int = 500, seeds: Sequence[int] = (0,),
                                 size: int = 512, layers: Sequence[int] | None = None,
-                                baseline: bool = False) -> ConceptAttention:
+                                baseline: bool = False, encoding: str = "reference",
+                                modulation: str = "reference") -> ConceptAttention:
     """ConceptAttention (and optionally the cross-attention baseline) maps of a real image batch; ``.maps()`` after."""
-    ca = ConceptAttention(pipe, concepts, layers=layers, cfg=False, baseline=baseline)
+    ca = ConceptAttention(pipe, concepts, layers=layers, cfg=False, baseline=baseline, encoding=encoding,
+                          modulation=modulation)
     with ca:
         forward_on_images(pipe, images, list(captions) if captions is not None else [""] * len(images), t, seeds,
                           size)

@@ -42,26 +42,34 @@ def center_prior(n_concepts: int, size: int = EVAL_SIZE, sigma: float = 0.25) ->
 
 
 def method_maps(method: str, pipe, image, concepts: list[str], caption: str, t: int, seeds: Sequence[int],
-                size: int, layers: Sequence[int] | None) -> np.ndarray:
-    """Soft maps (C, h, w) of one image for ``method``."""
+                size: int, layers: Sequence[int] | None, options: dict | None = None) -> np.ndarray:
+    """Soft maps (C, h, w) of one image for ``method``; ``options``: ``encoding``/``modulation`` for the
+    concept methods, ``order`` for daam."""
+    options = options or {}
     if method == "center_prior":
         return center_prior(len(concepts))
     if method in ("concept_attention", "cross_attention"):
         ca = concept_attention_on_images(pipe, [image], concepts, [caption], t=t, seeds=seeds, size=size,
-                                         layers=layers, baseline=method == "cross_attention")
+                                         layers=layers, baseline=method == "cross_attention",
+                                         encoding=options.get("encoding", "reference"),
+                                         modulation=options.get("modulation", "reference"))
         maps = ca.maps() if method == "concept_attention" else ca.cross_attention_maps()
         return maps[0].float().numpy()
     if method == "daam":
         words_caption = "a " + ", ".join(concepts)
-        tc = daam_on_images(pipe, [image], [words_caption], t=t, seeds=seeds, size=size)
+        tc = daam_on_images(pipe, [image], [words_caption], t=t, seeds=seeds, size=size,
+                            order=options.get("order", "reference"))
         return tc.word_maps(concepts).float().numpy()
     raise RevelioError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
 def evaluate(samples: Iterable[SegSample], method: str, pipe, *, multiclass: bool = False, t: int = 500,
              seeds: Sequence[int] = (0,), size: int = 64, layers: Sequence[int] | None = None,
-             background: Sequence[str] = BACKGROUND_WORDS, total: int | None = None) -> dict[str, float]:
-    """Scores of ``method`` over ``samples``: binary protocol on the first class, or multi-class argmax."""
+             background: Sequence[str] = BACKGROUND_WORDS, total: int | None = None,
+             options: dict | None = None) -> dict[str, float]:
+    """Scores of ``method`` over ``samples``: binary protocol on the first class, or multi-class argmax.
+
+    ``options``: method options passed on (see :func:`method_maps`)."""
     if method not in METHODS:
         raise RevelioError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     scores = MultiClassScores() if multiclass else BinaryScores()
@@ -69,7 +77,7 @@ def evaluate(samples: Iterable[SegSample], method: str, pipe, *, multiclass: boo
         classes = s.classes if multiclass else s.classes[:1]
         concepts = concept_list(classes, background)
         caption = "a " + " and a ".join(classes)
-        maps = method_maps(method, pipe, s.image, concepts, caption, t, seeds, size, layers)
+        maps = method_maps(method, pipe, s.image, concepts, caption, t, seeds, size, layers, options)
         soft = resize_map(maps)
         gt = resize_labels(fit_labels(s.labels, size))
         if multiclass:
