@@ -49,37 +49,42 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
 
-def _map_dataset(path: str, ds) -> tuple[np.ndarray, mmap.mmap, int] | None:
-    """A zero-copy array over the bytes of an uncompressed, non-virtual dataset whose rows lie contiguously
-    in the file (a contiguous layout, or chunks of whole rows allocated in row order, as ``create_store``
-    writes them), with the mapping and the byte offset of row 0; None when the bytes are not laid out
-    that way (the caller then reads through h5py)."""
+def _map_dataset(path: str, ds) -> tuple[list[tuple[int, int, int]], mmap.mmap] | None:
+    """Memory-map an uncompressed, non-virtual dataset stored as whole rows (a contiguous layout, or chunks
+    of whole rows, as ``create_store`` writes them): the segments of back-to-back rows as (first row, end
+    row, byte offset) and the file mapping; None when the bytes are not laid out that way (the caller then
+    reads through h5py). HDF5 puts metadata between chunks now and then, hence several segments."""
     try:
         if ds.is_virtual or ds.dtype.byteorder == ">" or ds.shape[0] == 0 or ds.id.get_create_plist().get_nfilters():
             return None
+        n = ds.shape[0]
         row_bytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
         base = ds.id.get_offset()
-        if base is None:  # chunked: every chunk holds whole rows and sits right after the previous one
+        if base is not None:
+            segments = [(0, n, int(base))]
+        else:
             if ds.chunks is None or tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
                 return None
             info: list[tuple[int, int, int]] = []
             ds.id.chunk_iter(lambda c: info.append((c.chunk_offset[0], c.byte_offset, c.size)))
             info.sort()
-            if not info:
-                return None
-            base, rows = info[0][1], 0
+            segments, rows = [], 0
             for r0, off, size in info:
-                if r0 != rows or off != base + r0 * row_bytes or size != ds.chunks[0] * row_bytes:
+                if r0 != rows or size != ds.chunks[0] * row_bytes:
                     return None
-                rows += ds.chunks[0]
-            if rows < ds.shape[0]:
+                r1 = min(n, r0 + ds.chunks[0])
+                if segments and segments[-1][2] + (r0 - segments[-1][0]) * row_bytes == off:
+                    segments[-1] = (segments[-1][0], r1, segments[-1][2])
+                else:
+                    segments.append((r0, r1, int(off)))
+                rows = r0 + ds.chunks[0]
+            if rows < n:
                 return None
-        if base + ds.shape[0] * row_bytes > os.path.getsize(path):
+        if max(off + (r1 - r0) * row_bytes for r0, r1, off in segments) > os.path.getsize(path):
             return None
         with open(path, "rb") as fh:  # private mapping: writable numpy views, pages read from the page cache
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        arr = np.frombuffer(mm, dtype=ds.dtype, count=int(np.prod(ds.shape)), offset=base).reshape(ds.shape)
-        return arr, mm, int(base)
+        return segments, mm
     except (AttributeError, OSError, ValueError, RuntimeError):  # an h5py without chunk queries, odd files
         return None
 
@@ -182,21 +187,42 @@ class _Source:
         self.P = 1 if samples == "pooled" or self.layout == "NC" else int(np.prod(shape[2:]) if self.layout == "NCHW"
                                                                             else shape[1])
         self.dtype = np.dtype(np.float32) if samples == "pooled" else self.ds.dtype
-        # matrix: the whole array as (rows x positions, C) when that is its memory order, or its token-major copy
-        self.view, self._mm, self._base, self.matrix = None, None, 0, None
+        # segments of back-to-back rows in the mapping: first rows, views (rows, ...) and byte offsets;
+        # matrices: the same as (rows x positions, C) when that is their memory order (or the token cache)
+        self._mm, self.seg_rows, self.views, self.offsets, self.matrices = None, None, [], [], None
         self.row_bytes = int(np.prod(shape[1:])) * self.ds.dtype.itemsize
         if samples == "tokens" and token_cache is not None and self.layout == "NCHW":
-            tm, self._mm, self._base = _map_npy(token_cache)
+            tm, self._mm, base = _map_npy(token_cache)
             if tm.shape != (shape[0] * self.P, self.C) or tm.dtype != self.ds.dtype:
                 raise ValueError(f"token cache {token_cache} has shape {tm.shape} {tm.dtype}, the store's {hook} t={t} "
                                  f"needs {(shape[0] * self.P, self.C)} {self.ds.dtype}; delete it to rebuild")
-            self.matrix = torch.from_numpy(tm)
+            self.seg_rows, self.offsets = np.array([0]), [base]
+            self.row_bytes = self.P * self.C * tm.dtype.itemsize
+            self.matrices = [torch.from_numpy(tm)]
             return
         m = _map_dataset(self.path, self.ds)
         if m is not None:
-            self.view, self._mm, self._base = m
+            segments, self._mm = m
+            self.seg_rows = np.array([r0 for r0, _, _ in segments])
+            self.offsets = [off for _, _, off in segments]
+            self.views = [np.frombuffer(self._mm, self.ds.dtype, count=(r1 - r0) * int(np.prod(shape[1:])),
+                                        offset=off).reshape(r1 - r0, *shape[1:]) for r0, r1, off in segments]
             if samples == "tokens" and self.layout in ("NTC", "NC"):
-                self.matrix = torch.from_numpy(self.view.reshape(-1, self.C))
+                self.matrices = [torch.from_numpy(v.reshape(-1, self.C)) for v in self.views]
+
+    @property
+    def mapped_tokens(self) -> bool:
+        """Batches are gathered straight from the mapping (no shuffle-buffer copy)."""
+        return self.matrices is not None
+
+    def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
+        """out[i] = token ``ids[i]`` (row * P + position), ids increasing, from the mapped matrices."""
+        seg = np.searchsorted(self.seg_rows * self.P, ids, side="right") - 1
+        cut = np.flatnonzero(np.diff(seg)) + 1
+        for s, e in zip(np.r_[0, cut], np.r_[cut, len(ids)]):
+            k = int(seg[s])
+            local = torch.from_numpy(ids[s:e] - int(self.seg_rows[k]) * self.P)
+            torch.index_select(self.matrices[k], 0, local, out=out[s:e])
 
     def _runs(self, rows: np.ndarray):
         """(start, stop, position in ``rows``) of each run of consecutive store rows."""
@@ -206,8 +232,13 @@ class _Source:
 
     def raw(self, lo: int, hi: int) -> np.ndarray:
         """Stored rows lo..hi-1 in the stored layout and dtype: a view of the mapping, or one hyperslab read."""
-        if self.view is not None:
-            return self.view[lo:hi]
+        if self.views:
+            k = int(np.searchsorted(self.seg_rows, lo, side="right")) - 1
+            r0 = int(self.seg_rows[k])
+            v = self.views[k]
+            if hi - r0 <= len(v):
+                return v[lo - r0:hi - r0]
+            return np.concatenate([v[lo - r0:], self.raw(r0 + len(v), hi)])  # a run across a gap: rare
         out = np.empty((hi - lo, *self.ds.shape[1:]), self.ds.dtype)
         self.ds.read_direct(out, np.s_[lo:hi], np.s_[0:hi - lo])
         return out
@@ -236,17 +267,24 @@ class _Source:
         resident memory stays one shuffle buffer whatever the store's size."""
         if self._mm is None or not hasattr(self._mm, "madvise"):
             return
-        page = mmap.PAGESIZE
+        # widened to 2 MiB boundaries: a read fault maps the pages around it too (fault-around, large folios)
+        grain = max(mmap.PAGESIZE, 1 << 21)
         for rows in chunks:
             if not len(rows):
                 continue
-            start = self._base + int(rows[0]) * self.row_bytes
-            end = min(self._base + (int(rows[-1]) + 1) * self.row_bytes, len(self._mm))
-            a = start - start % page
-            self._mm.madvise(mmap.MADV_DONTNEED, a, end - a)
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            k0 = int(np.searchsorted(self.seg_rows, lo, side="right")) - 1
+            k1 = int(np.searchsorted(self.seg_rows, hi - 1, side="right")) - 1
+            for k in range(k0, k1 + 1):
+                r0 = int(self.seg_rows[k])
+                a = self.offsets[k] + (max(lo, r0) - r0) * self.row_bytes
+                end = self.offsets[k] + (min(hi, int(self.seg_rows[k + 1]) if k + 1 < len(self.seg_rows) else hi) - r0) * self.row_bytes
+                a -= a % grain
+                end = min(-(-end // grain) * grain, len(self._mm))
+                self._mm.madvise(mmap.MADV_DONTNEED, a, end - a)
 
     def close(self) -> None:
-        self.matrix = self.view = None
+        self.matrices, self.views = None, []
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -332,7 +370,7 @@ class _Stream(IterableDataset):
         tdtype = torch.from_numpy(np.zeros(0, src.dtype)).dtype
         skip = done * B  # samples of this shard's stream already consumed
         emitted = done
-        pending: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []  # (matrix, sample ids, rows) < one batch
+        pending: list[tuple] = []  # (matrix or the mapped source, sample ids, rows): less than one batch
         have = 0
         prev = None
         for g in groups:
@@ -345,8 +383,8 @@ class _Stream(IterableDataset):
             rows = np.sort(np.concatenate([self.chunks[c] for c in g]))
             perm = _rng(self.seed, self.epoch, 1 + min(g)).permutation(size)[skip:]
             skip = 0
-            if src.matrix is not None:  # ids into the mapped (rows x positions, C) array: nothing copied yet
-                matrix = src.matrix
+            if src.mapped_tokens:  # ids into the mapped (rows x positions, C) arrays: nothing copied yet
+                matrix = src
                 ids = rows[perm // P] * P + perm % P
             else:
                 matrix = torch.from_numpy(src.block(rows))
@@ -376,7 +414,10 @@ class _Stream(IterableDataset):
         for matrix, ids, rows in parts:
             order = np.argsort(ids, kind="stable")  # ascending addresses: a forward sweep through the buffer
             n = len(ids)
-            torch.index_select(matrix, 0, torch.from_numpy(ids[order]), out=x[o:o + n])
+            if isinstance(matrix, _Source):
+                matrix.gather(ids[order], x[o:o + n])
+            else:
+                torch.index_select(matrix, 0, torch.from_numpy(ids[order]), out=x[o:o + n])
             r[o:o + n] = rows[order]
             o += n
         return x, torch.from_numpy(r)
