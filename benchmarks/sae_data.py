@@ -8,10 +8,12 @@ For each synthetic store (written with the extraction writer, NCHW maps like the
 * the data module's shuffled training iterator: pooled, tokens, tokens with the token-major cache
   (``token_cache``), each with 0 and 2 DataLoader workers,
 
-and prints tokens/s (pooled: vectors/s), MB/s of store bytes consumed and the ratio module / raw h5py.
+and prints tokens/s (pooled: vectors/s), MB/s of store bytes consumed and the ratio module / raw h5py,
+where the raw read is measured again right before and after each module figure (best of the two), so a
+ratio compares readings taken under the same machine load.
 Each figure is the best of ``--passes`` whole passes (worker start-up included) from the page cache
-(every store is read once before). ``--rss`` adds the peak RSS
-of one training pass over a store 1x and 4x the size, in fresh processes, with the same shuffle buffer.
+(every store is read once before). ``--rss`` adds the RSS growth
+during one training pass over a store 1x and 8x the size, in fresh processes, with the same shuffle buffer.
 
     python benchmarks/sae_data.py [--images64 2048] [--images1280 512] [--batch 4096] [--rss]
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,16 +114,19 @@ def module_pass(path: Path, samples: str, workers: int, batch: int, token_cache:
 
 
 def rss_child(path: str, samples: str, token_cache: bool) -> None:
-    """One training pass in this fresh process; prints peak RSS growth over the set-up state (bytes)."""
+    """One training pass in this fresh process; prints the largest RSS after any batch minus RSS after set-up."""
     from sae.data import StoreDataModule
 
     dm = StoreDataModule(path, HOOK, T, samples=samples, batch_size=1024, val_fraction=0.1, chunk_images=16,
                          buffer_chunks=4, num_workers=0, check_finite=False, token_cache=token_cache)
     dm.setup()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    n = sum(x.shape[0] for x, _ in dm.loader(dm.train_rows, shuffle=True))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"samples": n, "growth": (peak - before) * 1024, "peak": peak * 1024}))
+    proc = psutil.Process()
+    before = peak = proc.memory_info().rss
+    n = 0
+    for x, _ in dm.loader(dm.train_rows, shuffle=True):
+        n += x.shape[0]
+        peak = max(peak, proc.memory_info().rss)
+    print(json.dumps({"samples": n, "growth": peak - before, "peak": peak}))
 
 
 def main() -> None:
@@ -132,7 +137,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
-    p.add_argument("--rss", action="store_true", help="also measure peak RSS on stores 1x and 4x the size")
+    p.add_argument("--rss", action="store_true", help="also measure RSS growth on stores 1x and 8x the size")
     p.add_argument("--_rss", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._rss:
@@ -152,27 +157,31 @@ def main() -> None:
                 raw_tok = n * hw * hw / t_h5
                 print(f"\nd_in {d_in}, {hw}x{hw} positions, {dtype}: {n} images, {path.stat().st_size / 2**20:.0f} MiB "
                       f"(HDF5 chunks of 16 images)")
-                print(f"  {'reader':<30} {'tokens/s':>12} {'MB/s':>8} {'ratio':>7}")
-                print(f"  {'raw h5py read_direct':<30} {raw_tok:>12,.0f} {n * img_bytes / t_h5 / 1e6:>8.0f} {1:>7.2f}")
-                print(f"  {'np.memmap copy':<30} {n * hw * hw / t_mm:>12,.0f} {n * img_bytes / t_mm / 1e6:>8.0f} "
-                      f"{t_h5 / t_mm:>7.2f}")
+                print(f"  {'reader':<34} {'tokens/s':>12} {'MB/s':>6} {'raw beside':>11} {'ratio':>6}")
+                print(f"  {'raw h5py read_direct':<34} {raw_tok:>12,.0f} {n * img_bytes / t_h5 / 1e6:>6.0f}")
+                print(f"  {'np.memmap copy':<34} {n * hw * hw / t_mm:>12,.0f} {n * img_bytes / t_mm / 1e6:>6.0f} "
+                      f"{raw_tok:>11,.0f} {t_h5 / t_mm:>6.2f}")
                 for samples, cache in (("pooled", False), ("tokens", False), ("tokens", True)):
                     for w in args.workers:
                         b = args.batch if samples == "tokens" else max(1, min(args.batch, n // 16))
+                        t_before = raw_h5py(path)
                         rate, _ = module_pass(path, samples, w, b, cache, args.passes)
+                        near = n * hw * hw / min(t_before, raw_h5py(path))  # raw read measured right beside it
                         per = tok_bytes if samples == "tokens" else img_bytes
                         tok_rate = rate if samples == "tokens" else rate * hw * hw  # store tokens consumed
-                        name = f"module {samples}{' +token_cache' if cache else ''}, {w} workers"
+                        name = f"{samples}{' +token_cache' if cache else ''}, {w} workers"
                         unit = "" if samples == "tokens" else " vec"
-                        print(f"  {name:<30} {rate:>12,.0f}{unit} {rate * per / 1e6:>4.0f} {tok_rate / raw_tok:>7.2f}")
+                        print(f"  module {name:<27} {rate:>12,.0f}{unit} {rate * per / 1e6:>{6 - len(unit)}.0f} "
+                              f"{near:>11,.0f} {tok_rate / near:>6.2f}")
                 print(f"  load average now {os.getloadavg()[0]:.1f}")
                 cache_dir = path.with_name(path.name + ".tokens")
                 for f in cache_dir.glob("*"):
                     f.unlink()
                 path.unlink()
         if args.rss:
-            print("\npeak RSS growth of one training pass (fresh process; buffer 4 x 16 images), d_in 64 16x16 float32:")
-            for n in (512, 2048):
+            print("\nRSS growth during one training pass (fresh process, sampled after every batch; buffer 4 x 16 images,\n"
+              "batch 1024), d_in 64 16x16 float32:")
+            for n in (512, 4096):
                 path = make_store(Path(tmp) / f"rss{n}.h5", n, 64, 16, "float32")
                 for samples, cache in (("tokens", False), ("tokens", True), ("pooled", False)):
                     out = subprocess.run([sys.executable, __file__, "--_rss", str(path), samples, str(int(cache))],

@@ -389,15 +389,14 @@ class _Stream(IterableDataset):
             else:
                 matrix = torch.from_numpy(src.block(rows))
                 ids = perm
-            sample_rows = rows[perm // P]
             i = 0
             while i < len(ids) and emitted < total:
                 take = min(B - have, len(ids) - i)
-                pending.append((matrix, ids[i:i + take], sample_rows[i:i + take]))
+                pending.append((matrix, ids[i:i + take], rows))
                 have += take
                 i += take
                 if have == B:
-                    yield self._gather(pending, B, src.C, tdtype, shared)
+                    yield self._gather(pending, B, src.C, tdtype, shared, P)
                     emitted += 1
                     pending, have = [], 0
             if prev is not None:
@@ -407,18 +406,21 @@ class _Stream(IterableDataset):
             src.release(prev)
 
     @staticmethod
-    def _gather(parts, B: int, C: int, dtype: torch.dtype, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(parts, B: int, C: int, dtype: torch.dtype, shared: bool, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch from its parts (matrix or mapped source, sample ids, store rows of the buffer's images):
+        ids sorted, so each gather sweeps forward through memory; rows follow from the ids."""
         x = _alloc((B, C), dtype, shared)
         r = np.empty(B, np.int64)
         o = 0
-        for matrix, ids, rows in parts:
-            order = np.argsort(ids, kind="stable")  # ascending addresses: a forward sweep through the buffer
+        for matrix, ids, buf_rows in parts:
+            ids = np.sort(ids)
             n = len(ids)
-            if isinstance(matrix, _Source):
-                matrix.gather(ids[order], x[o:o + n])
-            else:
-                torch.index_select(matrix, 0, torch.from_numpy(ids[order]), out=x[o:o + n])
-            r[o:o + n] = rows[order]
+            if isinstance(matrix, _Source):  # global token ids: row * P + position
+                matrix.gather(ids, x[o:o + n])
+                r[o:o + n] = ids // P
+            else:  # ids into this buffer: image index * P + position
+                torch.index_select(matrix, 0, torch.from_numpy(ids), out=x[o:o + n])
+                r[o:o + n] = buf_rows[ids // P]
             o += n
         return x, torch.from_numpy(r)
 
