@@ -117,7 +117,8 @@ def rss_child(path: str, samples: str, token_cache: bool) -> None:
     """One training pass in this fresh process; prints the largest RSS after any batch minus RSS after set-up."""
     from sae.data import StoreDataModule
 
-    dm = StoreDataModule(path, HOOK, T, samples=samples, batch_size=1024, val_fraction=0.1, chunk_images=16,
+    dm = StoreDataModule(path, HOOK, T, samples=samples, batch_size=1024 if samples == "tokens" else 16,
+                         val_fraction=0.1, chunk_images=16,
                          buffer_chunks=4, num_workers=0, check_finite=False, token_cache=token_cache)
     dm.setup()
     proc = psutil.Process()
@@ -137,6 +138,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
+    p.add_argument("--d_ins", type=int, nargs="+", default=[64, 1280], choices=[64, 1280])
     p.add_argument("--rss", action="store_true", help="also measure RSS growth on stores 1x and 8x the size")
     p.add_argument("--_rss", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -147,7 +149,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.1f} at start; batch {args.batch}, best of {args.passes} passes, page cache")
     with tempfile.TemporaryDirectory() as tmp:
-        for d_in, hw, n in ((64, 16, args.images64), (1280, 8, args.images1280)):
+        for d_in, hw, n in [c for c in ((64, 16, args.images64), (1280, 8, args.images1280)) if c[0] in args.d_ins]:
             for dtype in args.dtypes:
                 path = make_store(Path(tmp) / f"d{d_in}-{dtype}.h5", n, d_in, hw, dtype)
                 item = np.dtype(dtype).itemsize
@@ -180,7 +182,7 @@ def main() -> None:
                 path.unlink()
         if args.rss:
             print("\nRSS growth during one training pass (fresh process, sampled after every batch; buffer 4 x 16 images,\n"
-              "batch 1024), d_in 64 16x16 float32:")
+              "batch 1024 tokens / 16 pooled), d_in 64 16x16 float32:")
             for n in (512, 4096):
                 path = make_store(Path(tmp) / f"rss{n}.h5", n, 64, 16, "float32")
                 for samples, cache in (("tokens", False), ("tokens", True), ("pooled", False)):
