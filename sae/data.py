@@ -4,7 +4,8 @@ Samples are either one pooled vector per image or every spatial position / DiT t
 image. The train / validation split is by image. Shuffling: the training images are cut into
 chunks of ``chunk_images`` consecutive rows; each epoch visits the chunks in a seeded random
 order, ``buffer_chunks`` at a time (the shuffle buffer), and shuffles the samples inside the
-buffer. Only one buffer (plus less than one batch carried over) is ever in memory.
+buffer; batches are gathered from it with one ``index_select``. At most two buffers (one being
+drained by less than one batch) are ever in memory; they are reused, not reallocated.
 
 The stream is a pure function of (seed, epoch, position), so a resumed run skips to the exact
 batch it stopped at without reading what it skips. Groups of chunks are dealt to (rank,
@@ -172,10 +173,11 @@ def _map_npy(path: str | Path) -> tuple[np.ndarray, mmap.mmap, int]:
 class _Source:
     """Blocks of one (hook, t) array, read as whole row ranges: samples in rows, storage dtype for tokens.
 
-    Fast path: the dataset's bytes are memory-mapped (``_map_dataset``), so a block is a view of the page
-    cache and, for token-major layouts (NTC, NC), the shuffle buffer needs no copy at all: batches are
-    gathered straight from the mapping (``matrix``). Otherwise (virtual, compressed or oddly chunked
-    datasets) whole row ranges are read with ``read_direct``. NCHW tokens are transposed once per block.
+    Fast path: the dataset's chunks are located in the file (``_map_dataset``). Token-major rows (NTC,
+    NC layouts, or the token cache of an NCHW array) are read with one ``preadv`` per run of consecutive
+    rows straight into the reused shuffle buffer; NCHW rows are transposed out of a memory-mapped view
+    (its pages dropped again after each buffer). Virtual, compressed or otherwise laid-out datasets are
+    read with ``read_direct`` per run of rows.
     """
 
     def __init__(self, st, hook: str, t: int, samples: str, token_cache: str | None = None):
@@ -187,10 +189,10 @@ class _Source:
         self.P = 1 if samples == "pooled" or self.layout == "NC" else int(np.prod(shape[2:]) if self.layout == "NCHW"
                                                                             else shape[1])
         self.dtype = np.dtype(np.float32) if samples == "pooled" else self.ds.dtype
-        # segments of back-to-back rows in the mapping: first rows, views (rows, ...) and byte offsets;
-        # matrices: the same as (rows x positions, C) when that is their memory order (or the token cache)
-        self._mm, self.seg_rows, self.views, self.offsets, self.matrices = None, None, [], [], None
-        self._populate: bool | None = None  # MADV_POPULATE_READ works here (None: not tried yet)
+        # segments of back-to-back rows in the mapping: first rows, views (rows, ...) and byte offsets
+        self._mm, self.seg_rows, self.views, self.offsets = None, None, [], []
+        self.token_major = samples == "tokens" and self.layout in ("NTC", "NC")  # rows are (positions, C) already
+        self._fd: int | None = None  # token-major bytes are read with preadv into the buffer (no page faults)
         self.row_bytes = int(np.prod(shape[1:])) * self.ds.dtype.itemsize
         if samples == "tokens" and token_cache is not None and self.layout == "NCHW":
             tm, self._mm, base = _map_npy(token_cache)
@@ -199,7 +201,7 @@ class _Source:
                                  f"needs {(shape[0] * self.P, self.C)} {self.ds.dtype}; delete it to rebuild")
             self.seg_rows, self.offsets = np.array([0]), [base]
             self.row_bytes = self.P * self.C * tm.dtype.itemsize
-            self.matrices = [torch.from_numpy(tm)]
+            self.views, self.token_major, self._fd = [tm.reshape(shape[0], self.P, self.C)], True, os.open(token_cache, os.O_RDONLY)
             return
         m = _map_dataset(self.path, self.ds)
         if m is not None:
@@ -208,22 +210,8 @@ class _Source:
             self.offsets = [off for _, _, off in segments]
             self.views = [np.frombuffer(self._mm, self.ds.dtype, count=(r1 - r0) * int(np.prod(shape[1:])),
                                         offset=off).reshape(r1 - r0, *shape[1:]) for r0, r1, off in segments]
-            if samples == "tokens" and self.layout in ("NTC", "NC"):
-                self.matrices = [torch.from_numpy(v.reshape(-1, self.C)) for v in self.views]
-
-    @property
-    def mapped_tokens(self) -> bool:
-        """Batches are gathered straight from the mapping (no shuffle-buffer copy)."""
-        return self.matrices is not None
-
-    def gather(self, ids: np.ndarray, out: torch.Tensor) -> None:
-        """out[i] = token ``ids[i]`` (row * P + position), ids increasing, from the mapped matrices."""
-        seg = np.searchsorted(self.seg_rows * self.P, ids, side="right") - 1
-        cut = np.flatnonzero(np.diff(seg)) + 1
-        for s, e in zip(np.r_[0, cut], np.r_[cut, len(ids)]):
-            k = int(seg[s])
-            local = torch.from_numpy(ids[s:e] - int(self.seg_rows[k]) * self.P)
-            torch.index_select(self.matrices[k], 0, local, out=out[s:e])
+            if self.token_major:
+                self._fd = os.open(self.path, os.O_RDONLY)
 
     def _runs(self, rows: np.ndarray):
         """(start, stop, position in ``rows``) of each run of consecutive store rows."""
@@ -244,13 +232,22 @@ class _Source:
         self.ds.read_direct(out, np.s_[lo:hi], np.s_[0:hi - lo])
         return out
 
-    def block(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows) * P, C) samples of increasing ``rows``, image-major: float32 means (pooled) or stored tokens."""
+    def block(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows) * P, C) samples of increasing ``rows``, image-major: float32 means (pooled) or stored
+        tokens; written into the front of ``out`` (a flat buffer of this dtype, reused) when given."""
         n, P, C = len(rows), self.P, self.C
-        out = np.empty((n, P, C), self.dtype)
+        out = np.empty((n, P, C), self.dtype) if out is None else out[:n * P * C].reshape(n, P, C)
         for lo, hi, at in self._runs(rows):
-            x, k = self.raw(lo, hi), hi - lo
+            k = hi - lo
             dst = out[at:at + k]
+            if self._fd is not None and self.token_major:
+                seg = int(np.searchsorted(self.seg_rows, lo, side="right")) - 1
+                r0 = int(self.seg_rows[seg])
+                if hi - r0 <= len(self.views[seg]):  # one read straight from the page cache into the buffer
+                    got = os.preadv(self._fd, [memoryview(dst).cast("B")], self.offsets[seg] + (lo - r0) * self.row_bytes)
+                    if got == dst.nbytes:
+                        continue
+            x = self.raw(lo, hi)
             if self.samples == "pooled":
                 t = torch.from_numpy(np.ascontiguousarray(x))
                 if self.layout != "NC":
@@ -279,18 +276,6 @@ class _Source:
                 a -= a % grain
                 yield a, min(-(-end // grain) * grain, len(self._mm)) - a
 
-    def populate(self, chunks: list[np.ndarray]) -> None:
-        """Map the pages of these row chunks in one call per chunk (MADV_POPULATE_READ, Linux >= 5.14)
-        instead of one page fault per page during the gathers; a no-op where the kernel lacks it."""
-        if self._mm is None or not hasattr(self._mm, "madvise") or self._populate is False:
-            return
-        try:
-            for a, n in self._ranges(chunks, mmap.PAGESIZE):
-                self._mm.madvise(_MADV_POPULATE_READ, a, n)
-            self._populate = True
-        except OSError:
-            self._populate = False
-
     def release(self, chunks: list[np.ndarray]) -> None:
         """Drop the mapped pages of these row chunks from this process (they stay in the page cache), so
         resident memory stays about two shuffle buffers whatever the store's size."""
@@ -301,16 +286,16 @@ class _Source:
             self._mm.madvise(mmap.MADV_DONTNEED, a, n)
 
     def close(self) -> None:
-        self.matrices, self.views = None, []
+        self.views = []
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mm is not None:
             try:
                 self._mm.close()
             except BufferError:  # a batch still points into the mapping; it goes when that does
                 pass
             self._mm = None
-
-
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
@@ -390,7 +375,8 @@ class _Stream(IterableDataset):
         tdtype = torch.from_numpy(np.zeros(0, src.dtype)).dtype
         skip = done * B  # samples of this shard's stream already consumed
         emitted = done
-        pending: list[tuple] = []  # (matrix or the mapped source, sample ids, rows): less than one batch
+        pending: list[tuple] = []  # (buffer matrix, sample ids, rows of the buffer): less than one batch
+        buffers: list[np.ndarray] = []
         have = 0
         prev = None
         for g in groups:
@@ -403,13 +389,15 @@ class _Stream(IterableDataset):
             rows = np.sort(np.concatenate([self.chunks[c] for c in g]))
             perm = _rng(self.seed, self.epoch, 1 + min(g)).permutation(size)[skip:]
             skip = 0
-            if src.mapped_tokens:  # ids into the mapped (rows x positions, C) arrays: nothing copied yet
-                matrix = src
-                src.populate([self.chunks[c] for c in g])
-                ids = rows[perm // P] * P + perm % P
-            else:
-                matrix = torch.from_numpy(src.block(rows))
-                ids = perm
+            # a buffer no pending sample points into: at most two are ever allocated (fresh memory would
+            # page-fault on every buffer)
+            busy = {m.data_ptr() for m, _, _ in pending}
+            free = [b for b in buffers if b.ctypes.data not in busy and b.size >= size * src.C]
+            if not free:
+                buffers = [b for b in buffers if b.ctypes.data in busy] + [np.empty(size * src.C, src.dtype)]
+                free = buffers[-1:]
+            matrix = torch.from_numpy(src.block(rows, out=free[0]))
+            ids = perm
             i = 0
             while i < len(ids) and emitted < total:
                 take = min(B - have, len(ids) - i)
@@ -428,20 +416,16 @@ class _Stream(IterableDataset):
 
     @staticmethod
     def _gather(parts, B: int, C: int, dtype: torch.dtype, shared: bool, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch from its parts (matrix or mapped source, sample ids, store rows of the buffer's images):
-        ids sorted, so each gather sweeps forward through memory; rows follow from the ids."""
+        """One batch from its parts (buffer matrix, sample ids, store rows of the buffer's images): ids
+        sorted, so each gather sweeps forward through memory; rows follow from the ids."""
         x = _alloc((B, C), dtype, shared)
         r = np.empty(B, np.int64)
         o = 0
         for matrix, ids, buf_rows in parts:
             ids = np.sort(ids)
             n = len(ids)
-            if isinstance(matrix, _Source):  # global token ids: row * P + position
-                matrix.gather(ids, x[o:o + n])
-                r[o:o + n] = ids // P
-            else:  # ids into this buffer: image index * P + position
-                torch.index_select(matrix, 0, torch.from_numpy(ids), out=x[o:o + n])
-                r[o:o + n] = buf_rows[ids // P]
+            torch.index_select(matrix, 0, torch.from_numpy(ids), out=x[o:o + n])  # ids: image * P + position
+            r[o:o + n] = buf_rows[ids // P]
             o += n
         return x, torch.from_numpy(r)
 

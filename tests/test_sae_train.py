@@ -36,7 +36,7 @@ def batches(dm, rows, start=0, epoch=0, workers=0):
 def test_stream_splits_by_image_shuffles_and_resumes(sd_store, monkeypatch):
     reads = []
     real_block = sae.data._Source.block
-    monkeypatch.setattr(sae.data._Source, "block", lambda self, rows: reads.append(len(rows)) or real_block(self, rows))
+    monkeypatch.setattr(sae.data._Source, "block", lambda self, rows, out=None: reads.append(len(rows)) or real_block(self, rows, out))
     dm = StoreDataModule(str(sd_store), "up_blocks.1", 25, samples="tokens", batch_size=100, val_fraction=0.2,
                          chunk_images=2, buffer_chunks=3, seed=0)
     dm.setup()
