@@ -155,7 +155,8 @@ def main() -> None:
                 item = np.dtype(dtype).itemsize
                 tok_bytes, img_bytes = d_in * item, d_in * hw * hw * item
                 raw_h5py(path)  # into the page cache
-                t_h5, t_mm = min(raw_h5py(path) for _ in range(args.passes)), min(raw_memmap(path) for _ in range(args.passes))
+                t_h5 = min(raw_h5py(path) for _ in range(args.passes))
+                t_mm = min(raw_memmap(path) for _ in range(args.passes))
                 raw_tok = n * hw * hw / t_h5
                 print(f"\nd_in {d_in}, {hw}x{hw} positions, {dtype}: {n} images, {path.stat().st_size / 2**20:.0f} MiB "
                       f"(HDF5 chunks of 16 images)")

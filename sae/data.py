@@ -201,7 +201,8 @@ class _Source:
                                  f"needs {(shape[0] * self.P, self.C)} {self.ds.dtype}; delete it to rebuild")
             self.seg_rows, self.offsets = np.array([0]), [base]
             self.row_bytes = self.P * self.C * tm.dtype.itemsize
-            self.views, self.token_major, self._fd = [tm.reshape(shape[0], self.P, self.C)], True, os.open(token_cache, os.O_RDONLY)
+            self.views, self.token_major = [tm.reshape(shape[0], self.P, self.C)], True
+            self._fd = os.open(token_cache, os.O_RDONLY)
             return
         m = _map_dataset(self.path, self.ds)
         if m is not None:
@@ -244,7 +245,8 @@ class _Source:
                 seg = int(np.searchsorted(self.seg_rows, lo, side="right")) - 1
                 r0 = int(self.seg_rows[seg])
                 if hi - r0 <= len(self.views[seg]):  # one read straight from the page cache into the buffer
-                    got = os.preadv(self._fd, [memoryview(dst).cast("B")], self.offsets[seg] + (lo - r0) * self.row_bytes)
+                    at_byte = self.offsets[seg] + (lo - r0) * self.row_bytes
+                    got = os.preadv(self._fd, [memoryview(dst).cast("B")], at_byte)
                     if got == dst.nbytes:
                         continue
             x = self.raw(lo, hi)

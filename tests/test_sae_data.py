@@ -156,7 +156,8 @@ def test_memory_is_one_buffer_on_a_store_many_buffers_large(tmp_path, monkeypatc
     store = make_store(tmp_path / "big.h5", 1536, shape, layout)
     blocks = []
     real = sae.data._Source.block
-    monkeypatch.setattr(sae.data._Source, "block", lambda self, rows, out=None: blocks.append(len(rows)) or real(self, rows, out))
+    monkeypatch.setattr(sae.data._Source, "block",
+                        lambda self, rows, out=None: blocks.append(len(rows)) or real(self, rows, out))
     dm = StoreDataModule(str(store), HOOK, 25, samples="tokens", batch_size=512, val_fraction=0.1,
                          chunk_images=8, buffer_chunks=2, check_finite=False)
     dm.setup()
