@@ -35,8 +35,8 @@ def batches(dm, rows, start=0, epoch=0, workers=0):
 
 def test_stream_splits_by_image_shuffles_and_resumes(sd_store, monkeypatch):
     reads = []
-    real_read = sae.data.read_samples
-    monkeypatch.setattr(sae.data, "read_samples", lambda st, h, t, rows, s: reads.append(len(rows)) or real_read(st, h, t, rows, s))
+    real_block = sae.data._Source.block
+    monkeypatch.setattr(sae.data._Source, "block", lambda self, rows, out=None: reads.append(len(rows)) or real_block(self, rows, out))
     dm = StoreDataModule(str(sd_store), "up_blocks.1", 25, samples="tokens", batch_size=100, val_fraction=0.2,
                          chunk_images=2, buffer_chunks=3, seed=0)
     dm.setup()

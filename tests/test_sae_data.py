@@ -1,0 +1,214 @@
+"""The SAE data module's read path: batches equal the store's samples on every path (mapped HDF5 chunks,
+h5py reads of a compressed store, the token-major cache), shuffling mixes images and positions, memory
+stays one shuffle buffer on a store many buffers large, and DDP ranks read disjoint images."""
+
+import os
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from scipy import stats
+
+import sae.data
+from extraction.store import ActSpec, Batch, StoreWriter, create_store, open_store
+from sae.data import StoreDataModule, _map_dataset, build_token_cache, token_cache_path
+
+HOOK = "h"
+
+
+def make_store(path: Path, n: int, row_shape: tuple[int, ...], layout: str, dtype: str = "float32",
+               compression: str | None = None) -> Path:
+    """A store of random activations written with the extraction writer (16 images per HDF5 chunk)."""
+    ids = [f"img{i:04d}" for i in range(n)]
+    spatial = (row_shape[1], row_shape[2]) if layout == "NCHW" else (8, row_shape[0] // 8)
+    create_store(path, source_index=list(range(n)), source_ids=ids,
+                 specs=[ActSpec(HOOK, 25, row_shape, layout, "output", spatial)],
+                 attrs={"model": "synthetic", "dataset": "random", "config": "{}"}, storage_dtype=dtype,
+                 batch_size=16, compression=compression)
+    w = StoreWriter(path)
+    rng = np.random.default_rng(1)
+    for i in range(0, n, 16):
+        k = min(16, n - i)
+        w.write(Batch(np.arange(i, i + k), ids[i:i + k], np.full(k, -1), [""] * k,
+                      {(HOOK, 25): rng.standard_normal((k, *row_shape), dtype=np.float32).astype(dtype)},
+                      np.zeros(0, np.int64)))
+    w.finish()
+    w.close()
+    return path
+
+
+def epoch(dm, epoch=0, start=0, workers=0):
+    dm.num_workers = workers
+    loader = dm.loader(dm.train_rows, shuffle=True)
+    dm.resume_at(epoch, start)
+    dm._epoch_counter = epoch - 1
+    return [(x.numpy().copy(), r.numpy().copy()) for x, r in loader]
+
+
+def positions(store, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The position of each sample inside its image, found by matching it against the store's tokens."""
+    with open_store(store) as st:
+        out = np.empty(len(rows), np.int64)
+        for r in np.unique(rows):
+            tok, _ = st.tokens(HOOK, 25, [int(r)])
+            m = rows == r
+            eq = (x[m].astype(np.float32)[:, None, :] == tok[None]).all(axis=2)
+            assert eq.sum(axis=1).min() == 1, "every sample is exactly one token of its image"
+            out[m] = eq.argmax(axis=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nchw(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("nchw") / "nchw.h5", 96, (8, 4, 4), "NCHW")
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_batches_mix_images_and_positions(nchw, cache):
+    """Chi-square tests on the first batches: images of the buffer and positions are drawn evenly."""
+    dm = StoreDataModule(str(nchw), HOOK, 25, samples="tokens", batch_size=192, val_fraction=0.25,
+                         chunk_images=4, buffer_chunks=6, check_finite=False, token_cache=cache)
+    dm.setup()
+    assert len(np.intersect1d(dm.train_rows, dm.val_rows)) == 0 and len(dm.val_rows) == 24
+    ds = dm.loader(dm.train_rows, shuffle=True).dataset
+    buf_rows = np.sort(np.concatenate([ds.chunks[c] for c in ds.groups(0)[0]]))  # 24 images x 16 positions
+    batches = epoch(dm)
+    assert len(batches) == 72 * 16 // 192
+    for x, r in batches[:2]:  # both from the first buffer (384 samples)
+        assert set(r) <= set(buf_rows)
+        counts = np.array([(r == b).sum() for b in buf_rows])
+        assert stats.chisquare(counts).pvalue > 1e-3, counts  # 8 per image expected
+        assert (counts > 0).sum() >= 18  # a batch of 192 touches most of the 24 images
+        pos = positions(nchw, x, r)
+        assert stats.chisquare(np.bincount(pos, minlength=16)).pvalue > 1e-3  # 12 per position expected
+        # positions are not tied to images: position counts of the first and second half of the images agree
+        half = np.isin(r, buf_rows[:12])
+        table = np.stack([np.bincount(pos[half] // 4, minlength=4), np.bincount(pos[~half] // 4, minlength=4)])
+        assert stats.chi2_contingency(table).pvalue > 1e-3
+    rows = np.concatenate([r for _, r in batches])
+    assert np.bincount(rows).max() <= 16 and not np.isin(rows, dm.val_rows).any()
+    val_rows = np.concatenate([r.numpy() for _, r in dm.val_dataloader()])
+    assert set(val_rows) == set(dm.val_rows)
+
+
+def test_every_read_path_yields_the_same_batches(nchw, tmp_path):
+    """Mapped chunks, h5py reads of a gzip store, the token cache and 2 workers: identical batches, which
+    are the store's tokens; a resumed pass is the exact tail."""
+    gz = make_store(tmp_path / "gz.h5", 96, (8, 4, 4), "NCHW", compression="gzip")
+    with h5py.File(gz) as f, h5py.File(nchw) as g:
+        assert _map_dataset(str(gz), f["acts/h/t25"]) is None and _map_dataset(str(nchw), g["acts/h/t25"]) is not None
+        np.testing.assert_array_equal(f["acts/h/t25"][...], g["acts/h/t25"][...])
+    kw = dict(samples="tokens", batch_size=100, val_fraction=0.1, chunk_images=8, buffer_chunks=2, check_finite=False)
+    runs = {}
+    for name, store, cache in (("map", nchw, False), ("h5py", gz, False), ("cache", nchw, True)):
+        dm = StoreDataModule(str(store), HOOK, 25, token_cache=cache, **kw)
+        dm.setup()
+        runs[name] = epoch(dm)
+        tail = epoch(dm, start=5)
+        for (a, ra), (b, rb) in zip(runs[name][5:], tail):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(ra, rb)
+        assert len(tail) == len(runs[name]) - 5
+        if cache:  # 2 workers gather into shared memory: a fixed round-robin, resumed exactly
+            two, two_tail = epoch(dm, workers=2), epoch(dm, start=3, workers=2)
+            assert len(two_tail) == len(two) - 3 > 0
+            for (a, ra), (b, rb) in zip(two[3:], two_tail):
+                np.testing.assert_array_equal(a, b)
+                np.testing.assert_array_equal(ra, rb)
+    for name in ("h5py", "cache"):
+        for (a, ra), (b, rb) in zip(runs["map"], runs[name]):
+            np.testing.assert_array_equal(ra, rb)
+            np.testing.assert_array_equal(a, b)
+    x, r = runs["map"][0]
+    assert x.dtype == np.float32 and len(set(r)) > 4
+    positions(nchw, x, r)  # each sample is a token of the image it names
+    assert token_cache_path(nchw, HOOK, 25).exists()
+    # the cache follows the store: rewriting the store rebuilds it
+    stamp = token_cache_path(nchw, HOOK, 25).with_suffix(".json").read_text()
+    os.utime(nchw, ns=(1, 1))
+    build_token_cache(nchw, HOOK, 25)
+    assert token_cache_path(nchw, HOOK, 25).with_suffix(".json").read_text() != stamp
+
+
+def _mapping_rss(path: Path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+@pytest.mark.parametrize("layout", ["NTC", "NCHW"])
+def test_memory_is_one_buffer_on_a_store_many_buffers_large(tmp_path, monkeypatch, layout):
+    """A 72 MiB store, a 16-image (768 KiB) buffer: the store's pages resident in this process at any batch
+    stay within two buffers plus the 2 MiB release windows, and no block is larger than a buffer."""
+    shape = (64, 192) if layout == "NTC" else (192, 8, 8)
+    store = make_store(tmp_path / "big.h5", 1536, shape, layout)
+    blocks = []
+    real = sae.data._Source.block
+    monkeypatch.setattr(sae.data._Source, "block",
+                        lambda self, rows, out=None: blocks.append(len(rows)) or real(self, rows, out))
+    dm = StoreDataModule(str(store), HOOK, 25, samples="tokens", batch_size=512, val_fraction=0.1,
+                         chunk_images=8, buffer_chunks=2, check_finite=False)
+    dm.setup()
+    buffer_bytes = 16 * 64 * 192 * 4
+    peak, n = 0, 0
+    dm.num_workers = 0
+    for x, _ in dm.loader(dm.train_rows, shuffle=True):
+        peak = max(peak, _mapping_rss(store))
+        n += len(x)
+    bound = 2 * buffer_bytes + 2 * 2 * 2 * (2 << 20)  # 2 buffers of 2 chunks, each widened by 2 MiB a side
+    assert n >= 0.95 * len(dm.train_rows) * 64 and store.stat().st_size > 4 * bound
+    assert peak <= bound, (peak, bound)
+    assert blocks and max(blocks) <= 16  # never more than one buffer's rows at once
+
+
+def _ddp_rank(rank: int, world: int, store: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = StoreDataModule(store, HOOK, 25, samples="tokens", batch_size=64, val_fraction=0.1, chunk_images=4,
+                             buffer_chunks=2, check_finite=False)
+        dm.setup()
+        res = []
+        for e in (0, 1):
+            rows = [r for _, r in epoch(dm, epoch=e)]
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (len(rows), np.unique(np.concatenate(rows)).tolist()))
+            res.append(gathered)
+        if rank == 0:
+            torch.save({"res": res, "train": dm.train_rows.tolist()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_read_disjoint_images_every_epoch(nchw, tmp_path):
+    """2 gloo processes: in every epoch the ranks' images are disjoint, cover the training split (minus the
+    few samples an equal batch count drops) and both ranks step the same number of batches."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_rank, args=(2, str(nchw), port, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    train = set(got["train"])
+    for gathered in got["res"]:
+        (n0, rows0), (n1, rows1) = gathered
+        assert n0 == n1 > 0
+        assert not set(rows0) & set(rows1)
+        assert set(rows0) | set(rows1) <= train and len(set(rows0) | set(rows1)) >= 0.8 * len(train)
+    assert got["res"][0][0][1] != got["res"][1][0][1]  # a new shuffle of the buffers each epoch
