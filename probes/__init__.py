@@ -9,12 +9,13 @@ torch/Lightning head streaming from the HDF5 store). ``sweep`` runs them over a 
 
 from ._checks import ProbeError
 from .evaluate import chance_accuracy, evaluate, macro_f1, sparse_probing
-from .features import labelled_rows, pooled_features, random_features, sae_codes, sae_key
+from .features import (colour_histogram, labelled_rows, mean_colour, pooled_features, random_features, sae_codes,
+                       sae_key)
 from .linear import DEFAULT_CS, LinearProbe
 from .mono import auroc_matrix, label_purity_entropy, monosemanticity, top_rows
 from .sparse import KSparseProbe, default_ks, mean_difference_scores, top_k_features
 from .splits import Split, make_splits, stratified_folds, stratified_split
-from .sweep import sweep
+from .sweep import PIXEL_BASELINES, baseline_verdict, sweep
 
 _STREAMING = ("StoreSource", "StreamingLinearProbe",
            "evaluate_streaming", "evaluate_streaming", "streaming_moments")
@@ -29,8 +30,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'probes' has no attribute {name!r}")
 
 
-__all__ = ["DEFAULT_CS", "KSparseProbe", "LinearProbe", "ProbeError", "Split", "StoreSource", "StreamingLinearProbe",
-           "auroc_matrix", "chance_accuracy", "default_ks", "evaluate", "evaluate_streaming", "label_purity_entropy",
-           "labelled_rows", "macro_f1", "make_splits", "mean_difference_scores", "monosemanticity", "pooled_features",
+__all__ = ["DEFAULT_CS", "PIXEL_BASELINES", "KSparseProbe", "LinearProbe", "ProbeError", "Split", "StoreSource",
+           "StreamingLinearProbe", "auroc_matrix", "baseline_verdict", "chance_accuracy", "colour_histogram",
+           "default_ks", "evaluate", "evaluate_streaming", "label_purity_entropy", "labelled_rows", "macro_f1",
+           "make_splits", "mean_colour", "mean_difference_scores", "monosemanticity", "pooled_features",
            "random_features", "sae_codes", "sae_key", "sparse_probing", "stratified_folds", "stratified_split",
            "streaming_moments", "sweep", "top_k_features", "top_rows"]

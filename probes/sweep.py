@@ -25,7 +25,8 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
           cv: int = 5, max_iter: int = 1000,
           ks: Sequence[int] | None = None, k_max: int = 64, sparse_raw: bool = True, sae_device: str = "cpu",
           min_class_images: int = 3, backend: str = "sklearn", streaming: dict[str, Any] | None = None,
-          grid: int = 1, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+          grid: int = 1, labels: np.ndarray | None = None,
+          progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Probe every (hook, t) of ``store`` (an open ``ActivationStore``); returns (records, context).
 
     ``baselines`` maps a name ("pixels") to an (n_labelled_rows, d) matrix aligned with
@@ -38,12 +39,20 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
     (keyword arguments in ``streaming``, e.g. ``samples="tokens"``) instead of scikit-learn.
     ``grid`` > 1 probes the raw features average-pooled to a grid x grid partition of each map
     (C * grid^2 features) instead of the spatial mean (scikit-learn backend; SAE codes stay pooled).
+    ``labels`` (aligned with ``labelled_rows(store)``) replaces the store's labels, e.g. another
+    attribute of the same images (the shapes world's colour instead of its shape).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if grid < 1 or (grid > 1 and backend != "sklearn"):
         raise ValueError(f"grid must be >= 1 and grid > 1 needs the sklearn backend, got grid={grid}, {backend}")
     rows, y = labelled_rows(store)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != y.shape:
+            raise ValueError(f"labels has {labels.shape[0] if labels.ndim else 0} entries, the store has {len(y)} "
+                             "labelled rows")
+        y = labels
     classes, counts = np.unique(y, return_counts=True)
     rare = classes[counts < min_class_images]
     keep = ~np.isin(y, rare)
@@ -114,3 +123,33 @@ def sweep(store: Any, *, keys: Sequence[tuple[str, int]] | None = None, saes: Se
                "seeds": list(seeds), "test_fraction": test_fraction, "grid": grid,
                "splits": [{"seed": s.seed, "test_rows": rows[s.test].tolist()} for s in splits]}
     return records, context
+
+
+PIXEL_BASELINES = ("pixels", "mean_colour", "histogram")
+
+
+def baseline_verdict(records: Sequence[dict[str, Any]],
+                     baselines: Sequence[str] = PIXEL_BASELINES) -> dict[str, Any] | None:
+    """The best layer (raw linear probe) against each pixel baseline of the same sweep.
+
+    Returns None without a raw linear row, else {"best": {hook, timestep, accuracy, std}, "baselines":
+    {name: {accuracy, std, margin (best - baseline)}}, "strongest": the best-scoring baseline's name (None
+    without baselines), "margin": best - strongest, "wins": whether the best layer beats every baseline}.
+    """
+    raw = [r for r in records if r["features"] == "raw" and str(r["probe"]).startswith("linear")]
+    if not raw:
+        return None
+    best = max(raw, key=lambda r: r["accuracy_mean"])
+    out: dict[str, Any] = {"best": {"hook": best["hook"], "timestep": best["timestep"],
+                                    "accuracy": best["accuracy_mean"], "std": best["accuracy_std"],
+                                    "chance": best["chance_mean"]},
+                           "baselines": {}, "strongest": None, "margin": None, "wins": True}
+    for r in records:
+        if r["features"] in baselines and r["probe"] == "linear":
+            out["baselines"][r["features"]] = {"accuracy": r["accuracy_mean"], "std": r["accuracy_std"],
+                                               "margin": best["accuracy_mean"] - r["accuracy_mean"]}
+    if out["baselines"]:
+        name = max(out["baselines"], key=lambda k: out["baselines"][k]["accuracy"])
+        out["strongest"], out["margin"] = name, out["baselines"][name]["margin"]
+        out["wins"] = out["margin"] > 0
+    return out
