@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BaselineConfig:
-    pixels: bool = field(True, help="probe raw pixels of the same images (re-rendered from the store's data config)")
+    pixels: bool = field(True, help="baselines from the pixels of the same images (re-rendered from the store's "
+                                    "data config): flattened pixels, and with `pooled` mean colour and histogram")
     pixel_size: int = field(16, help="side the images are resized to before flattening (0: the store's image size)")
-    mean_colour: bool = field(True, help="probe the images' mean RGB, pooled like the features (grid: per cell)")
-    histogram: bool = field(True, help="probe the images' colour histogram, pooled like the features (grid: per cell)")
+    pooled: bool = field(True, help="also the pixel baselines pooled like the features (grid: per cell): the "
+                                    "images' mean RGB (mean_colour) and colour histogram (histogram)")
     histogram_bins: int = field(8, help="histogram bins per channel")
     histogram_joint: bool = field(False, help="one joint histogram over bins^3 RGB cubes instead of one per channel")
     random: bool = field(True, help="probe random ReLU features of the pixels, one per distinct activation width")
@@ -136,22 +137,18 @@ def store_pixels(store: Any, rows: np.ndarray, size: int, images: list[Any] | No
 
 def pixel_baselines(store: Any, rows: np.ndarray, cfg: BaselineConfig, grid: int = 1) -> dict[str, np.ndarray]:
     """The pixel baselines ``cfg`` asks for, from the store's images ``rows`` re-rendered once:
-    ``pixels`` (flattened, resized), ``mean_colour`` and ``histogram`` (pooled like the features: per
-    image, or per cell of the same grid)."""
+    ``pixels`` (flattened, resized) and, with ``cfg.pooled``, ``mean_colour`` and ``histogram`` (pooled
+    like the features: per image, or per cell of the same grid)."""
     import probes
 
-    if not (cfg.pixels or cfg.mean_colour or cfg.histogram):
+    if not cfg.pixels:
         return {}
     images = store_images(store, rows)
-    out = {}
-    if cfg.pixels:
-        out["pixels"] = store_pixels(store, rows, cfg.pixel_size, images)
-    if cfg.mean_colour or cfg.histogram:
+    out = {"pixels": store_pixels(store, rows, cfg.pixel_size, images)}
+    if cfg.pooled:
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-        if cfg.mean_colour:
-            out["mean_colour"] = probes.mean_colour(arr, grid)
-        if cfg.histogram:
-            out["histogram"] = probes.colour_histogram(arr, cfg.histogram_bins, grid, cfg.histogram_joint)
+        out["mean_colour"] = probes.mean_colour(arr, grid)
+        out["histogram"] = probes.colour_histogram(arr, cfg.histogram_bins, grid, cfg.histogram_joint)
     return out
 
 
