@@ -470,3 +470,21 @@ def test_baseline_verdict_says_which_baseline_wins():
     v = probes.baseline_verdict(recs[:3])
     assert v["wins"] and v["strongest"] == "pixels" and v["margin"] == pytest.approx(0.2)
     assert probes.baseline_verdict(recs[2:]) is None
+
+
+def test_sweep_per_label_reads_features_once_with_the_same_results(tmp_path):
+    rng = np.random.default_rng(3)
+    y = np.arange(48) % 3
+    other = (np.arange(48) // 3) % 4
+    other[:2] = 3  # ... and class 0 of `other` left with fewer images is dropped, rows realigned
+    acts = {("a", 10): rng.standard_normal((48, 6)) + other[:, None], ("b", 10): rng.standard_normal((48, 4))}
+    with open_store(make_store(tmp_path / "s.h5", acts, y)) as st:
+        plain = probes.sweep(st, seeds=[0], labels=other, progress=False, min_class_images=12, **FAST)[0]
+        cache = {}
+        probes.sweep(st, seeds=[0], cache=cache, progress=False, **FAST)
+        assert set(cache) == {("pooled", "a", 10, 1), ("pooled", "b", 10, 1)}
+        again = probes.sweep(st, seeds=[0], labels=other, cache=cache, progress=False, min_class_images=12, **FAST)[0]
+    assert again == plain and again[0]["n_classes"] == 3
+    with pytest.raises(ValueError, match="labels has 5 entries"):
+        with open_store(tmp_path / "s.h5") as st:
+            probes.sweep(st, labels=np.zeros(5, int), progress=False, **FAST)

@@ -311,6 +311,7 @@ def probe_cmd(cfg: ProbeConfig) -> dict[str, Any]:
         targets = {lab: store_labels(st, rows, lab)[0] for lab in label_list}  # every label checked before any work
         baselines = pixel_baselines(st, rows, cfg.baselines, cfg.grid)
         title = f"{st.attrs.get('model', '?')} on {st.attrs.get('dataset', '?')}"
+        cache: dict[Any, np.ndarray] = {}  # features and SAE codes, read once for every label
         for n, lab in enumerate(label_list):
             recs, context = probes.sweep(
                 st, keys=keys, saes=cfg.sae, baselines=baselines,
@@ -318,7 +319,7 @@ def probe_cmd(cfg: ProbeConfig) -> dict[str, Any]:
                 test_fraction=cfg.test_fraction, min_class_images=cfg.min_class_images, Cs=cfg.Cs, cv=cfg.cv_folds,
                 max_iter=cfg.max_iter, ks=cfg.ks, k_max=cfg.k_max, sparse_raw=cfg.sparse_raw, sae_device=cfg.device,
                 backend=cfg.backend, streaming={**to_dict(cfg.streaming), "progress": False}, grid=cfg.grid,
-                labels=targets[lab], progress=cfg.progress)
+                labels=targets[lab], cache=cache, progress=cfg.progress)
             records += [{"label": lab, **r} for r in recs]
             contexts[(lab or "label")] = context
             verdicts[(lab or "label")] = probes.baseline_verdict(recs)
