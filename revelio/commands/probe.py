@@ -30,8 +30,9 @@ class BaselineConfig:
     pixel_size: int = field(16, help="side the images are resized to before flattening (0: the store's image size)")
     pooled: bool = field(True, help="also the pixel baselines pooled like the features (grid: per cell): the "
                                     "images' mean RGB (mean_colour) and colour histogram (histogram)")
-    histogram_bins: int = field(8, help="histogram bins per channel")
-    histogram_joint: bool = field(False, help="one joint histogram over bins^3 RGB cubes instead of one per channel")
+    histogram_bins: int = field(4, help="histogram bins per channel")
+    histogram_joint: bool = field(True, help="one joint histogram over the bins^3 RGB cubes (default: the strongest "
+                                             "variant measured, docs/probes.md); false: one per channel")
     random: bool = field(True, help="probe random ReLU features of the pixels, one per distinct activation width")
 
 
