@@ -38,7 +38,8 @@ def test_probe_on_digits_beats_chance_with_baselines(digits_store, tmp_path):
     recs = {(r["features"], r["hook"]): r for r in res["records"]}
     assert set(recs) == {("raw", "mid_block"), ("raw", "up_blocks.1"), ("pixels", "pixels"), ("random", "random-64"),
                          ("mean_colour", "mean_colour"), ("histogram", "histogram")}
-    assert recs[("mean_colour", "mean_colour")]["d"] == 3 and recs[("histogram", "histogram")]["d"] == 64  # joint 4x4x4 RGB histogram
+    # mean RGB, and the joint 4x4x4 RGB histogram
+    assert recs[("mean_colour", "mean_colour")]["d"] == 3 and recs[("histogram", "histogram")]["d"] == 64
     best = max(recs[("raw", h)]["accuracy_mean"] for h in ("mid_block", "up_blocks.1"))
     chance = recs[("raw", "up_blocks.1")]["chance_mean"]
     assert chance < 0.2  # 9-10 balanced classes
