@@ -146,7 +146,8 @@ def baseline_verdict(records: Sequence[dict[str, Any]],
 
     Returns None without a raw linear row, else {"best": {hook, timestep, accuracy, std}, "baselines":
     {name: {accuracy, std, margin (best - baseline)}}, "strongest": the best-scoring baseline's name (None
-    without baselines), "margin": best - strongest, "wins": whether the best layer beats every baseline}.
+    without baselines), "margin": best - strongest, "wins": whether the best layer beats every baseline,
+    "level": whether |margin| is within the larger seed std of the two, i.e. neither clearly wins}.
     """
     raw = [r for r in records if r["features"] == "raw" and str(r["probe"]).startswith("linear")]
     if not raw:
@@ -160,8 +161,11 @@ def baseline_verdict(records: Sequence[dict[str, Any]],
         if r["features"] in baselines and r["probe"] == "linear":
             out["baselines"][r["features"]] = {"accuracy": r["accuracy_mean"], "std": r["accuracy_std"],
                                                "margin": best["accuracy_mean"] - r["accuracy_mean"]}
+    out["level"] = False
     if out["baselines"]:
         name = max(out["baselines"], key=lambda k: out["baselines"][k]["accuracy"])
         out["strongest"], out["margin"] = name, out["baselines"][name]["margin"]
         out["wins"] = out["margin"] > 0
+        # a margin inside the spread over split seeds is no win either way
+        out["level"] = abs(out["margin"]) <= max(best["accuracy_std"], out["baselines"][name]["std"])
     return out

@@ -467,8 +467,11 @@ def test_baseline_verdict_says_which_baseline_wins():
     v = probes.baseline_verdict(recs)
     assert v["best"]["hook"] == "a" and v["strongest"] == "histogram" and not v["wins"]
     assert v["margin"] == pytest.approx(-0.05) and v["baselines"]["pixels"]["margin"] == pytest.approx(0.2)
+    assert not v["level"]  # 0.05 is beyond the seeds' spread (0.01)
     v = probes.baseline_verdict(recs[:3])
     assert v["wins"] and v["strongest"] == "pixels" and v["margin"] == pytest.approx(0.2)
+    v = probes.baseline_verdict([rec("raw", "a", 0.8, 25), rec("histogram", "histogram", 0.795)])
+    assert v["wins"] and v["level"]  # +0.005 inside a 0.01 std: level, not a win
     assert probes.baseline_verdict(recs[2:]) is None
 
 

@@ -246,3 +246,18 @@ def test_probe_and_report_per_label_with_pixel_and_neuron_baselines(sd_store, tm
     assert (tmp_path / "r" / "mid_block_t25_shape" / "report.json").exists()
     with pytest.raises(ValueError, match="label must be one of"):
         run(["probe", "--store", str(sd_store), "--labels", "[size]", "--out", str(tmp_path / "x"), *QUICK])
+
+
+def test_verdict_line_says_plainly_who_wins():
+    from revelio.commands.probe import verdict_line
+
+    def v(margin, level):
+        return {"best": {"hook": "mid_block", "timestep": 25, "accuracy": 0.8, "std": 0.01, "chance": 0.2},
+                "baselines": {"histogram": {"accuracy": 0.8 - margin, "std": 0.01, "margin": margin}},
+                "strongest": "histogram", "margin": margin, "wins": margin > 0, "level": level}
+
+    assert "the colour histogram baseline WINS by 0.050" in verdict_line("colour", v(-0.05, False))
+    assert "LEVEL with the colour histogram baseline (+0.005" in verdict_line("colour", v(0.005, True))
+    assert "beats every pixel baseline (strongest: colour histogram, by 0.100)" in verdict_line("shape", v(0.1, False))
+    assert verdict_line("shape", v(0.1, False)).startswith("shape label: best layer mid_block t=25 0.800 vs colour "
+                                                           "histogram 0.700 (+0.100)")

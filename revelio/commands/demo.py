@@ -180,7 +180,8 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
                     "best_layer_accuracy": v["best"]["accuracy"], "chance": v["best"]["chance"],
                     "sae_codes_accuracy": sae_row["accuracy_mean"] if sae_row else None,
                     "baselines": {k: b["accuracy"] for k, b in v["baselines"].items()},
-                    "strongest_baseline": v["strongest"], "margin": v["margin"], "best_layer_wins": v["wins"]}
+                    "strongest_baseline": v["strongest"], "margin": v["margin"], "best_layer_wins": v["wins"],
+                    "level": v["level"]}
             figs[f"probe_{m}"] = per_label
             rep = _revelio(["probe", "report", "--store", str(stores[m]), "--sae", _list([saes[m] / "sae"]),
                             "--labels", _list(labels),
@@ -301,6 +302,9 @@ def _summary_lines(res: dict[str, Any]) -> list[str]:
                 base = ", ".join(f"{BASELINE_SHORT.get(k, k)} {_fmt(v)}" for k, v in s["baselines"].items())
                 if s["strongest_baseline"] is None:
                     verdict = "no pixel baselines"
+                elif s.get("level"):
+                    verdict = (f"LEVEL with {BASELINE_SHORT.get(s['strongest_baseline'])} ({s['margin']:+.3f}, "
+                               "within the seed spread)")
                 elif s["best_layer_wins"]:
                     verdict = f"beats the best baseline ({BASELINE_SHORT.get(s['strongest_baseline'])}) by {s['margin']:.3f}"
                 else:

@@ -208,6 +208,9 @@ def verdict_line(label: str | None, v: dict[str, Any] | None) -> str | None:
     parts = [f"{BASELINE_NAMES.get(k, k)} {x['accuracy']:.3f} ({x['margin']:+.3f})" for k, x in v["baselines"].items()]
     line += " vs " + ", ".join(parts) + f", chance {b['chance']:.3f}: "
     strongest = BASELINE_NAMES.get(v["strongest"], v["strongest"])
+    if v.get("level"):
+        return line + (f"LEVEL with the {strongest} baseline ({v['margin']:+.3f}, within the spread over seeds): "
+                       "no evidence the features know more than the pixels")
     if v["wins"]:
         return line + f"the best layer beats every pixel baseline (strongest: {strongest}, by {v['margin']:.3f})"
     return line + (f"the {strongest} baseline WINS by {-v['margin']:.3f}: pixels alone carry this label at least as "
