@@ -57,7 +57,8 @@ def test_demo_writes_every_stage(demo_run, capsys):
         assert "latent_" in index and len(list((out / "dashboard" / model).glob("latent_*.html"))) >= 1
 
     assert len(p["saliency_daam"]) == 2 and len(p["saliency_concept_attention"]) == 2
-    for lab, table in (("colour", out / "segment" / "table.md"), ("shape", out / "segment" / "shape_words" / "table.md")):
+    for lab, table in (("colour", out / "segment" / "table.md"),
+                       ("shape", out / "segment" / "shape_words" / "table.md")):
         text = table.read_text()
         assert f"{lab} words" in text and "mIoU - prior" in text
         for method in ("concept_attention", "cross_attention", "daam", "center_prior"):

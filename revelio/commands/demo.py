@@ -306,7 +306,8 @@ def _summary_lines(res: dict[str, Any]) -> list[str]:
                     verdict = (f"LEVEL with {BASELINE_SHORT.get(s['strongest_baseline'])} ({s['margin']:+.3f}, "
                                "within the seed spread)")
                 elif s["best_layer_wins"]:
-                    verdict = f"beats the best baseline ({BASELINE_SHORT.get(s['strongest_baseline'])}) by {s['margin']:.3f}"
+                    verdict = (f"beats the best baseline ({BASELINE_SHORT.get(s['strongest_baseline'])}) "
+                               f"by {s['margin']:.3f}")
                 else:
                     verdict = f"{BASELINE_SHORT.get(s['strongest_baseline'])} WINS by {-s['margin']:.3f}"
                 lines.append(f"{'probe' if n == 0 else '':<10}{m} {lab}: best layer {s['best_layer']} "
