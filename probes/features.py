@@ -139,3 +139,63 @@ def random_features(X: np.ndarray, width: int, seed: int) -> np.ndarray:
     W = rng.standard_normal((X.shape[1], width)) / np.sqrt(X.shape[1])
     b = rng.standard_normal(width)
     return np.maximum(Xs @ W + b, 0.0).astype(np.float32)
+
+
+def _cells(size: int, grid: int) -> list[tuple[int, int]]:
+    """Row (or column) spans of an adaptive ``grid`` partition of ``size`` pixels (as the store's grid pooling:
+    cell i spans floor(i*size/g) .. ceil((i+1)*size/g))."""
+    return [((i * size) // grid, -(-((i + 1) * size) // grid)) for i in range(grid)]
+
+
+def _check_images(images: np.ndarray, grid: int) -> np.ndarray:
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ProbeError(f"images must be (n, H, W, 3) RGB in [0, 1], got shape {images.shape}")
+    if grid < 1 or grid > min(images.shape[1:3]):
+        raise ProbeError(f"grid must be in 1..{min(images.shape[1:3])} for {images.shape[1]}x{images.shape[2]} "
+                         f"images, got {grid}")
+    return images
+
+
+def mean_colour(images: np.ndarray, grid: int = 1) -> np.ndarray:
+    """(n, 3 * grid * grid) mean RGB of (n, H, W, 3) images in [0, 1], pooled like the features.
+
+    ``grid`` 1: the image's mean colour; ``grid`` > 1: the mean colour of each cell of the same adaptive
+    grid x grid partition the store uses for feature maps, flattened channel-major (R cells, G cells, B cells)
+    as the store flattens (C, grid, grid). The pixel counterpart of the spatial mean of a feature map.
+    """
+    images = _check_images(images, grid)
+    n, h, w, _ = images.shape
+    out = np.empty((n, 3, grid, grid))
+    for i, (r0, r1) in enumerate(_cells(h, grid)):
+        for j, (c0, c1) in enumerate(_cells(w, grid)):
+            out[:, :, i, j] = images[:, r0:r1, c0:c1].mean(axis=(1, 2))
+    return out.reshape(n, -1).astype(np.float32)
+
+
+def colour_histogram(images: np.ndarray, bins: int = 8, grid: int = 1, joint: bool = False) -> np.ndarray:
+    """Colour histogram of (n, H, W, 3) images in [0, 1], pooled like the features (share of pixels per bin).
+
+    A value v falls in bin ``min(floor(v * bins), bins - 1)``. Per channel (default): (n, 3 * bins * grid^2),
+    each channel's ``bins`` shares summing to 1 per cell; ``joint``: one histogram over the ``bins**3`` RGB
+    cubes, (n, bins**3 * grid^2). Cells as ``mean_colour``; features ordered (histogram bin, cell row, cell col).
+    """
+    if bins < 1:
+        raise ProbeError(f"bins must be positive, got {bins}")
+    images = _check_images(images, grid)
+    n, h, w, _ = images.shape
+    idx = np.minimum((np.clip(images, 0.0, 1.0) * bins).astype(np.int64), bins - 1)  # (n, H, W, 3)
+    if joint:
+        codes = (idx[..., 0] * bins + idx[..., 1]) * bins + idx[..., 2]  # (n, H, W) in [0, bins^3)
+        width = bins ** 3
+    else:
+        width = 3 * bins
+        codes = idx + np.arange(3) * bins  # (n, H, W, 3): channel c's bins are c*bins .. c*bins + bins-1
+    out = np.empty((n, width, grid, grid))
+    for i, (r0, r1) in enumerate(_cells(h, grid)):
+        for j, (c0, c1) in enumerate(_cells(w, grid)):
+            cell = codes[:, r0:r1, c0:c1].reshape(n, -1)
+            flat = cell + (np.arange(n) * width)[:, None]
+            counts = np.bincount(flat.ravel(), minlength=n * width).reshape(n, width)
+            out[:, :, i, j] = counts / ((r1 - r0) * (c1 - c0))  # each channel's shares sum to 1
+    return out.reshape(n, -1).astype(np.float32)

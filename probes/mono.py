@@ -56,12 +56,14 @@ def label_purity_entropy(labels: np.ndarray, n_classes: int) -> tuple[float, flo
 
 
 def monosemanticity(codes: np.ndarray, labels: np.ndarray, top_n: int = 16, token_frequency: np.ndarray | None = None,
-                    class_names: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
+                    class_names: list[str] | None = None, seed: int = 0, dense: bool = False) -> dict[str, Any]:
     """Per-latent report of image-level SAE ``codes`` (n_images, d_sae) against image ``labels``.
 
     The top images of a latent are its ``top_n`` highest-activating images among those where it
     fires (> 0). ``purity_shuffled`` repeats the purity with labels permuted (seeded): the value a
-    latent blind to the labels would get with the same firing pattern. Returns
+    latent blind to the labels would get with the same firing pattern. ``dense`` treats every
+    image as firing (for the model's own channels, "neurons", whose pooled activations may be
+    negative): the top images are then simply the ``top_n`` highest. Returns
     {"latents": [one dict per latent, ranked by AUROC], "summary": {...}}.
     """
     codes, y = check_X_y(codes, labels)
@@ -70,7 +72,7 @@ def monosemanticity(codes: np.ndarray, labels: np.ndarray, top_n: int = 16, toke
     classes, yi = np.unique(y, return_inverse=True)
     names = [class_names[c] if class_names and 0 <= c < len(class_names) else str(c) for c in classes]
     n, d = codes.shape
-    fires = codes > 0
+    fires = np.ones(codes.shape, dtype=bool) if dense else codes > 0
     freq = fires.mean(axis=0)
     auc = auroc_matrix(codes, yi)
     shuffled = np.random.default_rng(seed).permutation(yi)
@@ -104,6 +106,9 @@ def monosemanticity(codes: np.ndarray, labels: np.ndarray, top_n: int = 16, toke
         "mean_entropy_bits": float(np.nanmean([r["entropy_bits"] for r in alive])) if alive else float("nan"),
         "max_entropy_bits": float(np.log2(len(classes))),
         "fraction_purity_ge_0.9": float(np.mean(pur >= 0.9)) if alive else 0.0,
+        # classes that have a latent with purity >= 0.9 over a full set of top_n images
+        "classes_purity_ge_0.9": sorted({r["dominant_class"] for r in alive
+                                         if r["purity"] >= 0.9 and r["n_top"] == min(top_n, n)}),
         "class_prior_max": float(np.bincount(yi).max() / n),
         "best_latent_per_class": {names[c]: int(np.argmax(np.where(fires.any(axis=0), auc[c], -1)))
                                   for c in range(len(classes))},

@@ -1,6 +1,8 @@
 """The demo's whole pipeline (extract -> SAE -> probes -> saliency/segment -> compare -> browse -> steer) at a small size."""
 
+import contextlib
 import csv
+import io
 import json
 
 import h5py
@@ -17,7 +19,10 @@ SMALL = ["--images", "24", "--sae_steps", "20", "--segment_images", "2", "--comp
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    res = run(["demo", "--out", str(out), *SMALL])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = run(["demo", "--out", str(out), *SMALL])
+    res["printed"] = buf.getvalue()
     return out, res
 
 
@@ -37,7 +42,14 @@ def test_demo_writes_every_stage(demo_run, capsys):
         # each SAE has its own offline wandb run (a second fit in one process must not reuse the first's)
         assert len(list((out / "sae" / model / "wandb").glob("offline-run-*"))) == 1
         rows = list(csv.DictReader(open(out / "probes" / model / "probes.csv")))
-        assert {r["features"] for r in rows} >= {"raw", "pixels", "random", "sae"}
+        assert {r["features"] for r in rows} >= {"raw", "pixels", "mean_colour", "histogram", "random", "sae"}
+        assert {r["label"] for r in rows} == {"colour", "shape"}  # both attributes of the same images
+        for lab in ("colour", "shape"):
+            s = f[f"probe_{model}"][lab]
+            assert set(s["baselines"]) == {"pixels", "mean_colour", "histogram"}
+            assert s["best_layer_wins"] == (s["best_layer_accuracy"] > max(s["baselines"].values()))
+            mono = f[f"monosemanticity_{model}"][lab]
+            assert set(mono) == {"sae", "neurons"} and 0 < mono["neurons"]["mean_purity"] <= 1
         assert (out / "probes" / model / "heatmap.png").stat().st_size > 5000
         assert (out / "probe_report" / model / "summary.csv").exists()
         comp = json.loads((out / "compare" / model / "alignment.json").read_text())
@@ -46,16 +58,25 @@ def test_demo_writes_every_stage(demo_run, capsys):
         assert "latent_" in index and len(list((out / "dashboard" / model).glob("latent_*.html"))) >= 1
 
     assert len(p["saliency_daam"]) == 2 and len(p["saliency_concept_attention"]) == 2
-    table = (out / "segment" / "table.md").read_text()
-    for method in ("concept_attention", "cross_attention", "daam", "center_prior"):
-        assert method in table
-        assert 0 <= f["segmentation"][method]["miou"] <= 100
+    for lab, table in (("colour", out / "segment" / "table.md"),
+                       ("shape", out / "segment" / "shape_words" / "table.md")):
+        text = table.read_text()
+        assert f"{lab} words" in text and "mIoU - prior" in text
+        for method in ("concept_attention", "cross_attention", "daam", "center_prior"):
+            assert method in text
+            assert 0 <= f["segmentation"][lab][method]["miou"] <= 100
     assert len(list((out / "steer").glob("*.png"))) == 1 and f["steer"]["mean_abs_pixel_change"] > 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["figures"]["steer"]["latent"] == f["steer"]["latent"]
     md = (out / "summary.md").read_text()
     assert "held-out FVU" in md and "mIoU" in md
+    # every headline figure has its baseline beside it, for both labels / word types
+    for text in (md, res["printed"]):
+        for needle in ("tiny-sd colour: best layer", "tiny-flux shape: best layer", "flat pixels", "mean colour",
+                       "colour histogram", "tiny-sd shape purity: SAE latents", "neurons", "labels shuffled",
+                       "colour words mIoU/mAP", "shape words mIoU/mAP", "centre prior"):
+            assert needle in text, needle
 
 
 @pytest.mark.slow

@@ -101,3 +101,17 @@ def test_steering_notebook(notebook_env):
     assert "steering latent" in text and "the best match of 'blue'" in text  # a named concept, and which latent
     change = float(text.split("mean |change| per pixel:")[1].split()[0])
     assert change > 0
+
+
+def test_quickstart_store_uses_the_colour_label(tmp_path):
+    # the notebooks' default store: labels are the largest object's colour (docs/probes.md: the label that shows most)
+    from extraction.store import open_store
+    from revelio.analysis.quickstart import quick_store_and_sae
+    from revelio.datasets import Shapes
+
+    store, folder = quick_store_and_sae(tmp_path, images=6, max_steps=2)
+    ds = Shapes(size=64, count=6, label="colour")
+    with open_store(store) as st:
+        assert st.config["data"]["label"] == "colour"
+        assert list(st.labels) == [ds[ds.ids().index(i)].label for i in st.ids]
+    assert (folder / "cfg.json").exists()

@@ -412,3 +412,121 @@ def test_probes_clone_and_grid_search():
     assert gl.score(X, y) == pytest.approx(gl.best_estimator_.score(X, y))
     with pytest.raises(ProbeError, match="k must be a positive"):  # bad parameters fail in fit, not __init__
         clone(probes.KSparseProbe(k=0)).fit(X, y)
+
+
+def _two_colour_image() -> np.ndarray:
+    """(1, 4, 4, 3): left half pure red (1, 0, 0), right half (0.5, 0.5, 1.0)."""
+    img = np.zeros((1, 4, 4, 3))
+    img[:, :, :2] = [1.0, 0.0, 0.0]
+    img[:, :, 2:] = [0.5, 0.5, 1.0]
+    return img
+
+
+def test_mean_colour_by_hand_and_on_the_store_grid():
+    img = _two_colour_image()
+    assert probes.mean_colour(img) == pytest.approx(np.array([[0.75, 0.25, 0.5]]))
+    # 2x2 grid, channel-major like the store's (C, g, g) flattening: R of the 4 cells, then G, then B
+    g = probes.mean_colour(img, grid=2)
+    assert g == pytest.approx(np.array([[1, 0.5, 1, 0.5, 0, 0.5, 0, 0.5, 0, 1, 0, 1]]))
+    # the cells are the store's adaptive grid: same numbers as _grid_pool on the (n, 3, H, W) image
+    from extraction.store import _grid_pool
+
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 7, 7, 3))
+    assert probes.mean_colour(x, 3) == pytest.approx(_grid_pool(x.transpose(0, 3, 1, 2), 3), abs=1e-6)
+    with pytest.raises(ProbeError, match="grid"):
+        probes.mean_colour(img, grid=5)
+
+
+def test_colour_histogram_of_a_two_colour_image():
+    img = _two_colour_image()
+    h = probes.colour_histogram(img, bins=4)[0]
+    assert h.shape == (12,)
+    # R: half the pixels at 1.0 (last bin), half at 0.5 (bin 2); G: half 0 (bin 0), half 0.5 (bin 2);
+    # B: half 0 (bin 0), half 1.0 (bin 3)
+    assert h == pytest.approx([0, 0, .5, .5, .5, 0, .5, 0, .5, 0, 0, .5])
+    j = probes.colour_histogram(img, bins=2, joint=True)[0]
+    # joint bins (r, g, b) with index (r*2 + g)*2 + b: red = (1, 0, 0) -> 4, (0.5, 0.5, 1) -> (1, 1, 1) -> 7
+    assert j == pytest.approx([0, 0, 0, 0, .5, 0, 0, .5])
+    # grid 2: the two left cells hold only red
+    c = probes.colour_histogram(img, bins=2, grid=2).reshape(6, 2, 2)
+    assert c[:, :, 0] == pytest.approx(np.array([[0, 0], [1, 1], [1, 1], [0, 0], [1, 1], [0, 0]]))
+
+
+def test_colour_histogram_matches_a_naive_loop():
+    rng = np.random.default_rng(1)
+    x = rng.random((2, 6, 5, 3))
+    x[0, 0, 0] = [1.0, 0.0, 0.999]  # edges of the range
+    bins, grid = 3, 2
+    got = probes.colour_histogram(x, bins, grid).reshape(2, 3 * bins, grid, grid)
+    gotj = probes.colour_histogram(x, bins, grid, joint=True).reshape(2, bins ** 3, grid, grid)
+    for n in range(2):
+        for i, (r0, r1) in enumerate([(0, 3), (3, 6)]):
+            for j, (c0, c1) in enumerate([(0, 3), (2, 5)]):  # adaptive: 5 columns -> 0..3, 2..5
+                want, wantj = np.zeros(3 * bins), np.zeros(bins ** 3)
+                cnt = 0
+                for r in range(r0, r1):
+                    for c in range(c0, c1):
+                        b = [min(int(v * bins), bins - 1) for v in x[n, r, c]]
+                        for ch in range(3):
+                            want[ch * bins + b[ch]] += 1
+                        wantj[(b[0] * bins + b[1]) * bins + b[2]] += 1
+                        cnt += 1
+                assert got[n, :, i, j] == pytest.approx(want / cnt)
+                assert gotj[n, :, i, j] == pytest.approx(wantj / cnt)
+
+
+def test_neuron_purity_matches_a_naive_loop():
+    # the model's own channels as latents (dense: every image counts, negative activations included)
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 40)
+    X = rng.standard_normal((40, 5))
+    X[:, 1] = np.where(y == 2, 3.0, -1.0) + 0.1 * rng.standard_normal(40)
+    X[:, 3] -= 10.0  # a channel that is negative everywhere is not "dead" as a neuron
+    rep = probes.monosemanticity(X, y, top_n=6, dense=True)
+    by = {r["latent"]: r for r in rep["latents"]}
+    for j in range(5):
+        top = sorted(range(40), key=lambda i: -X[i, j])[:6]
+        counts = np.bincount(y[top], minlength=3)
+        assert by[j]["purity"] == pytest.approx(counts.max() / 6) and not by[j]["dead"]
+        assert sorted(by[j]["top_images"]) == sorted(top)
+    assert by[1]["purity"] == 1.0 and by[1]["dominant_class"] == "2"
+    assert rep["summary"]["dead_fraction"] == 0.0 and "2" in rep["summary"]["classes_purity_ge_0.9"]
+    # as SAE codes (firing = > 0) the all-negative channel would be dead
+    assert next(r for r in probes.monosemanticity(X, y, top_n=6)["latents"] if r["latent"] == 3)["dead"]
+
+
+def test_baseline_verdict_says_which_baseline_wins():
+    def rec(features, hook, acc, t=None):
+        return {"features": features, "hook": hook, "timestep": t, "probe": "linear", "accuracy_mean": acc,
+                "accuracy_std": 0.01, "chance_mean": 0.2}
+
+    recs = [rec("raw", "a", 0.8, 25), rec("raw", "b", 0.7, 25), rec("pixels", "pixels", 0.6),
+            rec("histogram", "histogram", 0.85), rec("mean_colour", "mean_colour", 0.5)]
+    v = probes.baseline_verdict(recs)
+    assert v["best"]["hook"] == "a" and v["strongest"] == "histogram" and not v["wins"]
+    assert v["margin"] == pytest.approx(-0.05) and v["baselines"]["pixels"]["margin"] == pytest.approx(0.2)
+    assert not v["level"]  # 0.05 is beyond the seeds' spread (0.01)
+    v = probes.baseline_verdict(recs[:3])
+    assert v["wins"] and v["strongest"] == "pixels" and v["margin"] == pytest.approx(0.2)
+    v = probes.baseline_verdict([rec("raw", "a", 0.8, 25), rec("histogram", "histogram", 0.795)])
+    assert v["wins"] and v["level"]  # +0.005 inside a 0.01 std: level, not a win
+    assert probes.baseline_verdict(recs[2:]) is None
+
+
+def test_sweep_per_label_reads_features_once_with_the_same_results(tmp_path):
+    rng = np.random.default_rng(3)
+    y = np.arange(48) % 3
+    other = (np.arange(48) // 3) % 4
+    other[:2] = 3  # ... and class 0 of `other` left with fewer images is dropped, rows realigned
+    acts = {("a", 10): rng.standard_normal((48, 6)) + other[:, None], ("b", 10): rng.standard_normal((48, 4))}
+    with open_store(make_store(tmp_path / "s.h5", acts, y)) as st:
+        plain = probes.sweep(st, seeds=[0], labels=other, progress=False, min_class_images=12, **FAST)[0]
+        cache = {}
+        probes.sweep(st, seeds=[0], cache=cache, progress=False, **FAST)
+        assert set(cache) == {("pooled", "a", 10, 1), ("pooled", "b", 10, 1)}
+        again = probes.sweep(st, seeds=[0], labels=other, cache=cache, progress=False, min_class_images=12, **FAST)[0]
+    assert again == plain and again[0]["n_classes"] == 3
+    with pytest.raises(ValueError, match="labels has 5 entries"):
+        with open_store(tmp_path / "s.h5") as st:
+            probes.sweep(st, labels=np.zeros(5, int), progress=False, **FAST)

@@ -36,7 +36,10 @@ def test_probe_on_digits_beats_chance_with_baselines(digits_store, tmp_path):
     res = run(["probe", "--config", "configs/probes/default.yaml", "--store", str(digits_store), "--out", str(out),
                *QUICK])
     recs = {(r["features"], r["hook"]): r for r in res["records"]}
-    assert set(recs) == {("raw", "mid_block"), ("raw", "up_blocks.1"), ("pixels", "pixels"), ("random", "random-64")}
+    assert set(recs) == {("raw", "mid_block"), ("raw", "up_blocks.1"), ("pixels", "pixels"), ("random", "random-64"),
+                         ("mean_colour", "mean_colour"), ("histogram", "histogram")}
+    # mean RGB, and the joint 4x4x4 RGB histogram
+    assert recs[("mean_colour", "mean_colour")]["d"] == 3 and recs[("histogram", "histogram")]["d"] == 64
     best = max(recs[("raw", h)]["accuracy_mean"] for h in ("mid_block", "up_blocks.1"))
     chance = recs[("raw", "up_blocks.1")]["chance_mean"]
     assert chance < 0.2  # 9-10 balanced classes
@@ -46,9 +49,12 @@ def test_probe_on_digits_beats_chance_with_baselines(digits_store, tmp_path):
     assert recs[("pixels", "pixels")]["accuracy_mean"] > chance + 0.4
     assert recs[("pixels", "pixels")]["d"] == 16 * 16 * 3
     rows = list(csv.DictReader((out / "probes.csv").open()))
-    assert len(rows) == 4 and float(rows[0]["accuracy_mean"]) == pytest.approx(res["records"][0]["accuracy_mean"])
+    assert len(rows) == 6 and float(rows[0]["accuracy_mean"]) == pytest.approx(res["records"][0]["accuracy_mean"])
     saved = json.loads((out / "probes.json").read_text())
-    assert saved["context"]["seeds"] == [0, 1, 2] and len(saved["results"]) == 4
+    assert saved["context"]["seeds"] == [0, 1, 2] and len(saved["results"]) == 6
+    v = saved["verdicts"]["label"]
+    assert set(v["baselines"]) == {"pixels", "mean_colour", "histogram"} and v["best"]["hook"] in ("mid_block",
+                                                                                                  "up_blocks.1")
     assert (out / "heatmap.png").stat().st_size > 5000
 
 
@@ -79,6 +85,8 @@ def test_grid_pooling_keeps_the_digit_layout(digits_store, tmp_path):
         acc[g] = max(recs[h]["accuracy_mean"] for h in ("mid_block", "up_blocks.1"))
         pixels = recs["pixels"]["accuracy_mean"]
         assert recs["up_blocks.1"]["d"] == 64 * g * g
+        # the pooled pixel baselines follow the same grid
+        assert recs["mean_colour"]["d"] == 3 * g * g and recs["histogram"]["d"] == 64 * g * g
     assert acc[4] > acc[1] + 0.05, acc
     # measured: 0.80 with the grid against 0.86 for pixels (the zoo models never saw digits; see docs/probes.md)
     assert acc[4] > pixels - 0.1, (acc, pixels)
@@ -116,7 +124,8 @@ def test_probe_on_shapes_stores_and_streaming_tokens(sd_store, flux_store, tmp_p
         counts = np.bincount(st.labels)
     rare = [c for c, n in enumerate(counts) if 0 < n < 3]
     assert res["context"]["left_out_classes"] == rare
-    assert {(r["features"], r["timestep"]) for r in res["records"]} == {("raw", 25), ("raw", 250), ("pixels", None)}
+    assert {(r["features"], r["timestep"]) for r in res["records"]} == {
+        ("raw", 25), ("raw", 250), ("pixels", None), ("mean_colour", None), ("histogram", None)}
     for r in res["records"]:
         assert r["n_images"] == sum(n for n in counts if n >= 3) and 0 <= r["accuracy_mean"] <= 1
     res = run(["probe", "--store", str(flux_store), "--hooks", "[transformer_blocks.3]", "--timesteps", "[25]",
@@ -217,3 +226,67 @@ def test_heatmap_rows_follow_depth_and_title_names_the_label(tmp_path, monkeypat
     P.plot_heatmap(recs, [(h, 25) for h in hooks], tmp_path / "h.png", "tiny-flux on shapes", P.data_label(Store()))
     assert seen["rows"] == sorted(hooks, key=P.depth_key)
     assert "predicting the label: colour of the largest object" in seen["title"]
+
+
+def test_probe_and_report_per_label_with_pixel_and_neuron_baselines(sd_store, tmp_path, capsys):
+    """--labels probes the shape AND the colour of the same images; the report scores SAE latents and the
+    model's own channels ("neurons") of the same hook on each label, with the verdict printed."""
+    from revelio.datasets import Shapes
+
+    res = run(["probe", "--store", str(sd_store), "--hooks", "[mid_block]", "--timesteps", "[25]",
+               "--labels", "[shape, colour]", "--seeds", "[0]", "--baselines.random",
+               "false", "--out", str(tmp_path / "p"), *QUICK])
+    printed = capsys.readouterr().out
+    assert {r["label"] for r in res["records"]} == {"shape", "colour"}
+    assert {r["features"] for r in res["records"]} == {"raw", "pixels", "mean_colour", "histogram"}
+    assert set(res["verdicts"]) == {"shape", "colour"}
+    for lab in ("shape", "colour"):
+        assert f"{lab} label: best layer mid_block t=25" in printed
+        assert "colour histogram" in printed and "mean colour" in printed
+    assert (tmp_path / "p" / "heatmap.png").exists() and (tmp_path / "p" / "heatmap_colour.png").exists()
+    # the colour labels are the largest object's colour, read again from the shapes world
+    with open_store(sd_store) as st:
+        rows, _ = probes.labelled_rows(st)
+        ids = list(st.ids[rows])
+    ds = Shapes(size=64, count=24, seed=0, label="colour")
+    want = [ds[ds.ids().index(i)].label for i in ids]
+    from revelio.commands.probe import store_labels
+
+    with open_store(sd_store) as st:
+        got, names = store_labels(st, rows, "colour")
+    assert got.tolist() == want and names == ds.class_names
+    assert {r["n_classes"] for r in res["records"] if r["label"] == "colour"} == {
+        sum(c >= 3 for c in np.bincount(want))}
+
+    folder = _untrained_sae(sd_store, "mid_block", 25, tmp_path / "sae")
+    rep = run(["probe", "report", "--store", str(sd_store), "--sae", f"[{folder}]", "--top_n", "4",
+               "--labels", "[colour, shape]", "--out", str(tmp_path / "r"), "--progress", "false"])
+    printed = capsys.readouterr().out
+    kinds = {(s["label"], s["latents"]) for s in rep["summaries"]}
+    assert kinds == {("colour", "sae"), ("colour", "neurons"), ("shape", "sae"), ("shape", "neurons")}
+    neu = next(s for s in rep["summaries"] if s["label"] == "colour" and s["latents"] == "neurons")
+    with open_store(sd_store) as st:
+        X = probes.pooled_features(st, "mid_block", 25, rows)
+    direct = probes.monosemanticity(X, np.array(want), 4, dense=True)["summary"]
+    assert neu["mean_purity"] == pytest.approx(direct["mean_purity"]) and neu["d_sae"] == 64
+    assert "neurons" in printed and "colour: SAE latents purity" in printed and "shape: SAE latents" in printed
+    body = json.loads((tmp_path / "r" / "mid_block_t25" / "report.json").read_text())
+    assert body["label"] == "colour" and len(body["neurons"]["latents"]) == 64
+    assert (tmp_path / "r" / "mid_block_t25_shape" / "report.json").exists()
+    with pytest.raises(ValueError, match="label must be one of"):
+        run(["probe", "--store", str(sd_store), "--labels", "[size]", "--out", str(tmp_path / "x"), *QUICK])
+
+
+def test_verdict_line_says_plainly_who_wins():
+    from revelio.commands.probe import verdict_line
+
+    def v(margin, level):
+        return {"best": {"hook": "mid_block", "timestep": 25, "accuracy": 0.8, "std": 0.01, "chance": 0.2},
+                "baselines": {"histogram": {"accuracy": 0.8 - margin, "std": 0.01, "margin": margin}},
+                "strongest": "histogram", "margin": margin, "wins": margin > 0, "level": level}
+
+    assert "the colour histogram baseline WINS by 0.050" in verdict_line("colour", v(-0.05, False))
+    assert "LEVEL with the colour histogram baseline (+0.005" in verdict_line("colour", v(0.005, True))
+    assert "beats every pixel baseline (strongest: colour histogram, by 0.100)" in verdict_line("shape", v(0.1, False))
+    assert verdict_line("shape", v(0.1, False)).startswith("shape label: best layer mid_block t=25 0.800 vs colour "
+                                                           "histogram 0.700 (+0.100)")

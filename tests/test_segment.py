@@ -206,3 +206,21 @@ def test_shipped_configs_load():
     for cls, paths in files.items():
         for p in paths:
             C.load(cls, p)
+
+
+def test_table_shows_every_method_beside_the_centre_prior(tmp_path):
+    from revelio.segmentation import format_table
+
+    res = {"daam": {"pixel_acc": 60.0, "miou": 40.0, "map": 50.0, "images": 4},
+           "cross_attention": {"pixel_acc": 70.0, "miou": 45.5, "map": 30.0, "images": 4},
+           "center_prior": {"pixel_acc": 65.0, "miou": 42.0, "map": 35.0, "images": 4}}
+    table = format_table(res, "t")
+    assert "| daam | 60.0 | 40.0 | 50.0 | 4 | -2.0 | +15.0 |" in table
+    assert "| cross_attention | 70.0 | 45.5 | 30.0 | 4 | +3.5 | -5.0 |" in table
+    assert "| center_prior | 65.0 | 42.0 | 35.0 | 4 | +0.0 | +0.0 |" in table
+    assert table.splitlines()[-1] == ("Beat the centre prior in mIoU (42.0): cross_attention (+3.5); "
+                                      "in mAP (35.0): daam (+15.0).")
+    # the command always adds the prior, whatever methods it is given
+    r = run(["segment", "--count", "1", "--size", "32", "--seeds", "[0]", "--methods", "[daam]",
+             "--out", str(tmp_path / "s")])
+    assert list(r) == ["daam", "center_prior"] and "mIoU - prior" in (tmp_path / "s" / "table.md").read_text()

@@ -160,28 +160,40 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
             figs[f"sae_{m}"] = {"hook": spec["sae_hook"], "timestep": cfg.sae_timestep,
                                 "fvu": val.get("fvu"), "l0": val.get("l0"), "dead_fraction": val.get("dead_fraction")}
 
+    labels = [cfg.label] + [lab for lab in ("colour", "shape") if lab != cfg.label]  # the demo's label first
+
     @stage("probe")
     def _probe():
         for m in MODELS:
             r = _revelio(["probe", "--store", str(stores[m]), "--sae", _list([saes[m] / "sae"]),
+                          "--labels", _list(labels),
                           "--seeds", _list(cfg.probe_seeds), "--cv_folds", "3", "--Cs", "[0.01,0.1,1.0,10.0]",
                           "--ks", "[1,4,16]", "--out", str(out / "probes" / m), "--progress", progress])
             paths[f"probes_{m}"] = r["files"]["heatmap"]
-            best = _best(r["records"], "raw")
-            sae_row = _best(r["records"], "sae")
-            pix = _best(r["records"], "pixels")
-            figs[f"probe_{m}"] = {
-                "best_layer": f"{best['hook']} t={best['timestep']}" if best else None,
-                "best_layer_accuracy": best["accuracy_mean"] if best else None,
-                "sae_codes_accuracy": sae_row["accuracy_mean"] if sae_row else None,
-                "pixels_accuracy": pix["accuracy_mean"] if pix else None,
-                "chance": best["chance_mean"] if best else None}
+            per_label = {}
+            for lab in labels:
+                recs = [x for x in r["records"] if x["label"] == lab]
+                v = r["verdicts"][lab]
+                sae_row = _best(recs, "sae")
+                per_label[lab] = {
+                    "best_layer": f"{v['best']['hook']} t={v['best']['timestep']}",
+                    "best_layer_accuracy": v["best"]["accuracy"], "chance": v["best"]["chance"],
+                    "sae_codes_accuracy": sae_row["accuracy_mean"] if sae_row else None,
+                    "baselines": {k: b["accuracy"] for k, b in v["baselines"].items()},
+                    "strongest_baseline": v["strongest"], "margin": v["margin"], "best_layer_wins": v["wins"],
+                    "level": v["level"]}
+            figs[f"probe_{m}"] = per_label
             rep = _revelio(["probe", "report", "--store", str(stores[m]), "--sae", _list([saes[m] / "sae"]),
+                            "--labels", _list(labels),
                             "--out", str(out / "probe_report" / m), "--progress", progress])
-            s = rep["summaries"][0]
             paths[f"probe_report_{m}"] = rep["out"]
-            figs[f"monosemanticity_{m}"] = {"mean_purity": s["mean_purity"],
-                                            "mean_purity_shuffled": s["mean_purity_shuffled"]}
+            mono: dict[str, Any] = {}
+            for s in rep["summaries"]:
+                mono.setdefault(s["label"], {})[s["latents"]] = {
+                    "mean_purity": s["mean_purity"], "mean_purity_shuffled": s["mean_purity_shuffled"],
+                    "fraction_purity_ge_0.9": s["fraction_purity_ge_0.9"],
+                    "classes_purity_ge_0.9": s["classes_purity_ge_0.9"]}
+            figs[f"monosemanticity_{m}"] = mono
 
     @stage("saliency")
     def _saliency():
@@ -199,12 +211,18 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
 
     @stage("segment")
     def _segment():
-        r = _revelio(["segment", "--dataset", "shapes", "--split", "test", "--count", str(cfg.segment_images),
-                      "--methods", "[concept_attention,cross_attention,daam,center_prior]", "--seeds", _list(cfg.segment_seeds),
-                      "--label", cfg.label, "--seed", str(cfg.seed), "--out", str(out / "segment")])
-        paths["segment_table"] = str(out / "segment" / "table.md")
-        figs["segmentation"] = {m: {k: v for k, v in r[m].items() if k in ("accuracy", "miou", "map")}
-                                for m in r}
+        # one table per word type (the demo's label first, in segment/; the other in segment/<label>_words/),
+        # each with the centre prior beside every method
+        figs["segmentation"] = {}
+        for n, lab in enumerate(labels):
+            folder = out / "segment" if n == 0 else out / "segment" / f"{lab}_words"
+            r = _revelio(["segment", "--dataset", "shapes", "--split", "test", "--count", str(cfg.segment_images),
+                          "--methods", "[concept_attention,cross_attention,daam,center_prior]",
+                          "--seeds", _list(cfg.segment_seeds), "--label", lab, "--seed", str(cfg.seed),
+                          "--out", str(folder)])
+            paths["segment_table" if n == 0 else f"segment_table_{lab}"] = str(folder / "table.md")
+            figs["segmentation"][lab] = {m: {k: v for k, v in r[m].items() if k in ("accuracy", "miou", "map")}
+                                         for m in r}
 
     def _compare_out(m: str) -> Path:
         return out / "compare" / m
@@ -256,6 +274,11 @@ def _steer_latent(alignment_json: Path, concept: str) -> int:
     return int(best[0])
 
 
+BASELINE_SHORT = {"pixels": "flat pixels", "mean_colour": "mean colour", "histogram": "colour histogram"}
+SEG_SHORT = {"concept_attention": "ConceptAttention", "cross_attention": "cross-attn", "daam": "DAAM",
+             "center_prior": "centre prior"}
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
@@ -275,19 +298,42 @@ def _summary_lines(res: dict[str, Any]) -> list[str]:
                          f"L0 {_fmt(s['l0'])}, dead {_fmt(s['dead_fraction'])} -> {p[f'sae_{m}']}")
     for m in MODELS:
         if f"probe_{m}" in f:
-            s = f[f"probe_{m}"]
-            lines.append(f"probe     {m}: best layer {s['best_layer']} accuracy {_fmt(s['best_layer_accuracy'])}, "
-                         f"SAE codes {_fmt(s['sae_codes_accuracy'])}, pixels {_fmt(s['pixels_accuracy'])}, "
-                         f"chance {_fmt(s['chance'])} -> {p[f'probes_{m}']}")
-            mono = f[f"monosemanticity_{m}"]
-            lines.append(f"          {m} SAE latents: mean label purity {_fmt(mono['mean_purity'])} "
-                         f"(labels shuffled {_fmt(mono['mean_purity_shuffled'])}) -> {p[f'probe_report_{m}']}")
+            for n, (lab, s) in enumerate(f[f"probe_{m}"].items()):
+                base = ", ".join(f"{BASELINE_SHORT.get(k, k)} {_fmt(v)}" for k, v in s["baselines"].items())
+                if s["strongest_baseline"] is None:
+                    verdict = "no pixel baselines"
+                elif s.get("level"):
+                    verdict = (f"LEVEL with {BASELINE_SHORT.get(s['strongest_baseline'])} ({s['margin']:+.3f}, "
+                               "within the seed spread)")
+                elif s["best_layer_wins"]:
+                    verdict = (f"beats the best baseline ({BASELINE_SHORT.get(s['strongest_baseline'])}) "
+                               f"by {s['margin']:.3f}")
+                else:
+                    verdict = f"{BASELINE_SHORT.get(s['strongest_baseline'])} WINS by {-s['margin']:.3f}"
+                lines.append(f"{'probe' if n == 0 else '':<10}{m} {lab}: best layer {s['best_layer']} "
+                             f"{_fmt(s['best_layer_accuracy'])} vs {base} -> {verdict}; SAE codes "
+                             f"{_fmt(s['sae_codes_accuracy'])}, chance {_fmt(s['chance'])}"
+                             + (f" -> {p[f'probes_{m}']}" if n == 0 else ""))
+            for lab, kinds in f[f"monosemanticity_{m}"].items():
+                sae, neu = kinds.get("sae", {}), kinds.get("neurons")
+                line = f"          {m} {lab} purity: SAE latents {_fmt(sae.get('mean_purity'))}"
+                if neu:
+                    line += f", neurons {_fmt(neu['mean_purity'])}"
+                line += f", labels shuffled {_fmt(sae.get('mean_purity_shuffled'))}"
+                if neu:
+                    d = sae["mean_purity"] - neu["mean_purity"]
+                    line += f" -> SAE beats neurons by {d:.3f}" if d > 0 else f" -> neurons as pure or purer ({-d:.3f})"
+                lines.append(line)
+            lines[-1] += f" -> {p[f'probe_report_{m}']}"
     if "saliency_daam" in p:
         lines.append(f"saliency  DAAM overlays: {', '.join(p['saliency_daam'])}")
         lines.append(f"          ConceptAttention overlays: {', '.join(p['saliency_concept_attention'])}")
     if "segmentation" in f:
-        rows = ", ".join(f"{m} mIoU {v.get('miou', float('nan')):.1f}" for m, v in f["segmentation"].items())
-        lines.append(f"segment   {rows} -> {p['segment_table']}")
+        for n, (lab, res_) in enumerate(f["segmentation"].items()):
+            rows = ", ".join(f"{SEG_SHORT.get(m, m)} {v.get('miou', float('nan')):.1f}/{v.get('map', float('nan')):.1f}"
+                             for m, v in res_.items())
+            where = p["segment_table"] if n == 0 else p.get(f"segment_table_{lab}")
+            lines.append(f"{'segment' if n == 0 else '':<10}{lab} words mIoU/mAP: {rows} -> {where}")
     for m in MODELS:
         if f"compare_{m}" in f:
             s = f[f"compare_{m}"]

@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BaselineConfig:
-    pixels: bool = field(True, help="probe raw pixels of the same images (re-rendered from the store's data config)")
+    pixels: bool = field(True, help="baselines from the pixels of the same images (re-rendered from the store's "
+                                    "data config): flattened pixels, and with `pooled` mean colour and histogram")
     pixel_size: int = field(16, min=0, help="side the images are resized to before flattening (0: the store's image size)")
+    pooled: bool = field(True, help="also the pixel baselines pooled like the features (grid: per cell): the "
+                                    "images' mean RGB (mean_colour) and colour histogram (histogram)")
+    histogram_bins: int = field(4, min=1, help="histogram bins per channel")
+    histogram_joint: bool = field(True, help="one joint histogram over the bins^3 RGB cubes (default: the strongest "
+                                             "variant measured, docs/probes.md); false: one per channel")
     random: bool = field(True, help="probe random ReLU features of the pixels, one per distinct activation width")
 
 
@@ -52,6 +58,8 @@ class ProbeConfig:
     hooks: list[str] | None = field(None, nonempty=True, help="hooks to probe (null: every hook in the store)")
     timesteps: list[int] | None = field(None, nonempty=True, min=0, max=999, help="timesteps to probe (null: every timestep of each hook)")
     sae: list[str] = field(default_factory=list, help="SAE folders: add probes on their codes (linear and k-sparse)")
+    labels: list[str] | None = field(None, help="attributes to probe, one sweep each, re-read from the store's data "
+                                                "set (shapes: [colour, shape]); null: the store's own labels")
     out: str = field("runs/probes", help="output folder: probes.csv, probes.json, heatmap.png")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], nonempty=True, help="split seeds; spread over them is reported")
     min_class_images: int = field(3, min=1, help="classes with fewer images are left out (a split needs 1 test + 2 train)")
@@ -78,6 +86,10 @@ class ReportConfig:
     sae: list[str] = field(default_factory=lambda: ["runs/sae/sae"],
                            help="SAE folders to report on (one report per SAE; `revelio sae` writes runs/sae/sae)")
     out: str = field("runs/probe_report", help="output folder: one subfolder per SAE hook/timestep, summary.csv")
+    labels: list[str] | None = field(None, help="attributes to score purity on, one report each (shapes: "
+                                                "[colour, shape]); null: the store's own labels")
+    neurons: bool = field(True, help="also score the model's own channels of the SAE's hook (pooled like the "
+                                     "SAE codes) as latents: the baseline an SAE should beat")
     top_n: int = field(16, min=1, help="top-activating images per latent that purity and entropy are computed on")
     seed: int = field(0, help="seed of the label shuffle behind purity_shuffled")
     n_show: int = field(8, min=0, help="latents shown in the top-image figure (best ranked)")
@@ -113,16 +125,97 @@ def store_images(store: Any, rows: np.ndarray, ds: Any = None) -> list[Any]:
     return [samples[sid].image for sid in ids]
 
 
-def store_pixels(store: Any, rows: np.ndarray, size: int) -> np.ndarray:
+def store_pixels(store: Any, rows: np.ndarray, size: int, images: list[Any] | None = None) -> np.ndarray:
     """(n, size*size*3) pixels in [0, 1] of the store's images ``rows`` (resized to ``size``; 0 keeps them)."""
     from PIL import Image
 
     out = []
-    for img in store_images(store, rows):
+    for img in store_images(store, rows) if images is None else images:
         if size:
             img = img.resize((size, size), Image.BILINEAR)
         out.append(np.asarray(img.convert("RGB"), dtype=np.float32).ravel() / 255.0)
     return np.stack(out)
+
+
+def pixel_baselines(store: Any, rows: np.ndarray, cfg: BaselineConfig, grid: int = 1) -> dict[str, np.ndarray]:
+    """The pixel baselines ``cfg`` asks for, from the store's images ``rows`` re-rendered once:
+    ``pixels`` (flattened, resized) and, with ``cfg.pooled``, ``mean_colour`` and ``histogram`` (pooled
+    like the features: per image, or per cell of the same grid)."""
+    import probes
+
+    if not cfg.pixels:
+        return {}
+    images = store_images(store, rows)
+    out = {"pixels": store_pixels(store, rows, cfg.pixel_size, images)}
+    if cfg.pooled:
+        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+        out["mean_colour"] = probes.mean_colour(arr, grid)
+        out["histogram"] = probes.colour_histogram(arr, cfg.histogram_bins, grid, cfg.histogram_joint)
+    return out
+
+
+BASELINE_NAMES = {"pixels": "flattened pixels", "mean_colour": "mean colour", "histogram": "colour histogram"}
+
+
+def store_label_name(store: Any) -> str | None:
+    """The attribute the store's labels are (shapes: its data.label), None when the data set has one kind."""
+    data = (store.config or {}).get("data") or {}
+    return data.get("label", "shape") if data.get("name") == "shapes" else None
+
+
+def store_labels(store: Any, rows: np.ndarray, label: str | None) -> tuple[np.ndarray, list[str] | None]:
+    """(labels of ``rows``, class names) for attribute ``label`` of the store's data set (None: the store's own).
+
+    Read from the data set the store recorded, rebuilt with ``label`` (shapes: ``shape`` or ``colour`` of the
+    largest object), matched by image id; the store's labels are used when ``label`` is the one it holds.
+    """
+    from ..datasets import DataConfig, load_dataset
+
+    own = store_label_name(store)
+    if label is None or label == own:
+        try:
+            names = list(_dataset_of(store).class_names) or None
+        except ConfigError:
+            names = None
+        return store.labels[rows], names
+    data = (store.config or {}).get("data")
+    if not isinstance(data, dict) or data.get("name") != "shapes":
+        raise ConfigError(f"labels: {store.path} was not extracted from the shapes world (data "
+                          f"{(data or {}).get('name')!r}); only its own labels can be probed (labels: null)")
+    try:
+        ds = load_dataset(DataConfig(**{**data, "label": label}))
+    except ValueError as e:
+        raise ConfigError(f"labels: {e}") from None
+    index = {sid: i for i, sid in enumerate(ds.ids())}
+    ids = store.ids[rows]
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ConfigError(f"{len(missing)} image id(s) of {store.path} (e.g. {missing[0]!r}) are not in the data set "
+                          "its config describes; was the data set changed since extraction?")
+    key = "shape" if label == "shape" else "color"
+    names = list(ds.class_names)
+    return np.array([names.index(ds.layout(index[i])[0][key]) for i in ids], dtype=np.int64), names
+
+
+def verdict_line(label: str | None, v: dict[str, Any] | None) -> str | None:
+    """One sentence: the best layer against each pixel baseline, and whether a baseline wins."""
+    if v is None:
+        return None
+    b = v["best"]
+    head = f"{label} label: " if label else ""
+    line = f"{head}best layer {b['hook']} t={b['timestep']} {b['accuracy']:.3f}"
+    if not v["baselines"]:
+        return line + f" (chance {b['chance']:.3f}; no pixel baselines)"
+    parts = [f"{BASELINE_NAMES.get(k, k)} {x['accuracy']:.3f} ({x['margin']:+.3f})" for k, x in v["baselines"].items()]
+    line += " vs " + ", ".join(parts) + f", chance {b['chance']:.3f}: "
+    strongest = BASELINE_NAMES.get(v["strongest"], v["strongest"])
+    if v.get("level"):
+        return line + (f"LEVEL with the {strongest} baseline ({v['margin']:+.3f}, within the spread over seeds): "
+                       "no evidence the features know more than the pixels")
+    if v["wins"]:
+        return line + f"the best layer beats every pixel baseline (strongest: {strongest}, by {v['margin']:.3f})"
+    return line + (f"the {strongest} baseline WINS by {-v['margin']:.3f}: pixels alone carry this label at least as "
+                   "well as the best layer")
 
 
 def _keys(store: Any, hooks: list[str] | None, timesteps: list[int] | None) -> list[tuple[str, int]]:
@@ -223,9 +316,10 @@ def plot_sparse(records: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-COLUMNS = ["features", "hook", "timestep", "probe", "k", "grid", "d", "accuracy_mean", "accuracy_std", "macro_f1_mean",
-           "macro_f1_std", "cv_accuracy_mean", "cv_accuracy_std", "cv_fold_std", "chance_mean", "n_images", "n_train",
-           "n_test", "n_classes", "n_seeds", "accuracy_per_seed", "macro_f1_per_seed", "C_per_seed", "source"]
+COLUMNS = ["label", "features", "hook", "timestep", "probe", "k", "grid", "d", "accuracy_mean", "accuracy_std",
+           "macro_f1_mean", "macro_f1_std", "cv_accuracy_mean", "cv_accuracy_std", "cv_fold_std", "chance_mean",
+           "n_images", "n_train", "n_test", "n_classes", "n_seeds", "accuracy_per_seed", "macro_f1_per_seed",
+           "C_per_seed", "source"]
 
 
 @command("probe", ProbeConfig)
@@ -236,32 +330,54 @@ def probe_cmd(cfg: ProbeConfig) -> dict[str, Any]:
     from probes.io import write_csv, write_json
 
     out = Path(cfg.out)
+    records: list[dict[str, Any]] = []
+    contexts: dict[str, Any] = {}
+    verdicts: dict[str, Any] = {}
+    heatmaps: dict[str, Path] = {}
     with open_store(cfg.store) as st:
         keys = _keys(st, cfg.hooks, cfg.timesteps)
         rows, _ = probes.labelled_rows(st)
-        baselines = {}
-        if cfg.baselines.pixels:
-            baselines["pixels"] = store_pixels(st, rows, cfg.baselines.pixel_size)
-        records, context = probes.sweep(
-            st, keys=keys, saes=cfg.sae, baselines=baselines, random_baseline=cfg.baselines.random and bool(baselines),
-            seeds=cfg.seeds, test_fraction=cfg.test_fraction, min_class_images=cfg.min_class_images, Cs=cfg.Cs,
-            cv=cfg.cv_folds, max_iter=cfg.max_iter, ks=cfg.ks, k_max=cfg.k_max, sparse_raw=cfg.sparse_raw,
-            sae_device=cfg.device, backend=cfg.backend, streaming={**to_dict(cfg.streaming), "progress": False},
-            grid=cfg.grid, progress=cfg.progress)
-        title = f"{st.attrs.get('model', '?')} on {st.attrs.get('dataset', '?')} ({context['n_images']} images)"
-        label = data_label(st)
+        label_list = list(cfg.labels) if cfg.labels else [store_label_name(st)]
+        targets = {lab: store_labels(st, rows, lab)[0] for lab in label_list}  # every label checked before any work
+        baselines = pixel_baselines(st, rows, cfg.baselines, cfg.grid)
+        title = f"{st.attrs.get('model', '?')} on {st.attrs.get('dataset', '?')}"
+        cache: dict[Any, np.ndarray] = {}  # features and SAE codes, read once for every label
+        for n, lab in enumerate(label_list):
+            recs, context = probes.sweep(
+                st, keys=keys, saes=cfg.sae, baselines=baselines,
+                random_baseline=cfg.baselines.random and "pixels" in baselines, seeds=cfg.seeds,
+                test_fraction=cfg.test_fraction, min_class_images=cfg.min_class_images, Cs=cfg.Cs, cv=cfg.cv_folds,
+                max_iter=cfg.max_iter, ks=cfg.ks, k_max=cfg.k_max, sparse_raw=cfg.sparse_raw, sae_device=cfg.device,
+                backend=cfg.backend, streaming={**to_dict(cfg.streaming), "progress": False}, grid=cfg.grid,
+                labels=targets[lab], cache=cache, progress=cfg.progress)
+            records += [{"label": lab, **r} for r in recs]
+            contexts[(lab or "label")] = context
+            verdicts[(lab or "label")] = probes.baseline_verdict(recs)
+            name = "heatmap.png" if n == 0 else f"heatmap_{lab}.png"
+            heatmaps[(lab or "label")] = plot_heatmap(recs, keys, out / name, f"{title} ({context['n_images']} images)",
+                                                      f"{lab} of the largest object" if lab else data_label(st))
+    context = contexts[(label_list[0] or "label")]
     files = {"csv": write_csv(out / "probes.csv", records, COLUMNS),
-             "json": write_json(out / "probes.json", {"config": to_dict(cfg), "context": context, "results": records}),
-             "heatmap": plot_heatmap(records, keys, out / "heatmap.png", title, label)}
+             "json": write_json(out / "probes.json", {"config": to_dict(cfg), "context": context,
+                                                      "contexts": contexts, "verdicts": verdicts,
+                                                      "results": records}),
+             "heatmap": heatmaps[(label_list[0] or "label")],
+             **{f"heatmap_{k}": v for k, v in list(heatmaps.items())[1:]}}
     if any(r["probe"] == "k-sparse" for r in records):
-        files["sparse"] = plot_sparse(records, out / "sparse_probing.png")
+        files["sparse"] = plot_sparse([r for r in records if r["label"] == label_list[0]], out / "sparse_probing.png")
     for r in records:
         if r["probe"] != "k-sparse":
-            print(f"{r['features']:<7} {str(r['hook']):<28} t={str(r['timestep']):<5} "
+            lab = f"{r['label']:<7}" if r["label"] else ""
+            print(f"{lab}{r['features']:<11} {str(r['hook']):<28} t={str(r['timestep']):<5} "
                   f"acc {r['accuracy_mean']:.3f}±{r['accuracy_std']:.3f}  macro-F1 {r['macro_f1_mean']:.3f}  "
                   f"chance {r['chance_mean']:.3f}")
+    for lab in label_list:
+        line = verdict_line(lab, verdicts[(lab or "label")])
+        if line:
+            print(line)
     print("wrote " + ", ".join(str(p) for p in files.values()))
-    return {"records": records, "context": context, "files": {k: str(v) for k, v in files.items()}}
+    return {"records": records, "context": context, "contexts": contexts, "verdicts": verdicts,
+            "files": {k: str(v) for k, v in files.items()}}
 
 
 def plot_report(latents: list[dict[str, Any]], summary: dict[str, Any], path: Path, title: str) -> Path:
@@ -318,9 +434,24 @@ def plot_top_images(show: list[dict[str, Any]], images: dict[int, Any], names: d
     return save_figure(fig, path)
 
 
+def mono_line(label: str | None, sae: dict[str, Any], neurons: dict[str, Any] | None) -> str:
+    """One sentence: SAE latents' purity against shuffled labels and against the model's own channels."""
+    head = f"{label}: " if label else ""
+    line = (f"{head}SAE latents purity {sae['mean_purity']:.3f} (labels shuffled {sae['mean_purity_shuffled']:.3f}, "
+            f">= 0.9: {sae['fraction_purity_ge_0.9']:.1%} of latents, classes {sae['classes_purity_ge_0.9'] or '-'})")
+    if neurons is None:
+        return line
+    d = sae["mean_purity"] - neurons["mean_purity"]
+    line += (f"; neurons {neurons['mean_purity']:.3f} (shuffled {neurons['mean_purity_shuffled']:.3f}, "
+             f">= 0.9: {neurons['fraction_purity_ge_0.9']:.1%}, classes {neurons['classes_purity_ge_0.9'] or '-'})")
+    return line + (f": SAE latents beat the neurons by {d:.3f}" if d > 0 else
+                   f": the NEURONS are as pure or purer, by {-d:.3f}")
+
+
 @command("probe report", ReportConfig)
 def report_cmd(cfg: ReportConfig) -> dict[str, Any]:
-    """Monosemanticity report of SAEs: label purity/entropy of each latent's top images, frequency, ranking."""
+    """Monosemanticity report of SAEs: label purity/entropy of each latent's top images, frequency, ranking;
+    the model's own channels of the same hook ("neurons") and shuffled labels as baselines, per label."""
     import probes
     import sae as sae_pkg
     from extraction.store import open_store
@@ -331,36 +462,50 @@ def report_cmd(cfg: ReportConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     summaries = []
     with open_store(cfg.store) as st:
-        rows, labels = probes.labelled_rows(st)
+        rows, _ = probes.labelled_rows(st)
+        label_list = list(cfg.labels) if cfg.labels else [store_label_name(st)]
+        targets = {lab: store_labels(st, rows, lab) for lab in label_list}  # every label checked before any work
         try:
             ds = _dataset_of(st)
-            class_names = list(ds.class_names) or None
         except ConfigError:
-            ds, class_names = None, None
+            ds = None
         for folder in cfg.sae:
             model = sae_pkg.load(folder, device=cfg.device)
             hook, t = model.cfg.get("hook"), model.cfg.get("timestep")
             codes, tok_freq = probes.sae_codes(st, model, rows, cfg.batch_size, cfg.device, cfg.progress)
-            rep = probes.monosemanticity(codes, labels, cfg.top_n, tok_freq, class_names, cfg.seed)
-            for r in rep["latents"]:
-                r["top_ids"] = [str(st.ids[rows[i]]) for i in r["top_images"]]
-            sub = inside(out, safe_name(f"{hook}_t{t}"))  # hook names come from the SAE's cfg.json
-            title = f"SAE {Path(folder).name} ({hook} t={t}, d_sae={model.d_sae}, k={model.k})"
-            files = {"csv": write_csv(sub / "latents.csv", rep["latents"]),
-                     "json": write_json(sub / "report.json", {"sae": str(folder), "store": str(st.path), **rep}),
-                     "figure": plot_report(rep["latents"], rep["summary"], sub / "monosemanticity.png", title)}
-            if ds is not None:
-                show = [r for r in rep["latents"] if not r["dead"]][:cfg.n_show]
-                need = sorted({i for r in show for i in r["top_images"]})
-                images = dict(zip(need, (np.asarray(im) for im in store_images(st, rows[need], ds))))
-                names = {i: class_names[labels[i]] if class_names and labels[i] < len(class_names)
-                         else str(labels[i]) for i in need}
-                files["top_images"] = plot_top_images(show, images, names, cfg.top_n, sub / "top_images.png")
-            s = {"sae": str(folder), "hook": hook, "timestep": t, "d_sae": model.d_sae, "k": model.k,
-                 **{k: v for k, v in rep["summary"].items() if k != "best_latent_per_class"}}
-            summaries.append(s)
-            print(f"{hook} t={t}: mean purity {s['mean_purity']:.3f} (shuffled {s['mean_purity_shuffled']:.3f}), "
-                  f"dead {s['dead_fraction']:.1%}; wrote {sub}")
+            neurons = probes.pooled_features(st, hook, t, rows) if cfg.neurons else None
+            for n, lab in enumerate(label_list):
+                labels, class_names = targets[lab]
+                rep = probes.monosemanticity(codes, labels, cfg.top_n, tok_freq, class_names, cfg.seed)
+                for r in rep["latents"]:
+                    r["top_ids"] = [str(st.ids[rows[i]]) for i in r["top_images"]]
+                nrep = (probes.monosemanticity(neurons, labels, cfg.top_n, None, class_names, cfg.seed, dense=True)
+                        if neurons is not None else None)
+                sub = inside(out, safe_name(f"{hook}_t{t}" if n == 0 else f"{hook}_t{t}_{lab}"))  # hook names come from the SAE's cfg.json
+                title = (f"SAE {Path(folder).name} ({hook} t={t}, d_sae={model.d_sae}, k={model.k})"
+                         + (f", label = {lab}" if lab else ""))
+                body = {"sae": str(folder), "store": str(st.path), "label": lab, **rep}
+                if nrep is not None:
+                    body["neurons"] = {"summary": nrep["summary"],
+                                       "latents": [{k: v for k, v in r.items() if k != "token_frequency"}
+                                                   for r in nrep["latents"]]}
+                files = {"csv": write_csv(sub / "latents.csv", rep["latents"]),
+                         "json": write_json(sub / "report.json", body),
+                         "figure": plot_report(rep["latents"], rep["summary"], sub / "monosemanticity.png", title)}
+                if ds is not None:
+                    show = [r for r in rep["latents"] if not r["dead"]][:cfg.n_show]
+                    need = sorted({i for r in show for i in r["top_images"]})
+                    images = dict(zip(need, (np.asarray(im) for im in store_images(st, rows[need], ds))))
+                    names = {i: class_names[labels[i]] if class_names and labels[i] < len(class_names)
+                             else str(labels[i]) for i in need}
+                    files["top_images"] = plot_top_images(show, images, names, cfg.top_n, sub / "top_images.png")
+                keep = lambda summ: {k: v for k, v in summ.items() if k != "best_latent_per_class"}  # noqa: E731
+                for kind, summ in (("sae", rep["summary"]), ("neurons", nrep["summary"] if nrep else None)):
+                    if summ is not None:
+                        summaries.append({"sae": str(folder), "hook": hook, "timestep": t, "label": lab,
+                                          "latents": kind, "d_sae": model.d_sae if kind == "sae" else neurons.shape[1],
+                                          "k": model.k if kind == "sae" else None, **keep(summ)})
+                print(f"{hook} t={t} " + mono_line(lab, rep["summary"], nrep["summary"] if nrep else None)
+                      + f"; dead {rep['summary']['dead_fraction']:.1%}; wrote {sub}")
     write_csv(out / "summary.csv", summaries)
     return {"summaries": summaries, "out": str(out)}
-

@@ -173,7 +173,8 @@ class SegmentConfig:
     protocol: str = field("single", help="single (target map > its mean, binary metrics) | multi (argmax over "
                                          "concepts; voc/shapes)")
     methods: list[str] = field(default_factory=lambda: ["cross_attention", "concept_attention", "center_prior"],
-                               nonempty=True, help="rows of the table: concept_attention, cross_attention, daam, center_prior")
+                               nonempty=True, help="rows of the table: concept_attention, cross_attention, daam, center_prior "
+                                            "(center_prior is always added: the baseline every method is shown beside)")
     background: list[str] = field(default_factory=lambda: ["background", "floor", "tree", "person", "grass", "face"],
                                   help="background concept words added after the image's classes")
     t: int = field(500, min=0, max=999, help="noise timestep in [0, 1000) (flow: sigma 0.5 at 500, as in the paper)")
@@ -223,7 +224,10 @@ def segment_cmd(cfg: SegmentConfig) -> dict[str, dict[str, float]]:
     data = load_segmentation(cfg)
     pipes: dict[str, Any] = {}
     results = {}
-    for m in cfg.methods:
+    methods = list(dict.fromkeys(cfg.methods))
+    if "center_prior" not in methods:  # the trivial baseline is always in the table (it costs no model call)
+        methods.append("center_prior")
+    for m in methods:
         mc = None if m == "center_prior" else (cfg.daam_model if m == "daam" else cfg.model)
         if mc is not None and mc.id not in pipes:
             pipes[mc.id] = load_pipeline(mc.id, device=mc.device, dtype=mc.dtype)

@@ -90,10 +90,43 @@ def evaluate(samples: Iterable[SegSample], method: str, pipe, *, multiclass: boo
 
 
 def format_table(results: dict[str, dict[str, float]], title: str) -> str:
-    """A markdown table: one row per method, columns pixel accuracy, mIoU, mAP (percent)."""
-    lines = [f"### {title}", "", "| method | pixel acc | mIoU | mAP | images |", "|---|---|---|---|---|"]
+    """A markdown table: one row per method, columns pixel accuracy, mIoU, mAP (percent).
+
+    With a ``center_prior`` row, every method also gets its mIoU and mAP minus the prior's (the
+    trivial baseline: objects sit near the middle), and a last line names the methods that beat it.
+    """
+    prior = results.get("center_prior")
+    extra = " mIoU - prior | mAP - prior |" if prior else ""
+    lines = [f"### {title}", "", "| method | pixel acc | mIoU | mAP | images |" + extra,
+             "|---|---|---|---|---|" + ("---|---|" if prior else "")]
+
+    def pct(v: float) -> str:
+        return "-" if np.isnan(v) else f"{v:.1f}"
+
+    def diff(v: float) -> str:
+        return "-" if np.isnan(v) else f"{v:+.1f}"
+
     for m, r in results.items():
         ap = r.get("map", float("nan"))
-        lines.append(f"| {m} | {r['pixel_acc']:.1f} | {r['miou']:.1f} | {'-' if np.isnan(ap) else f'{ap:.1f}'} | "
-                     f"{r['images']} |")
+        row = f"| {m} | {r['pixel_acc']:.1f} | {r['miou']:.1f} | {pct(ap)} | {r['images']} |"
+        if prior:
+            row += f" {diff(r['miou'] - prior['miou'])} | {diff(ap - prior.get('map', float('nan')))} |"
+        lines.append(row)
+    if prior:
+        lines.append("")
+        lines.append(prior_verdict(results))
     return "\n".join(lines)
+
+
+def prior_verdict(results: dict[str, dict[str, float]]) -> str:
+    """One line: which methods beat the centre prior in mIoU and in mAP (and by how much)."""
+    prior = results["center_prior"]
+    parts = []
+    for key, name in (("miou", "mIoU"), ("map", "mAP")):
+        p = prior.get(key, float("nan"))
+        if np.isnan(p):
+            continue
+        better = [f"{m} ({r[key] - p:+.1f})" for m, r in results.items()
+                  if m != "center_prior" and not np.isnan(r.get(key, float("nan"))) and r[key] > p]
+        parts.append(f"{name} ({p:.1f}): " + (", ".join(better) if better else "none"))
+    return "Beat the centre prior in " + "; in ".join(parts) + "."
