@@ -94,13 +94,19 @@ class ShapesJudge:
         judge.real_colour_accuracy, judge.real_shape_accuracy = acc["colour"], acc["shape"]
         return judge
 
-    def accuracy(self, images: list[np.ndarray], pairs: list[str]) -> dict[str, float]:
-        """Colour, shape and joint accuracy of images meant to show ``pairs`` ("colour shape")."""
+    def accuracy(self, images: list[np.ndarray], pairs: list[str]) -> dict:
+        """Colour, shape and joint accuracy of images meant to show ``pairs`` ("colour shape").
+
+        Also ``shape_recall`` (per asked shape: the share judged that shape) and ``confusion``
+        (``confusion[asked][judged]`` counts; ``"none"`` where no vivid object was found).
+        """
         got = [self.judge(im) for im in images]
         want = [tuple(p.split(" ")) for p in pairs]
+        conf = confusion([w[1] for w in want], [g[1] for g in got])
         return {"colour": float(np.mean([g[0] == w[0] for g, w in zip(got, want)])),
                 "shape": float(np.mean([g[1] == w[1] for g, w in zip(got, want)])),
-                "both": float(np.mean([g == w for g, w in zip(got, want)])), "n": len(images)}
+                "both": float(np.mean([g == w for g, w in zip(got, want)])), "n": len(images),
+                "shape_recall": shape_recall(conf), "confusion": conf}
 
     def judge(self, image: np.ndarray) -> tuple[str | None, str | None]:
         """(colour, shape) of the largest vivid object of an RGB uint8 image; (None, None) when there is none."""
@@ -108,6 +114,30 @@ class ShapesJudge:
         if blob is None:
             return None, None
         return blob_colour(image, blob), str(self.classifier.predict(shape_features(blob)[None])[0])
+
+
+def confusion(asked: list[str], judged: list[str | None]) -> dict[str, dict[str, int]]:
+    """``{asked shape: {judged shape or "none": count}}`` over the shapes that were asked for."""
+    cols = SHAPES + ["none"]
+    out = {a: dict.fromkeys(cols, 0) for a in SHAPES if a in asked}
+    for a, j in zip(asked, judged):
+        out[a][j if j in SHAPES else "none"] += 1
+    return out
+
+
+def shape_recall(conf: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Per asked shape, the share of its images judged that shape."""
+    return {a: row[a] / max(1, sum(row.values())) for a, row in conf.items()}
+
+
+def format_confusion(conf: dict[str, dict[str, int]]) -> str:
+    """The confusion matrix as text: one row per asked shape, one column per judged shape, then its recall."""
+    cols = SHAPES + ["none"]
+    lines = [f"{'asked/judged':<15}" + "".join(f"{c:>9}" for c in cols) + f"{'recall':>9}"]
+    for a, row in conf.items():
+        rec = row[a] / max(1, sum(row.values()))
+        lines.append(f"{a:<15}" + "".join(f"{row[c]:>9d}" for c in cols) + f"{rec:>9.0%}")
+    return "\n".join(lines)
 
 
 def real_images(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str], list[str]]:
