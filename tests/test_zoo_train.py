@@ -55,11 +55,14 @@ def test_quality_benchmark_runs_on_a_few_prompts(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "q.json"
     report = bench.main(["--models", "tiny-sd", "--pairs", "heldout", "--limit", "1", "--seeds", "1", "--steps", "2",
-                         "--judge-images", "40", "--ceiling-images", "8", "--grid", str(tmp_path / "g.png"), "--json", str(out)])
+                         "--judge-images", "40", "--ceiling-images", "8", "--two", "2", "--grid", str(tmp_path / "g.png"), "--json", str(out)])
     s = report["tiny-sd/heldout"]
     assert s["n"] == 1 and 0.0 <= s["colour"] <= 1.0 and 0.0 <= s["shape"] <= 1.0
     assert report["judge"]["colour"] > 0.9  # the judge itself sees real images right
     assert json.loads(out.read_text())["tiny-sd/heldout"]["n"] == 1
+    two = report["tiny-sd/two"]
+    assert two["n"] == 2 and 0.0 <= two["bound"] <= two["colours"] <= 1.0
+    assert set(s["confusion"]) <= {"circle", "square", "triangle", "diamond", "cross", "star"}
     assert (tmp_path / "g.png").stat().st_size > 0
 
 

@@ -443,6 +443,9 @@ def train_vae(cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str]) ->
 
     A run stopped by ``max_minutes`` keeps only its checkpoint (the denoisers need the finished VAE).
     """
+    if cfg.resume and (vae_path(cfg) / "config.json").exists():
+        print(f"[vae] resume: keeping the trained VAE in {vae_path(cfg)}", flush=True)
+        return vae_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     module = VAEModule(build_vae(), cfg.vae, cfg)
     ema, done = _fit(module, ImageCaptions(images, captions), cfg.vae, cfg)
