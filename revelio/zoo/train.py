@@ -44,9 +44,10 @@ from tqdm.auto import tqdm
 from ..config import field, to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
-from .builders import IMAGE_SIZE, MAX_TOKENS, build_tiny_flux, build_tiny_sd, build_vae
+from .builders import IMAGE_SIZE, MAX_TOKENS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae
 
-STAGES = ["vae", "tiny-sd", "tiny-flux"]
+ALL_STAGES = ["vae", "tiny-sd", "tiny-flux"]  # what model=all trains
+STAGES = ALL_STAGES + ["tiny-sd3"]  # tiny-sd3: only on request (no long run yet)
 TRAIN_CONFIG_FILE = "revelio_train.json"  # the training config, saved beside each trained pipeline
 DEFAULT_HOLDOUT = ["red circle", "green square", "blue triangle", "yellow diamond", "purple cross", "orange star"]
 
@@ -67,7 +68,8 @@ class StageConfig:
 class ZooTrainConfig:
     """Which models to train, on which shapes images, and where to save them."""
 
-    model: str = field("all", help="vae | tiny-sd | tiny-flux | all (vae first: the denoisers need it)")
+    model: str = field("all", help="vae | tiny-sd | tiny-flux | tiny-sd3 | all (vae, tiny-sd, tiny-flux; "
+                                   "vae first: the denoisers need it)")
     out: str = field("revelio/zoo/weights", help="folder receiving tiny-sd/ and tiny-flux/ (save_pretrained)")
     seed: int = field(0, help="seed of data, initialisation, noise and batching")
     images: int = field(10000, help="training images rendered into the tensor cache")
@@ -86,6 +88,7 @@ class ZooTrainConfig:
     vae: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch_size=16, lr=2e-3, ema_decay=0.99), help="")
     sd: StageConfig = field(default_factory=lambda: StageConfig(steps=1800, batch_size=32, lr=8e-4), help="")
     flux: StageConfig = field(default_factory=lambda: StageConfig(steps=4500, batch_size=32, lr=5e-4), help="")
+    sd3: StageConfig = field(default_factory=lambda: StageConfig(steps=4500, batch_size=32, lr=5e-4), help="")
     threads: int = field(1, help="torch CPU threads (0: torch's default)")
     device: str = field("cpu", help="training device: cpu | cuda | mps")
     save_dtype: str = field("float16", help="storage dtype of the saved weights: float16 | float32")
@@ -358,6 +361,34 @@ class FluxModule(_EMAModule):
         return loss
 
 
+class SD3Module(_EMAModule):
+    """SD3 transformer + two CLIPs + T5: rectified flow as Flux (logit-normal times), timestep = 1000 s."""
+
+    name = "tiny-sd3"
+
+    def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
+        net = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+                                   "text_encoder_2": pipe.text_encoder_2, "text_encoder_3": pipe.text_encoder_3})
+        super().__init__(net, stage, cfg.caption_dropout, cfg.seed)
+        self.pipe, self.shift, self.scale = pipe, shift, scale
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        gen = self.generator()
+        x0 = (batch["mean"] + batch["std"] * self.randn(batch["mean"].shape, gen) - self.shift) * self.scale
+        noise = self.randn(x0.shape, gen)
+        s = torch.sigmoid(self.randn(x0.shape[0], gen))
+        xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
+        captions = self.drop_captions(batch["caption"], gen)
+        prompt, _, pooled, _ = self.pipe.encode_prompt(captions, captions, captions, device=x0.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=MAX_TOKENS)
+        v = self.net["transformer"](hidden_states=xt, encoder_hidden_states=prompt, pooled_projections=pooled,
+                                    timestep=s * 1000, return_dict=False)[0]
+        loss = F.mse_loss(v, noise - x0)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -502,12 +533,13 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     vae = _trained_vae(cfg)
     mean, std = cached_latents(cfg, vae, images)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
-    shift = float(z.mean()) if name == "tiny-flux" else 0.0
+    shift = float(z.mean()) if name in ("tiny-flux", "tiny-sd3") else 0.0
     scale = float(1.0 / (z - shift).std())
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
     L.seed_everything(cfg.seed, workers=True)
     build, module_cls, stage = {"tiny-sd": (build_tiny_sd, SDModule, cfg.sd),
-                                "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux)}[name]
+                                "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux),
+                                "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
     pipe = build(cfg.seed)
     pipe.register_modules(vae=vae.cpu())
     module = module_cls(pipe, stage, cfg, shift, scale)
@@ -525,7 +557,7 @@ def train_zoo(cfg: ZooTrainConfig) -> dict[str, Path]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     images, captions = render_cache(cfg)
-    names = STAGES if cfg.model == "all" else [cfg.model]
+    names = ALL_STAGES if cfg.model == "all" else [cfg.model]
     out: dict[str, Path] = {}
     for name in names:
         out[name] = train_vae(cfg, images, captions) if name == "vae" else train_denoiser(name, cfg, images, captions)
