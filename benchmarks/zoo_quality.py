@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--two", type=int, default=0, help="random two-object prompts per model (0: none)")
     ap.add_argument("--confusion", action=argparse.BooleanOptionalAction, default=True,
                     help="print each group's per-shape confusion matrix")
+    ap.add_argument("--vae", default="", help="only judge real images after a round trip through this VAE folder "
+                                               "(e.g. zoo_checkpoints/vae-seed0), then stop")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -92,6 +94,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"judge on real shapes images: colour {judge.real_colour_accuracy:.1%}, shape {judge.real_shape_accuracy:.1%}")
     report: dict = {"judge": {"colour": judge.real_colour_accuracy, "shape": judge.real_shape_accuracy}}
     shown: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        real, colours, shapes = real_images(args.ceiling_images, seed=1)
+        s = judge.accuracy(reconstruct(AutoencoderKL.from_pretrained(args.vae).eval(), real),
+                           [f"{c} {k}" for c, k in zip(colours, shapes)])
+        report["vae"] = s
+        print(f"{args.vae}: real images after a round trip (n={s['n']}): colour {s['colour']:.1%}, shape {s['shape']:.1%}")
+        print(format_confusion(s["confusion"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return report
     print(f"{'model':<10} {'pairs':<8} {'n':>4} {'colour':>7} {'shape':>7} {'both':>7} {'s/img':>6}")
     for model in args.models:
         pipe = load_pipeline(model, random_init=args.random_init)
