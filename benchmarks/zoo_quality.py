@@ -3,11 +3,13 @@
 For every single-object prompt "a <colour> <shape>" (held-out pairs never seen in training,
 and seen pairs with fresh noise seeds) the model generates images that an independent
 judge (``revelio.zoo.quality``: largest vivid blob -> nearest palette colour, mask features ->
-a shape classifier trained on real shapes images) names. Prints a table and optionally
-writes a picture grid.
+a shape classifier trained on real shapes images) names. Prints a table, the per-shape recall
+and confusion matrix of each group, and optionally writes a picture grid. ``--two N`` adds N
+random two-object prompts ("a red circle and a blue square"), judged on the two largest blobs.
 
     python benchmarks/zoo_quality.py                       # both models, all pairs, 4 seeds
     python benchmarks/zoo_quality.py --grid docs/zoo_grid.png
+    python benchmarks/zoo_quality.py --two 48                # plus 48 two-object prompts
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 from revelio.datasets.shapes import COLORS, SHAPES
 from revelio.zoo import load_pipeline, shipped_path
-from revelio.zoo.quality import ShapesJudge, all_pairs, caption, generate, real_images, reconstruct
+from revelio.zoo.quality import (ShapesJudge, all_pairs, caption, format_confusion, generate, real_images,
+                                 reconstruct, two_object_accuracy, two_object_prompts)
 from revelio.zoo.train import DEFAULT_HOLDOUT, TRAIN_CONFIG_FILE
 
 DEFAULTS = {"tiny-sd": {"steps": 50, "guidance": 4.0}, "tiny-flux": {"steps": 28, "guidance": 4.0}}
@@ -77,6 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default="", help="write the scores as JSON here")
     ap.add_argument("--judge-images", type=int, default=600, help="real images the judge's shape classifier trains on")
     ap.add_argument("--ceiling-images", type=int, default=300, help="real images judged after a VAE round trip")
+    ap.add_argument("--two", type=int, default=0, help="random two-object prompts per model (0: none)")
+    ap.add_argument("--confusion", action=argparse.BooleanOptionalAction, default=True,
+                    help="print each group's per-shape confusion matrix")
+    ap.add_argument("--vae", default="", help="only judge real images after a round trip through this VAE folder "
+                                               "(e.g. zoo_checkpoints/vae-seed0), then stop")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -86,6 +94,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"judge on real shapes images: colour {judge.real_colour_accuracy:.1%}, shape {judge.real_shape_accuracy:.1%}")
     report: dict = {"judge": {"colour": judge.real_colour_accuracy, "shape": judge.real_shape_accuracy}}
     shown: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        real, colours, shapes = real_images(args.ceiling_images, seed=1)
+        s = judge.accuracy(reconstruct(AutoencoderKL.from_pretrained(args.vae).eval(), real),
+                           [f"{c} {k}" for c, k in zip(colours, shapes)])
+        report["vae"] = s
+        print(f"{args.vae}: real images after a round trip (n={s['n']}): colour {s['colour']:.1%}, shape {s['shape']:.1%}")
+        print(format_confusion(s["confusion"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return report
     print(f"{'model':<10} {'pairs':<8} {'n':>4} {'colour':>7} {'shape':>7} {'both':>7} {'s/img':>6}")
     for model in args.models:
         pipe = load_pipeline(model, random_init=args.random_init)
@@ -99,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
         report[f"{model}/vae-ceiling"] = s
         print(f"{model:<10} {'vae-rec':<8} {s['n']:>4} {s['colour']:>7.1%} {s['shape']:>7.1%} {s['both']:>7.1%}"
               f"    (real images through the VAE: the best a denoiser could reach)")
+        if args.confusion:
+            print(format_confusion(s["confusion"]))
         for group, pairs in groups.items():
             if args.pairs not in (group, "both"):
                 continue
@@ -111,9 +133,18 @@ def main(argv: list[str] | None = None) -> dict:
             s = judge.accuracy(images, want)
             report[f"{model}/{group}"] = s | {"steps": steps, "guidance": guidance}
             print(f"{model:<10} {group:<8} {s['n']:>4} {s['colour']:>7.1%} {s['shape']:>7.1%} {s['both']:>7.1%} {per:>6.2f}")
+            if args.confusion:
+                print(format_confusion(s["confusion"]))
             picked = sorted(range(len(pairs)), key=lambda i: grid_order(pairs[i]))[:6]
             first[0].extend(pairs[i] for i in picked)
             first[1].extend(images[i * args.seeds] for i in picked)
+        if args.two:
+            prompts, wanted = two_object_prompts(args.two, seed=0)
+            images = generate(pipe, prompts, [2000 + i for i in range(args.two)], steps, guidance)
+            s = two_object_accuracy(judge, images, wanted)
+            report[f"{model}/two"] = s | {"steps": steps, "guidance": guidance}
+            print(f"{model:<10} two objects n={s['n']}: both colours {s['colours']:.1%}, both shapes {s['shapes']:.1%}, "
+                  f"colour+shape bound {s['bound']:.1%}, two blobs found {s['two_blobs']:.1%}")
         shown[model] = first
     if args.grid:
         print(f"grid -> {grid(shown, args.grid, columns=max(len(v[1]) for v in shown.values()))}")

@@ -56,16 +56,19 @@ def test_quality_benchmark_runs_on_a_few_prompts(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "q.json"
     report = bench.main(["--models", "tiny-sd", "--pairs", "heldout", "--limit", "1", "--seeds", "1", "--steps", "2",
-                         "--judge-images", "40", "--ceiling-images", "8", "--grid", str(tmp_path / "g.png"), "--json", str(out)])
+                         "--judge-images", "40", "--ceiling-images", "8", "--two", "2", "--grid", str(tmp_path / "g.png"), "--json", str(out)])
     s = report["tiny-sd/heldout"]
     assert s["n"] == 1 and 0.0 <= s["colour"] <= 1.0 and 0.0 <= s["shape"] <= 1.0
     assert report["judge"]["colour"] > 0.9  # the judge itself sees real images right
     assert json.loads(out.read_text())["tiny-sd/heldout"]["n"] == 1
+    two = report["tiny-sd/two"]
+    assert two["n"] == 2 and 0.0 <= two["bound"] <= two["colours"] <= 1.0
+    assert set(s["confusion"]) <= {"circle", "square", "triangle", "diamond", "cross", "star"}
     assert (tmp_path / "g.png").stat().st_size > 0
 
 
 def test_bad_config_names_the_choices():
-    with pytest.raises(ValueError, match="vae, tiny-sd, tiny-flux, all"):
+    with pytest.raises(ValueError, match="vae, tiny-sd, tiny-flux, tiny-sd3, all"):
         check_config(ZooTrainConfig(model="tiny-xl"))
     with pytest.raises(ValueError, match="colours: red"):
         check_config(ZooTrainConfig(holdout=["pink circle"]))
@@ -74,7 +77,22 @@ def test_bad_config_names_the_choices():
 def _tiny_cfg(tmp_path: Path, model: str) -> ZooTrainConfig:
     small = StageConfig(steps=1, batch_size=4, lr=1e-3, ema_decay=0.5)
     return ZooTrainConfig(model=model, out=str(tmp_path / "out"), workdir=str(tmp_path / "work"), images=8,
-                          vae=small, sd=small, flux=small, threads=0, vae_crop=16)
+                          vae=small, sd=small, flux=small, sd3=small, threads=0, vae_crop=16)
+
+
+def test_tiny_sd3_trains_and_generates(tmp_path):
+    """The tiny-sd3 stage (rectified flow on the shared VAE's latents) saves a pipeline that loads and generates."""
+    train_zoo(_tiny_cfg(tmp_path, "vae"))
+    cfg = _tiny_cfg(tmp_path, "tiny-sd3")
+    cfg.sd3 = StageConfig(steps=2, batch_size=4, lr=1e-3, ema_decay=0.5)
+    folder = train_zoo(cfg)["tiny-sd3"]
+    pipe = load_pipeline(str(folder))
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.vae.config.shift_factor != 0
+    built = load_pipeline("tiny-sd3", random_init=True)
+    trained = dict(pipe.transformer.named_parameters())
+    assert any(not torch.equal(p.half(), trained[k].half()) for k, p in built.transformer.named_parameters())
+    img = generate(pipe, ["a red circle"], [0], steps=2, guidance=4.0)[0]
+    assert img.shape == (64, 64, 3)
 
 
 @pytest.mark.slow  # trains the VAE twice and tiny-flux once (a step each, plus image rendering and saving)
@@ -97,3 +115,59 @@ def test_zoo_train_command_is_registered(capsys):
     run(["zoo", "train", "--help"])
     out = capsys.readouterr().out
     assert "--sd.steps" in out and "--flux.batch_size" in out and "--holdout" in out
+
+
+def _ckpt_state(path: Path) -> dict:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    state = {f"module/{k}": v for k, v in blob["state_dict"].items()}
+    for i, opt in enumerate(blob["optimizer_states"]):
+        for pid, st in opt["state"].items():
+            state |= {f"adam{i}/{pid}/{k}": v for k, v in st.items()}
+    state["sched"] = torch.tensor(blob["lr_schedulers"][0]["last_epoch"])
+    return state
+
+
+@pytest.mark.parametrize("model", ["vae", "tiny-sd"])
+def test_resume_after_a_stop_is_bit_identical(tmp_path, model, capsys):
+    """K steps in one go == a max_minutes stop after step 1, then --resume to K: weights, EMA and Adam equal."""
+    def cfg(run: str, minutes: float, resume: bool, stage_name: str = model) -> ZooTrainConfig:
+        c = _tiny_cfg(tmp_path / run, stage_name)
+        c.workdir = str(tmp_path / "work")  # shared image and latent caches; checkpoints are per run
+        c.checkpoint_dir = str(tmp_path / run / "ckpt")
+        c.checkpoint_every, c.resume, c.min_snr_gamma, c.edge_weight, c.vae_full_from = 2, resume, 5.0, 0.5, 0.5
+        c.vae = c.sd = StageConfig(steps=4, batch_size=2, lr=1e-3, ema_decay=0.5, max_minutes=minutes)
+        return c
+
+    if model == "tiny-sd":  # each run gets the same trained VAE
+        for run in ("straight", "stopped"):
+            train_zoo(cfg(run, 0.0, False, "vae"))
+    train_zoo(cfg("straight", 0.0, False))
+    if model == "vae":
+        with pytest.raises(SystemExit, match="resume"):
+            train_zoo(cfg("stopped", 1e-9, False))  # stops after its first step
+    else:
+        train_zoo(cfg("stopped", 1e-9, False))
+
+    def ckpt(run: str) -> Path:
+        return tmp_path / run / "ckpt" / f"{model}-seed0.ckpt"
+
+    assert torch.load(ckpt("stopped"), weights_only=False)["global_step"] == 1
+    train_zoo(cfg("stopped", 0.0, True))
+    assert "resuming from" in capsys.readouterr().out
+    a, b = _ckpt_state(ckpt("straight")), _ckpt_state(ckpt("stopped"))
+    assert a.keys() == b.keys() and int(a["sched"]) == 4
+    assert any(k.startswith("module/ema.") for k in a) and any(k.startswith("adam0/") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_step_batches_enter_at_any_step():
+    from revelio.zoo.train import StepBatches
+
+    whole = StepBatches(10, 3, seed=4)
+    it = iter(whole)
+    first = [next(it) for _ in range(7)]  # 3 batches per epoch: crosses two epoch boundaries
+    later = iter(StepBatches(10, 3, seed=4, start=5))
+    assert [next(later) for _ in range(2)] == first[5:7]
+    assert all(len(set(sum(first[e * 3:e * 3 + 3], []))) == 9 for e in range(2))  # no repeats within an epoch
+    assert first[:3] != [next(iter(StepBatches(10, 3, seed=5))) for _ in range(1)] * 3

@@ -7,7 +7,8 @@ from typing import Literal
 
 from ..config import field
 
-STAGES = ["vae", "tiny-sd", "tiny-flux"]
+ALL_STAGES = ["vae", "tiny-sd", "tiny-flux"]  # what model=all trains
+STAGES = ALL_STAGES + ["tiny-sd3"]  # tiny-sd3: only on request (no long run yet)
 TRAIN_CONFIG_FILE = "revelio_train.json"  # the training config, saved beside each trained pipeline
 DEFAULT_HOLDOUT = ["red circle", "green square", "blue triangle", "yellow diamond", "purple cross", "orange star"]
 
@@ -16,31 +17,45 @@ DEFAULT_HOLDOUT = ["red circle", "green square", "blue triangle", "yellow diamon
 class StageConfig:
     """Optimisation settings of one model."""
 
-    steps: int = field(2000, help="optimizer steps")
-    batch_size: int = field(32, help="images per step")
-    lr: float = field(5e-4, help="AdamW learning rate (linear warm-up over the first 5% of steps)")
+    steps: int = field(2000, min=1, help="optimizer steps")
+    batch_size: int = field(32, min=1, help="images per step")
+    lr: float = field(5e-4, above=0, help="AdamW learning rate (linear warm-up over the first 5% of steps)")
     ema_decay: float = field(0.995, help="decay of the exponential moving average whose weights are saved")
-    max_minutes: float = field(0.0, help="safety stop after this many minutes (0: none; a stop makes the run speed-dependent)")
+    max_minutes: float = field(0.0, help="stop after this many minutes of this process (0: none), writing a checkpoint "
+                                         "that resume continues from")
 
 
 @dataclass
 class ZooTrainConfig:
     """Which models to train, on which shapes images, and where to save them."""
 
-    model: Literal["vae", "tiny-sd", "tiny-flux", "all"] = field("all", help="vae | tiny-sd | tiny-flux | all (vae first: the denoisers need it)")
+    model: Literal["vae", "tiny-sd", "tiny-flux", "tiny-sd3", "all"] = field("all", help="vae | tiny-sd | tiny-flux | tiny-sd3 | all (vae, tiny-sd, tiny-flux; "
+                                   "vae first: the denoisers need it)")
     out: str = field("revelio/zoo/weights", help="folder receiving tiny-sd/ and tiny-flux/ (save_pretrained)")
     seed: int = field(0, help="seed of data, initialisation, noise and batching")
-    images: int = field(10000, help="training images rendered into the tensor cache")
+    images: int = field(10000, min=1, help="training images rendered into the tensor cache")
     single_fraction: float = field(0.5, help="share of training images holding one object (the rest 1-3)")
     holdout: list[str] = field(default_factory=lambda: list(DEFAULT_HOLDOUT),
                                help="'colour shape' pairs kept out of every training image")
     caption_dropout: float = field(0.1, help="probability of training on the empty caption (classifier-free guidance)")
     kl_weight: float = field(5e-4, help="VAE: weight of the KL term per latent element (vs per-pixel MSE)")
     vae_crop: int = field(32, help="VAE: side of the random training crops (the VAE is convolutional; 64 = whole images)")
+    vae_full_from: float = field(1.0, help="VAE: share of the steps after which whole 64x64 images replace the crops "
+                                           "(1: never)")
+    edge_weight: float = field(0.0, help="VAE: weight of an L1 loss on horizontal and vertical image differences "
+                                         "(sharp outlines, e.g. star points)")
+    min_snr_gamma: float = field(0.0, help="tiny-sd: min-SNR-gamma loss weighting min(SNR, gamma)/SNR of the epsilon "
+                                           "loss (0: plain MSE)")
     vae: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch_size=16, lr=2e-3, ema_decay=0.99), help="")
     sd: StageConfig = field(default_factory=lambda: StageConfig(steps=1800, batch_size=32, lr=8e-4), help="")
     flux: StageConfig = field(default_factory=lambda: StageConfig(steps=4500, batch_size=32, lr=5e-4), help="")
+    sd3: StageConfig = field(default_factory=lambda: StageConfig(steps=4500, batch_size=32, lr=5e-4), help="")
     threads: int = field(1, help="torch CPU threads (0: torch's default)")
-    device: str = field("cpu", help="training device: cpu | cuda | cuda:1 | mps")
+    device: str = field("cpu", help="training device: cpu | cuda | mps")
     save_dtype: Literal["float16", "float32"] = field("float16", help="storage dtype of the saved weights: float16 | float32")
-    workdir: str | None = field(None, help="folder of the rendered-image cache and the trained VAE (default: $REVELIO_HOME/zoo-train)")
+    workdir: str | None = field(None, help="folder of the rendered-image and latent caches (default: $REVELIO_HOME/zoo-train)")
+    checkpoint_dir: str | None = field(None, help="folder of the trained VAE and of each stage's resumable checkpoint "
+                                                  "<stage>.ckpt (default: <workdir>/checkpoints)")
+    checkpoint_every: int = field(500, min=0, help="write the stage checkpoint every this many steps (0: only when a stage stops)")
+    resume: bool = field(False, help="continue each stage from its checkpoint in checkpoint_dir (if there is one)")
+    log_every: int = field(100, help="print the step, mean loss and speed every this many steps (0: never)")

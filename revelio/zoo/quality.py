@@ -25,17 +25,23 @@ PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 N_FEATURES = 12
 
 
-def largest_blob(image: np.ndarray) -> np.ndarray | None:
-    """Boolean mask of the largest connected region of vivid pixels of an RGB uint8 image, or None."""
+def largest_blobs(image: np.ndarray, k: int) -> list[np.ndarray]:
+    """Boolean masks of the ``k`` largest connected regions of vivid pixels (at least 12 pixels each), largest first."""
     img = image.astype(np.float32)
     vivid = (img.max(axis=2) - img.min(axis=2)) > CHROMA_MIN
     vivid = ndimage.binary_opening(vivid)
     labels, n = ndimage.label(vivid)
     if n == 0:
-        return None
+        return []
     sizes = ndimage.sum_labels(vivid, labels, index=np.arange(1, n + 1))
-    blob = labels == (int(np.argmax(sizes)) + 1)
-    return blob if blob.sum() >= 12 else None
+    order = np.argsort(-sizes, kind="stable")[:k]
+    return [labels == (int(i) + 1) for i in order if sizes[i] >= 12]
+
+
+def largest_blob(image: np.ndarray) -> np.ndarray | None:
+    """Boolean mask of the largest connected region of vivid pixels of an RGB uint8 image, or None."""
+    blobs = largest_blobs(image, 1)
+    return blobs[0] if blobs else None
 
 
 def blob_colour(image: np.ndarray, blob: np.ndarray) -> str:
@@ -94,13 +100,19 @@ class ShapesJudge:
         judge.real_colour_accuracy, judge.real_shape_accuracy = acc["colour"], acc["shape"]
         return judge
 
-    def accuracy(self, images: list[np.ndarray], pairs: list[str]) -> dict[str, float]:
-        """Colour, shape and joint accuracy of images meant to show ``pairs`` ("colour shape")."""
+    def accuracy(self, images: list[np.ndarray], pairs: list[str]) -> dict:
+        """Colour, shape and joint accuracy of images meant to show ``pairs`` ("colour shape").
+
+        Also ``shape_recall`` (per asked shape: the share judged that shape) and ``confusion``
+        (``confusion[asked][judged]`` counts; ``"none"`` where no vivid object was found).
+        """
         got = [self.judge(im) for im in images]
         want = [tuple(p.split(" ")) for p in pairs]
+        conf = confusion([w[1] for w in want], [g[1] for g in got])
         return {"colour": float(np.mean([g[0] == w[0] for g, w in zip(got, want)])),
                 "shape": float(np.mean([g[1] == w[1] for g, w in zip(got, want)])),
-                "both": float(np.mean([g == w for g, w in zip(got, want)])), "n": len(images)}
+                "both": float(np.mean([g == w for g, w in zip(got, want)])), "n": len(images),
+                "shape_recall": shape_recall(conf), "confusion": conf}
 
     def judge(self, image: np.ndarray) -> tuple[str | None, str | None]:
         """(colour, shape) of the largest vivid object of an RGB uint8 image; (None, None) when there is none."""
@@ -108,6 +120,64 @@ class ShapesJudge:
         if blob is None:
             return None, None
         return blob_colour(image, blob), str(self.classifier.predict(shape_features(blob)[None])[0])
+
+
+def confusion(asked: list[str], judged: list[str | None]) -> dict[str, dict[str, int]]:
+    """``{asked shape: {judged shape or "none": count}}`` over the shapes that were asked for."""
+    cols = SHAPES + ["none"]
+    out = {a: dict.fromkeys(cols, 0) for a in SHAPES if a in asked}
+    for a, j in zip(asked, judged):
+        out[a][j if j in SHAPES else "none"] += 1
+    return out
+
+
+def shape_recall(conf: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Per asked shape, the share of its images judged that shape."""
+    return {a: row[a] / max(1, sum(row.values())) for a, row in conf.items()}
+
+
+def format_confusion(conf: dict[str, dict[str, int]]) -> str:
+    """The confusion matrix as text: one row per asked shape, one column per judged shape, then its recall."""
+    cols = SHAPES + ["none"]
+    lines = [f"{'asked/judged':<15}" + "".join(f"{c:>9}" for c in cols) + f"{'recall':>9}"]
+    for a, row in conf.items():
+        rec = row[a] / max(1, sum(row.values()))
+        lines.append(f"{a:<15}" + "".join(f"{row[c]:>9d}" for c in cols) + f"{rec:>9.0%}")
+    return "\n".join(lines)
+
+
+def judge_objects(judge: "ShapesJudge", image: np.ndarray, k: int = 2) -> list[tuple[str, str]]:
+    """(colour, shape) of each of the ``k`` largest vivid objects of an image (fewer when fewer are found)."""
+    return [(blob_colour(image, b), str(judge.classifier.predict(shape_features(b)[None])[0]))
+            for b in largest_blobs(image, k)]
+
+
+def two_object_accuracy(judge: "ShapesJudge", images: list[np.ndarray],
+                        wanted: list[tuple[tuple[str, str], tuple[str, str]]]) -> dict:
+    """Scores of images meant to show two objects ((colour, shape), (colour, shape)), judged on the 2 largest blobs.
+
+    ``colours``: both asked colours are the blobs' colours; ``shapes``: the blobs' shapes are the asked
+    two (as a multiset); ``bound``: each blob has its asked colour *and* shape; ``two_blobs``: two were found.
+    """
+    got = [judge_objects(judge, im, 2) for im in images]
+    colours = [sorted(g[0] for g in o) == sorted(w[0] for w in ws) for o, ws in zip(got, wanted)]
+    shapes = [sorted(g[1] for g in o) == sorted(w[1] for w in ws) for o, ws in zip(got, wanted)]
+    bound = [sorted(o) == sorted(ws) for o, ws in zip(got, wanted)]
+    return {"colours": float(np.mean(colours)), "shapes": float(np.mean(shapes)), "bound": float(np.mean(bound)),
+            "two_blobs": float(np.mean([len(o) == 2 for o in got])), "n": len(images)}
+
+
+def two_object_prompts(n: int, seed: int = 0) -> tuple[list[str], list[tuple[tuple[str, str], tuple[str, str]]]]:
+    """``n`` random prompts "a red circle and a blue square": two different colours and two different shapes."""
+    rng = np.random.default_rng(seed)
+    prompts, wanted = [], []
+    for _ in range(n):
+        c = rng.choice(list(COLORS), 2, replace=False)
+        k = rng.choice(SHAPES, 2, replace=False)
+        objs = ((str(c[0]), str(k[0])), (str(c[1]), str(k[1])))
+        prompts.append(f"{phrase(*objs[0])} and {phrase(*objs[1])}")
+        wanted.append(objs)
+    return prompts, wanted
 
 
 def real_images(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str], list[str]]:

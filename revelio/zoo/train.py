@@ -5,8 +5,16 @@ epsilon prediction on the DDPM schedule) and ``tiny-flux`` (MM-DiT, rectified fl
 latents. Both denoisers are trained jointly with their small text encoders, with ~10% of
 captions dropped to "" so classifier-free guidance works. The architectures are the zoo
 builders' (``builders.py``); the pipelines' own ``encode_prompt`` encodes captions, so
-training and generation see identical conditioning. Everything is seeded: the same config
-gives the same weights. Shapes images are rendered once into a tensor cache.
+training and generation see identical conditioning. Shapes images are rendered once into a
+tensor cache.
+
+Every step's randomness is a function of (seed, stage, global step): the batch indices come
+from ``StepBatches`` (a permutation per (seed, epoch), entered at any step), and crops,
+flips, latent samples, noise, timesteps and dropped captions from a generator seeded per
+step (``step_generator``). A stage checkpoints (Lightning: net, EMA, optimizer, scheduler,
+step) every ``checkpoint_every`` steps and when it stops (``max_minutes`` included), each
+file written atomically; ``resume`` continues from it, and K steps in one go equal K/2,
+stop, K/2 resumed, bit for bit.
 
 Colour x shape pairs listed in ``holdout`` never appear in any training image, so the
 quality benchmark can test generalisation to unseen combinations.
@@ -15,18 +23,20 @@ quality benchmark can test generalisation to unseen combinations.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from extraction.files import make_tmp
@@ -34,8 +44,8 @@ from extraction.files import make_tmp
 from ..config import to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
-from .builders import IMAGE_SIZE, MAX_TOKENS, build_tiny_flux, build_tiny_sd, build_vae
-from .config import DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
+from .builders import IMAGE_SIZE, MAX_TOKENS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae
+from .config import ALL_STAGES, DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
 
 
 def check_config(cfg: ZooTrainConfig) -> None:
@@ -51,6 +61,10 @@ def check_config(cfg: ZooTrainConfig) -> None:
     if bad:
         raise ValueError(f"holdout pairs {bad} are not 'colour shape' pairs; colours: {', '.join(COLORS)}; "
                          f"shapes: {', '.join(SHAPES)}")
+    if not 8 <= cfg.vae_crop <= IMAGE_SIZE or cfg.vae_crop % 8:
+        raise ValueError(f"vae_crop must be a multiple of 8 in [8, {IMAGE_SIZE}], got {cfg.vae_crop}")
+    if cfg.checkpoint_every < 0 or cfg.min_snr_gamma < 0 or cfg.edge_weight < 0:
+        raise ValueError("checkpoint_every, min_snr_gamma and edge_weight must be >= 0")
     resolve_dtype(cfg.save_dtype)
 
 
@@ -104,41 +118,61 @@ def render_cache(cfg: ZooTrainConfig) -> tuple[torch.Tensor, list[str]]:
 
 
 class ImageCaptions(Dataset):
-    """Cached images as floats in [-1, 1] (random horizontal flip, random ``crop`` x ``crop`` window) with captions."""
+    """Cached uint8 images with captions (crops and flips are drawn per step by the training step)."""
 
-    def __init__(self, images: torch.Tensor, captions: list[str], crop: int = IMAGE_SIZE, flip: bool = True):
-        self.images, self.captions, self.crop, self.flip = images, captions, crop, flip
+    def __init__(self, images: torch.Tensor, captions: list[str]):
+        self.images, self.captions = images, captions
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict:
-        x = self.images[i].float() / 127.5 - 1
-        if self.crop < x.shape[-1]:
-            y0, x0 = torch.randint(0, x.shape[-1] - self.crop + 1, (2,)).tolist()
-            x = x[:, y0:y0 + self.crop, x0:x0 + self.crop]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return {"pixels": x, "caption": self.captions[i]}
+        return {"pixels": self.images[i], "caption": self.captions[i]}
 
 
 class LatentCaptions(Dataset):
-    """VAE posterior (mean, std) per image: each access draws a fresh latent sample, scaled for the denoiser."""
+    """VAE posterior (mean, std) per image; the training step draws a latent sample and scales it."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], shift: float, scale: float):
-        self.mean, self.std, self.captions, self.shift, self.scale = mean, std, captions, shift, scale
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str]):
+        self.mean, self.std, self.captions = mean, std, captions
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict:
-        z = self.mean[i] + self.std[i] * torch.randn_like(self.mean[i])
-        return {"latents": (z - self.shift) * self.scale, "caption": self.captions[i]}
+        return {"mean": self.mean[i], "std": self.std[i], "caption": self.captions[i]}
 
 
-def _loader(ds: Dataset, batch_size: int, seed: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0,
-                      generator=torch.Generator().manual_seed(seed))
+class StepBatches(Sampler[list[int]]):
+    """Batches of indices as a function of (seed, step): epoch e is a permutation seeded by (seed, e),
+    cut into ``n // batch_size`` batches; iteration starts at step ``start`` and never ends."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+        if n < batch_size:
+            raise ValueError(f"batch_size {batch_size} is larger than the {n} training images")
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.per_epoch = n // batch_size
+
+    def batch(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return perm[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The generator of all random draws of one training step (independent of any earlier step)."""
+    key = hashlib.sha256(f"{seed}/{stage}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+
+
+def _loader(ds: Dataset, batch_size: int, seed: int, start: int = 0) -> DataLoader:
+    return DataLoader(ds, batch_sampler=StepBatches(len(ds), batch_size, seed, start), num_workers=0)
 
 
 # ---------------------------------------------------------------- Lightning modules
@@ -147,9 +181,11 @@ def _loader(ds: Dataset, batch_size: int, seed: int) -> DataLoader:
 class _EMAModule(L.LightningModule):
     """Shared training plumbing: AdamW with warm-up on ``self.net``, an EMA copy, dropped captions."""
 
-    def __init__(self, net: torch.nn.ModuleDict, stage: StageConfig, caption_dropout: float = 0.0):
+    name = "stage"
+
+    def __init__(self, net: torch.nn.ModuleDict, stage: StageConfig, caption_dropout: float = 0.0, seed: int = 0):
         super().__init__()
-        self.net, self.stage, self.caption_dropout = net, stage, caption_dropout
+        self.net, self.stage, self.caption_dropout, self.seed = net, stage, caption_dropout, seed
         self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(stage.ema_decay), use_buffers=True)
 
     def configure_optimizers(self):
@@ -158,11 +194,19 @@ class _EMAModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.ema.update_parameters(self.net)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update_parameters(self.net)  # here, not in on_train_batch_end: checkpoints written then include it
 
-    def drop_captions(self, captions: list[str]) -> list[str]:
-        keep = torch.rand(len(captions)) >= self.caption_dropout
+    def generator(self) -> torch.Generator:
+        """This step's generator (see ``step_generator``)."""
+        return step_generator(self.seed, self.name, self.global_step)
+
+    def randn(self, shape, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(self.device)
+
+    def drop_captions(self, captions: list[str], gen: torch.Generator) -> list[str]:
+        keep = torch.rand(len(captions), generator=gen) >= self.caption_dropout
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
     def ema_net(self) -> torch.nn.ModuleDict:
@@ -172,17 +216,35 @@ class _EMAModule(L.LightningModule):
 class VAEModule(_EMAModule):
     """AutoencoderKL: per-pixel MSE plus a small KL to a unit Gaussian (a smooth latent space to diffuse in)."""
 
-    def __init__(self, vae, stage: StageConfig, kl_weight: float):
-        super().__init__(torch.nn.ModuleDict({"vae": vae}), stage)
-        self.kl_weight = kl_weight
+    name = "vae"
+
+    def __init__(self, vae, stage: StageConfig, cfg: "ZooTrainConfig"):
+        super().__init__(torch.nn.ModuleDict({"vae": vae}), stage, seed=cfg.seed)
+        self.kl_weight, self.edge_weight = cfg.kl_weight, cfg.edge_weight
+        self.crop, self.full_from = cfg.vae_crop, cfg.vae_full_from
+
+    def augment(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Floats in [-1, 1]; a random ``crop`` window per image (whole images after ``full_from``), random flips."""
+        x = images.float() / 127.5 - 1
+        side = x.shape[-1]
+        crop = side if self.global_step >= self.full_from * self.stage.steps else self.crop
+        corners = torch.randint(0, side - crop + 1, (len(x), 2), generator=gen).tolist()
+        flips = (torch.rand(len(x), generator=gen) < 0.5).tolist()
+        out = [im[:, y0:y0 + crop, x0:x0 + crop] for im, (y0, x0) in zip(x, corners)]
+        return torch.stack([im.flip(-1) if f else im for im, f in zip(out, flips)])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         vae = self.net["vae"]
-        post = vae.encode(batch["pixels"]).latent_dist
-        rec = vae.decode(post.sample()).sample
-        mse = F.mse_loss(rec, batch["pixels"])
+        gen = self.generator()
+        x = self.augment(batch["pixels"].cpu(), gen).to(self.device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mean + post.std * self.randn(post.mean.shape, gen)).sample
+        mse = F.mse_loss(rec, x)
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
         loss = mse + self.kl_weight * kl
+        if self.edge_weight:
+            edge = sum(F.l1_loss(rec.diff(dim=d), x.diff(dim=d)) for d in (-1, -2))
+            loss = loss + self.edge_weight * edge
         self.log_dict({"mse": mse, "kl": kl}, prog_bar=True)
         return loss
 
@@ -190,19 +252,29 @@ class VAEModule(_EMAModule):
 class SDModule(_EMAModule):
     """UNet + CLIP text encoder: epsilon prediction under the pipeline's DDPM noise schedule."""
 
-    def __init__(self, pipe, stage: StageConfig, caption_dropout: float):
+    name = "tiny-sd"
+
+    def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
         super().__init__(torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder}), stage,
-                         caption_dropout)
-        self.pipe = pipe
+                         cfg.caption_dropout, cfg.seed)
+        self.pipe, self.shift, self.scale, self.min_snr_gamma = pipe, shift, scale, cfg.min_snr_gamma
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x0 = batch["latents"]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        gen = self.generator()
+        x0 = (batch["mean"] + batch["std"] * self.randn(batch["mean"].shape, gen) - self.shift) * self.scale
+        noise = self.randn(x0.shape, gen)
+        t = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        captions = self.drop_captions(batch["caption"], gen)
+        t = t.to(x0.device)
         xt = self.pipe.scheduler.add_noise(x0, noise, t)
-        emb = self.pipe.encode_prompt(self.drop_captions(batch["caption"]), x0.device, 1, False)[0]
+        emb = self.pipe.encode_prompt(captions, x0.device, 1, False)[0]
         pred = self.net["unet"](xt, t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, noise)
+        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:  # Hang et al. 2023, epsilon target: weight min(SNR, gamma) / SNR
+            abar = self.pipe.scheduler.alphas_cumprod.to(x0.device)[t]
+            snr = abar / (1 - abar)
+            per = per * torch.clamp(snr, max=self.min_snr_gamma) / snr
+        loss = per.mean()
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -210,19 +282,22 @@ class SDModule(_EMAModule):
 class FluxModule(_EMAModule):
     """Flux transformer + CLIP + T5: rectified flow, x_s = (1-s) x0 + s eps, velocity target eps - x0."""
 
-    def __init__(self, pipe, stage: StageConfig, caption_dropout: float):
+    name = "tiny-flux"
+
+    def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
         net = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
                                    "text_encoder_2": pipe.text_encoder_2})
-        super().__init__(net, stage, caption_dropout)
-        self.pipe = pipe
+        super().__init__(net, stage, cfg.caption_dropout, cfg.seed)
+        self.pipe, self.shift, self.scale = pipe, shift, scale
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x0 = batch["latents"]
+        gen = self.generator()
+        x0 = (batch["mean"] + batch["std"] * self.randn(batch["mean"].shape, gen) - self.shift) * self.scale
         b, c, h, w = x0.shape
-        noise = torch.randn_like(x0)
-        s = torch.sigmoid(torch.randn(b, device=x0.device))  # logit-normal times: most weight mid-trajectory
+        noise = self.randn(x0.shape, gen)
+        s = torch.sigmoid(self.randn(b, gen))  # logit-normal times: most weight mid-trajectory
         xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
-        prompt, pooled, text_ids = self.pipe.encode_prompt(self.drop_captions(batch["caption"]), device=x0.device,
+        prompt, pooled, text_ids = self.pipe.encode_prompt(self.drop_captions(batch["caption"], gen), device=x0.device,
                                                            max_sequence_length=MAX_TOKENS)
         pack = self.pipe._pack_latents
         v = self.net["transformer"](
@@ -234,18 +309,97 @@ class FluxModule(_EMAModule):
         return loss
 
 
+class SD3Module(_EMAModule):
+    """SD3 transformer + two CLIPs + T5: rectified flow as Flux (logit-normal times), timestep = 1000 s."""
+
+    name = "tiny-sd3"
+
+    def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
+        net = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+                                   "text_encoder_2": pipe.text_encoder_2, "text_encoder_3": pipe.text_encoder_3})
+        super().__init__(net, stage, cfg.caption_dropout, cfg.seed)
+        self.pipe, self.shift, self.scale = pipe, shift, scale
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        gen = self.generator()
+        x0 = (batch["mean"] + batch["std"] * self.randn(batch["mean"].shape, gen) - self.shift) * self.scale
+        noise = self.randn(x0.shape, gen)
+        s = torch.sigmoid(self.randn(x0.shape[0], gen))
+        xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
+        captions = self.drop_captions(batch["caption"], gen)
+        prompt, _, pooled, _ = self.pipe.encode_prompt(captions, captions, captions, device=x0.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=MAX_TOKENS)
+        v = self.net["transformer"](hidden_states=xt, encoder_hidden_states=prompt, pooled_projections=pooled,
+                                    timestep=s * 1000, return_dict=False)[0]
+        loss = F.mse_loss(v, noise - x0)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+
 # ---------------------------------------------------------------- driver
 
 
-def _fit(module: _EMAModule, loader: DataLoader, stage: StageConfig, device: str) -> torch.nn.ModuleDict:
-    """Run Lightning for ``stage.steps`` steps and return the EMA weights."""
-    trainer = L.Trainer(max_steps=stage.steps, max_epochs=-1, accelerator=device, devices=1, logger=False,
+class StepCheckpoints(Callback):
+    """Atomic checkpoints every ``every`` steps and at the end of fitting; the ``minutes`` stop; a loss log line."""
+
+    def __init__(self, path: Path, every: int, minutes: float, log_every: int):
+        self.path, self.every, self.minutes, self.log_every = path, every, minutes, log_every
+        self.t0, self.losses = time.monotonic(), []
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.path)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        self.losses.append(float(outputs["loss"]))
+        if self.log_every and step % self.log_every == 0:
+            rate = len(self.losses) / max(1e-9, time.monotonic() - self.t0)
+            print(f"[{module.name}] step {step}/{trainer.max_steps} loss {np.mean(self.losses[-self.log_every:]):.4f} "
+                  f"({rate:.2f} steps/s this process)", flush=True)
+        if self.every and step % self.every == 0:
+            self.save(trainer)
+        if self.minutes and time.monotonic() - self.t0 > 60 * self.minutes and step < trainer.max_steps:
+            print(f"[{module.name}] max_minutes reached at step {step}: stopping (resume continues)", flush=True)
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, module) -> None:
+        self.save(trainer)
+
+
+def checkpoint_dir(cfg: ZooTrainConfig) -> Path:
+    return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else workdir(cfg) / "checkpoints"
+
+
+def stage_checkpoint(cfg: ZooTrainConfig, name: str) -> Path:
+    """The resumable checkpoint of one stage (Lightning .ckpt: net, EMA, optimizer, scheduler, step)."""
+    return checkpoint_dir(cfg) / f"{name}-seed{cfg.seed}.ckpt"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a stage checkpoint was written at."""
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainConfig) -> tuple[torch.nn.ModuleDict, bool]:
+    """Run Lightning up to ``stage.steps`` steps (from the stage checkpoint when ``cfg.resume``).
+
+    Returns the EMA weights and whether every step was run (False after a ``max_minutes`` stop).
+    """
+    ckpt = stage_checkpoint(cfg, module.name)
+    start = checkpoint_step(ckpt) if cfg.resume and ckpt.exists() else 0
+    if start:
+        print(f"[{module.name}] resuming from {ckpt} at step {start}", flush=True)
+    saver = StepCheckpoints(ckpt, cfg.checkpoint_every, stage.max_minutes, cfg.log_every)
+    trainer = L.Trainer(max_steps=stage.steps, max_epochs=-1, accelerator=cfg.device, devices=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, gradient_clip_val=1.0,
-                        callbacks=[TQDMProgressBar(refresh_rate=10)],
-                        log_every_n_steps=25, deterministic=True,
-                        max_time={"minutes": stage.max_minutes} if stage.max_minutes else None)
-    trainer.fit(module, loader)
-    return module.ema_net()
+                        callbacks=[TQDMProgressBar(refresh_rate=10), saver], deterministic=True,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, _loader(data, stage.batch_size, cfg.seed, start), ckpt_path=ckpt if start else None)
+    return module.ema_net(), trainer.global_step >= stage.steps
 
 
 def _save_atomic(obj, target: Path, cfg: ZooTrainConfig) -> Path:
@@ -264,10 +418,18 @@ def _save_atomic(obj, target: Path, cfg: ZooTrainConfig) -> Path:
 
 
 def train_vae(cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str]) -> Path:
-    """Train the shared AutoencoderKL and save it (float32, scaling 1, shift 0) to ``workdir/vae-seed<seed>``."""
+    """Train the shared AutoencoderKL and save it (float32, scaling 1, shift 0) to ``<checkpoint_dir>/vae-seed<seed>``.
+
+    A run stopped by ``max_minutes`` keeps only its checkpoint (the denoisers need the finished VAE).
+    """
+    if cfg.resume and (vae_path(cfg) / "config.json").exists():
+        print(f"[vae] resume: keeping the trained VAE in {vae_path(cfg)}", flush=True)
+        return vae_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    module = VAEModule(build_vae(), cfg.vae, cfg.kl_weight)
-    ema = _fit(module, _loader(ImageCaptions(images, captions, crop=cfg.vae_crop), cfg.vae.batch_size, cfg.seed), cfg.vae, cfg.device)
+    module = VAEModule(build_vae(), cfg.vae, cfg)
+    ema, done = _fit(module, ImageCaptions(images, captions), cfg.vae, cfg)
+    if not done:
+        raise SystemExit(f"VAE stopped by max_minutes before {cfg.vae.steps} steps; run again with --resume true")
     return _save_atomic(ema["vae"].float().cpu(), vae_path(cfg), cfg)
 
 
@@ -285,11 +447,13 @@ def encode_latents(vae, images: torch.Tensor, device: str, batch_size: int = 256
 
 def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``encode_latents`` of the cached images, computed once per trained VAE and kept beside it."""
-    path = vae_path(cfg) / f"latents-{data_key(cfg)}.pt"  # retraining the VAE replaces its folder, and this cache
+    weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(vae_path(cfg).glob("*.safetensors"))))
+    path = workdir(cfg) / f"latents-{data_key(cfg)}-vae{weights.hexdigest()[:12]}.pt"  # a new VAE, a new cache
     if path.exists():
         blob = torch.load(path)
         return blob["mean"], blob["std"]
     mean, std = encode_latents(vae, images, cfg.device)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"mean": mean, "std": std}, tmp)
     os.replace(tmp, path)
@@ -297,7 +461,7 @@ def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor) -> tuple[torc
 
 
 def vae_path(cfg: ZooTrainConfig) -> Path:
-    return workdir(cfg) / f"vae-seed{cfg.seed}"
+    return checkpoint_dir(cfg) / f"vae-seed{cfg.seed}"
 
 
 def _trained_vae(cfg: ZooTrainConfig):
@@ -317,17 +481,19 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     vae = _trained_vae(cfg)
     mean, std = cached_latents(cfg, vae, images)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
-    shift = float(z.mean()) if name == "tiny-flux" else 0.0
+    shift = float(z.mean()) if name in ("tiny-flux", "tiny-sd3") else 0.0
     scale = float(1.0 / (z - shift).std())
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
     L.seed_everything(cfg.seed, workers=True)
     build, module_cls, stage = {"tiny-sd": (build_tiny_sd, SDModule, cfg.sd),
-                                "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux)}[name]
+                                "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux),
+                                "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
     pipe = build(cfg.seed)
     pipe.register_modules(vae=vae.cpu())
-    module = module_cls(pipe, stage, cfg.caption_dropout)
-    data = LatentCaptions(mean, std, captions, shift, scale)
-    ema = _fit(module, _loader(data, stage.batch_size, cfg.seed), stage, cfg.device)
+    module = module_cls(pipe, stage, cfg, shift, scale)
+    ema, done = _fit(module, LatentCaptions(mean, std, captions), stage, cfg)
+    if not done:
+        print(f"[{name}] stopped early: saving the EMA weights so far to {Path(cfg.out) / name}", flush=True)
     pipe.register_modules(**{key: copy.deepcopy(net).cpu().eval() for key, net in ema.items()})
     pipe.to(dtype=resolve_dtype(cfg.save_dtype))
     return _save_atomic(pipe, Path(cfg.out) / name, cfg)
@@ -339,7 +505,7 @@ def train_zoo(cfg: ZooTrainConfig) -> dict[str, Path]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     images, captions = render_cache(cfg)
-    names = STAGES if cfg.model == "all" else [cfg.model]
+    names = ALL_STAGES if cfg.model == "all" else [cfg.model]
     out: dict[str, Path] = {}
     for name in names:
         out[name] = train_vae(cfg, images, captions) if name == "vae" else train_denoiser(name, cfg, images, captions)

@@ -1,0 +1,59 @@
+"""The independent judge of zoo generations, validated on ground-truth shapes images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from revelio.datasets.shapes import SHAPES
+from revelio.datasets.shapes import Shapes
+from revelio.zoo.quality import (ShapesJudge, confusion, format_confusion, real_images, shape_recall,
+                                 two_object_accuracy, two_object_prompts)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return ShapesJudge.fit(n_train=300, n_val=60, seed=0)
+
+
+def test_judge_names_ground_truth_single_objects(judge):
+    images, colours, shapes = real_images(240, seed=3)  # a seed stream the judge never trained on
+    acc = judge.accuracy(images, [f"{c} {s}" for c, s in zip(colours, shapes)])
+    assert acc["colour"] >= 0.97 and acc["shape"] >= 0.97, acc
+    conf = acc["confusion"]
+    assert set(conf) == set(SHAPES)  # every shape occurs among 240 images
+    assert sum(sum(row.values()) for row in conf.values()) == 240
+    assert all(r >= 0.85 for r in acc["shape_recall"].values()), acc["shape_recall"]
+
+
+def test_confusion_and_recall_count_by_hand():
+    conf = confusion(["star", "star", "star", "circle"], ["star", "cross", None, "circle"])
+    assert conf["star"]["star"] == 1 and conf["star"]["cross"] == 1 and conf["star"]["none"] == 1
+    assert "square" not in conf  # only asked shapes get a row
+    rec = shape_recall(conf)
+    assert np.isclose(rec["star"], 1 / 3) and rec["circle"] == 1.0
+    text = format_confusion(conf)
+    assert "33%" in text and "100%" in text
+
+
+def test_two_object_judge_on_ground_truth(judge):
+    """Real two-object images of two colours: the two largest blobs carry both colours and shapes (when apart)."""
+    ds = Shapes(64, count=80, seed=77, max_objects=2, split="test")
+    images, wanted = [], []
+    for i in range(80):
+        objs = ds.layout(i)
+        if len(objs) == 2 and objs[0]["color"] != objs[1]["color"]:
+            images.append(np.array(ds[i].image))
+            wanted.append(tuple((o["color"], o["shape"]) for o in objs))
+    acc = two_object_accuracy(judge, images, wanted)
+    assert acc["n"] >= 20 and acc["colours"] >= 0.8 and acc["bound"] >= 0.8, acc  # touching objects merge: the rest
+    swapped = [((a[0], b[1]), (b[0], a[1])) for a, b in wanted]  # right colours and shapes, wrongly bound
+    wrong = two_object_accuracy(judge, images, swapped)
+    assert wrong["colours"] == acc["colours"] and wrong["bound"] < 0.3
+
+
+def test_two_object_prompts_are_seeded_and_distinct():
+    p, w = two_object_prompts(20, seed=1)
+    assert p == two_object_prompts(20, seed=1)[0] and len(set(p)) > 15
+    assert all(a[0] != b[0] and a[1] != b[1] for a, b in w)
+    assert p[0].count(" and ") == 1
