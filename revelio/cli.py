@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "revelio.commands.probe",
     "revelio.commands.saliency",
     "revelio.commands.analysis",
+    "revelio.commands.erase",
     "revelio.commands.demo",
 ]
 
