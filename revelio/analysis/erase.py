@@ -422,6 +422,9 @@ def curve_figure(rows: Sequence[dict[str, Any]], concept: str, title: str = "") 
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower left")
+    else:  # no image showed the concept without intervention: erasure is undefined everywhere
+        ax.text(0.5, 0.5, "no unedited image shows the concept", ha="center", fontsize=8, transform=ax.transAxes)
     ax.set_title(title or f"erasing '{concept}' (labels: strength)", fontsize=9)
     return fig
