@@ -62,7 +62,7 @@ class DemoConfig:
     erase_concept: str = field("blue", help="erase: the colour erased from tiny-sd (blue: the best-learned colour)")
     erase_latents: int = field(2, min=1, help="erase: top-scored SAE latents edited")
     erase_strength: float = field(3.0, min=0, help="erase: the latents' codes are scaled by (1 - strength)")
-    erase_steps: int = field(10, min=1, help="erase: denoising steps of its generations")
+    erase_steps: int = field(8, min=1, help="erase: denoising steps of its generations")
     seed: int = field(0, help="seed for data, noise and training")
     steps: list[str] | None = field(None, help="run only these stages (extract, sae, probe, saliency, segment, "
                                                "compare, browse, steer, erase); null: all")
@@ -254,9 +254,9 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
         others = [k for k in COLORS if k != c]
         r = _revelio(["erase", "--source.sae", str(saes["tiny-sd"] / "sae"), "--concept", c,
                       "--n_latents", _list([cfg.erase_latents]), "--strengths", _list([cfg.erase_strength]),
-                      "--with_prompts", json.dumps([phrase(c, s) for s in SHAPES[:4]]),
-                      "--without_prompts", json.dumps([phrase(o, SHAPES[i]) for i, o in enumerate(others[:4])]),
-                      "--seeds", "[0]", "--inference_steps", str(cfg.erase_steps), "--judge_images", "150",
+                      "--with_prompts", json.dumps([phrase(c, s) for s in SHAPES[:3]]),
+                      "--without_prompts", json.dumps([phrase(o, SHAPES[i]) for i, o in enumerate(others[:3])]),
+                      "--seeds", "[0]", "--inference_steps", str(cfg.erase_steps), "--judge_images", "100",
                       "--seed", str(cfg.seed), "--out", str(out / "erase")])
         paths["erase"] = str(r["paths"]["table"])
         figs["erase"] = {"concept": c, **{row["method"]: {k: row[k] for k in (

@@ -107,12 +107,15 @@ def _plain(v: Any) -> Any:
 
 
 def _examples(res: dict[str, Any], cfg: EraseConfig) -> Any:
-    """Rows: unedited, the strongest SAE edit, the negative prompt; columns: the first seed of each prompt."""
+    """Rows: unedited, the SAE edit of best erasure + retention, the negative prompt; columns: each prompt, first seed."""
     import matplotlib.pyplot as plt
 
     imgs = res["images"]
-    keys = ["none"] + [k for k in imgs if k.startswith("sae")][-1:] + (["negative_prompt"] if "negative_prompt"
-                                                                           in imgs else [])
+    sae_rows = [r for r in res["rows"] if r["method"] == "sae"]
+    best = max(sae_rows, key=lambda r: ((r["erasure"] or 0.0) + (r["retention"] or 0.0), -r["pixel_change_without"]),
+               default=None)
+    keys = ["none"] + ([f"sae n={best['n']} s={best['strength']:g}"] if best is not None else []) + \
+        (["negative_prompt"] if "negative_prompt" in imgs else [])
     cols = list(range(0, len(res["prompts"]), len(cfg.seeds)))[:12]
     fig, axes = plt.subplots(len(keys), len(cols), figsize=(1.1 * len(cols), 1.25 * len(keys)), squeeze=False)
     for i, k in enumerate(keys):
