@@ -107,7 +107,7 @@ def _plain(v: Any) -> Any:
 
 
 def _examples(res: dict[str, Any], cfg: EraseConfig) -> Any:
-    """Rows: unedited, the SAE edit of best erasure + retention, the negative prompt; columns: each prompt, first seed."""
+    """Rows: unedited, the SAE edit of best erasure + retention, negative prompt; columns: prompts (first seed)."""
     import matplotlib.pyplot as plt
 
     imgs = res["images"]
