@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "revelio.commands.probe",
     "revelio.commands.saliency_segment",
     "revelio.commands.compare_browse_steer",
+    "revelio.commands.erase",
     "revelio.commands.demo",
 ]
 

@@ -13,7 +13,8 @@ from extraction.store import open_store
 from revelio.cli import run
 
 SMALL = ["--images", "24", "--sae_steps", "20", "--segment_images", "2", "--compare_images", "6",
-         "--saliency_steps", "2", "--probe_seeds", "[0]", "--segment_seeds", "[0]", "--progress", "false"]
+         "--saliency_steps", "2", "--probe_seeds", "[0]", "--segment_seeds", "[0]", "--progress", "false",
+         "--erase_latents", "1", "--erase_steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_every_stage(demo_run, capsys):
     out, res = demo_run
     p, f = res["paths"], res["figures"]
-    assert list(res["seconds"]) == ["extract", "sae", "probe", "saliency", "segment", "compare", "browse", "steer"]
+    assert list(res["seconds"]) == ["extract", "sae", "probe", "saliency", "segment", "compare", "browse", "steer",
+                                    "erase"]
 
     for model, hooks in (("tiny-sd", 4), ("tiny-flux", 3)):
         with open_store(p[f"store_{model}"]) as st:
@@ -66,6 +68,8 @@ def test_demo_writes_every_stage(demo_run, capsys):
             assert method in text
             assert 0 <= f["segmentation"][lab][method]["miou"] <= 100
     assert len(list((out / "steer").glob("*.png"))) == 1 and f["steer"]["mean_abs_pixel_change"] > 0
+    assert set(f["erase"]) == {"concept", "sae", "random", "negative_prompt"} and f["erase"]["sae"]["n"] == 1
+    assert (out / "erase" / "table.md").exists() and f["erase"]["sae"]["pixel_change_without"] >= 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["figures"]["steer"]["latent"] == f["steer"]["latent"]

@@ -21,6 +21,8 @@ that of the steered model. This holds alike for batched CFG (SD, SD3: one call o
 
 from __future__ import annotations
 
+import functools
+
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,6 +143,10 @@ class Steering:
         self._scheduler, self._own_step = sched, vars(sched).get("step")
         inner = sched.step
 
+        # functools.wraps keeps the signature visible: pipelines pass `generator` / `eta` only when
+        # inspect.signature(scheduler.step) lists them (prepare_extra_step_kwargs), so a bare
+        # (*args, **kwargs) wrapper would silently drop the seeded generator of DDPM/DDIM steps.
+        @functools.wraps(inner)
         def step(*args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
             self.step += 1

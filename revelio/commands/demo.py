@@ -13,6 +13,8 @@ before it runs), on the shipped trained ``tiny-sd`` (UNet) and ``tiny-flux`` (MM
 5. ``compare``   SAE latents ranked against saliency maps and masks
    ``browse``    the static HTML feature dashboard
    ``steer``     before/after generation with the best-aligned latent
+   ``erase``     erase "blue" from tiny-sd by ablating its top SAE latents; judged erasure and retention
+                 beside random latents and the negative prompt
 
 Extraction resumes a finished or interrupted store with the same config, so a second
 ``make demo`` skips it. ``summary.json`` and ``summary.md`` in the output folder hold the
@@ -57,13 +59,17 @@ class DemoConfig:
     saliency_steps: int = field(20, min=1, help="denoising steps of the generated saliency examples")
     steer_scale: float = field(30.0, help="steer: coefficient of the added decoder direction, "
                                           "in units of the latent's activation")
+    erase_concept: str = field("blue", help="erase: the colour erased from tiny-sd (blue: the best-learned colour)")
+    erase_latents: int = field(2, min=1, help="erase: top-scored SAE latents edited")
+    erase_strength: float = field(3.0, min=0, help="erase: the latents' codes are scaled by (1 - strength)")
+    erase_steps: int = field(8, min=1, help="erase: denoising steps of its generations")
     seed: int = field(0, help="seed for data, noise and training")
     steps: list[str] | None = field(None, help="run only these stages (extract, sae, probe, saliency, segment, "
-                                               "compare, browse, steer); null: all")
+                                               "compare, browse, steer, erase); null: all")
     progress: bool = field(True, help="show progress bars")
 
 
-STAGES = ["extract", "sae", "probe", "saliency", "segment", "compare", "browse", "steer"]
+STAGES = ["extract", "sae", "probe", "saliency", "segment", "compare", "browse", "steer", "erase"]
 
 
 def _revelio(args: list[str]) -> Any:
@@ -258,6 +264,23 @@ def demo_cmd(cfg: DemoConfig) -> dict[str, Any]:
         paths["steer"] = str(r["path"])
         figs["steer"] = {"latent": latent, "concept": concept, "mean_abs_pixel_change": r["mean_abs_diff"]}
 
+    @stage("erase")
+    def _erase():
+        from ..datasets.shapes import COLORS, SHAPES, phrase
+
+        c = cfg.erase_concept
+        others = [k for k in COLORS if k != c]
+        r = _revelio(["erase", "--source.sae", str(saes["tiny-sd"] / "sae"), "--concept", c,
+                      "--n_latents", _list([cfg.erase_latents]), "--strengths", _list([cfg.erase_strength]),
+                      "--with_prompts", json.dumps([phrase(c, s) for s in SHAPES[:3]]),
+                      "--without_prompts", json.dumps([phrase(o, SHAPES[i]) for i, o in enumerate(others[:3])]),
+                      "--seeds", "[0]", "--inference_steps", str(cfg.erase_steps), "--judge_images", "100",
+                      "--seed", str(cfg.seed), "--out", str(out / "erase")])
+        paths["erase"] = str(r["paths"]["table"])
+        figs["erase"] = {"concept": c, **{row["method"]: {k: row[k] for k in (
+            "n", "strength", "erasure", "n_shown", "retention", "fidelity_with", "pixel_change_without")}
+            for row in r["rows"]}}
+
     res["seconds"] = timings
     res["total_seconds"] = round(time.perf_counter() - start, 1)
     _write_summary(out, res)
@@ -346,6 +369,17 @@ def _summary_lines(res: dict[str, Any]) -> list[str]:
         s = f["steer"]
         lines.append(f"steer     tiny-sd latent {s['latent']} (best for '{s['concept']}'): mean |pixel change| "
                      f"{_fmt(s['mean_abs_pixel_change'])} -> {p['steer']}")
+    if "erase" in f and "erase" in p:
+        e = f["erase"]
+        for method, text in (("sae", "SAE latents"), ("random", "random latents"),
+                             ("negative_prompt", "negative prompt")):
+            if method in e:
+                r = e[method]
+                what = f"{r['n']} {text} x (1 - {r['strength']:g})" if method != "negative_prompt" else text
+                lines.append(f"{'erase' if method == 'sae' else '':<9} tiny-sd '{e['concept']}' by {what}: erasure "
+                             f"{_fmt(r['erasure'])} of {r['n_shown']}, retention {_fmt(r['retention'])}, object kept "
+                             f"{_fmt(r['fidelity_with'])}, |pixel change| without {_fmt(r['pixel_change_without'])}")
+        lines.append(f"          erasure table: {p['erase']}")
     return lines
 
 
