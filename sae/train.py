@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,39 +116,42 @@ def _fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model
     loggers, history = _loggers(out, wandb_mode, project, run_name, csv, ckpt_path)
     tkw.setdefault("plugins", [AtomicCheckpointIO()])
     tr = L.Trainer(default_root_dir=str(out), logger=loggers, callbacks=[history, ckpt], **tkw)
-    try:
-        tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    except OSError as e:  # a checkpoint, a log line or a histogram met a full disk: the checkpoints before it stay
-        if isinstance(e, OutputError) or e.errno not in DISK_ERRNOS:
-            raise
-        raise write_failed(e, "writing", e.filename or out) from e
-    result: dict[str, Any] = {"steps": tr.global_step, "samples_seen": int(module.samples_seen)}
-    if tr.global_rank == 0:
-        if len(dm.val_rows):
-            val = evaluate(module.sae, (x for x, _ in dm.loader(dm.val_rows, shuffle=False)), module.device)
-            check_metrics(val, dm, dm.val_rows, f"held-out metrics of the SAE trained in {out}")
-            result["val"] = {k: v for k, v in val.items() if k != "density"}
-        with open_store(store) as st:
-            source = {"model": st.attrs.get("model"), "dataset": st.attrs.get("dataset")}
-        extra = {"hook": hook, "timestep": int(timestep), "source_store": str(Path(store).resolve()), **source,
-                 "samples": dm.samples, "layout": dm.layout, "split": {"val_fraction": dm.val_fraction, "seed": seed},
-                 "trained_steps": tr.global_step, "samples_seen": int(module.samples_seen)}
-        if history.run_id is not None:
-            extra["wandb_run_id"] = history.run_id
-        result["sae"] = str(save(module.sae, out / "sae", extra=extra))
-        result["checkpoints"] = str(out / "checkpoints")
-        write_json(out / "metrics.json", result)
-    _finish_wandb(tr)
+    try:  # a failed run (full disk, NaN metrics, a bug) still closes its wandb run: the next fit in this
+          # process would otherwise be logged into it
+        try:
+            tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        except OSError as e:  # a checkpoint, a log line or a histogram met a full disk: the checkpoints before it stay
+            if isinstance(e, OutputError) or e.errno not in DISK_ERRNOS:
+                raise
+            raise write_failed(e, "writing", e.filename or out) from e
+        result: dict[str, Any] = {"steps": tr.global_step, "samples_seen": int(module.samples_seen)}
+        if tr.global_rank == 0:
+            if len(dm.val_rows):
+                val = evaluate(module.sae, (x for x, _ in dm.loader(dm.val_rows, shuffle=False)), module.device)
+                check_metrics(val, dm, dm.val_rows, f"held-out metrics of the SAE trained in {out}")
+                result["val"] = {k: v for k, v in val.items() if k != "density"}
+            with open_store(store) as st:
+                source = {"model": st.attrs.get("model"), "dataset": st.attrs.get("dataset")}
+            extra = {"hook": hook, "timestep": int(timestep), "source_store": str(Path(store).resolve()), **source,
+                     "samples": dm.samples, "layout": dm.layout, "split": {"val_fraction": dm.val_fraction, "seed": seed},
+                     "trained_steps": tr.global_step, "samples_seen": int(module.samples_seen)}
+            if history.run_id is not None:
+                extra["wandb_run_id"] = history.run_id
+            result["sae"] = str(save(module.sae, out / "sae", extra=extra))
+            result["checkpoints"] = str(out / "checkpoints")
+            write_json(out / "metrics.json", result)
+    finally:
+        _finish_wandb(tr, failed=sys.exc_info()[0] is not None)
     return result
 
 
-def _finish_wandb(trainer: L.Trainer) -> None:
+def _finish_wandb(trainer: L.Trainer, failed: bool = False) -> None:
     """Close this fit's wandb run, so that the next fit in the same process starts its own run."""
     if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else 0)
 
 
 def fit_from_store(store_path: str | Path, hook: str, timestep: int, out_dir: str | Path, *, expansion: int = 8,
