@@ -187,6 +187,8 @@ def sae_fit_cmd(cfg: SAEFitConfig) -> dict:
         val = res.get("val", {})
         print(f"sae: {res['steps']} steps, {res['samples_seen']} samples; held-out FVU {val.get('fvu', float('nan')):.4f}, "
               f"L0 {val.get('l0', float('nan')):.2f}, dead {val.get('dead_fraction', float('nan')):.3f} -> {res['sae']}")
+        for t, v in val.get("per_timestep", {}).items():
+            print(f"  t={t}: held-out FVU {v['fvu']:.4f}, L0 {v['l0']:.2f}")
     return res
 
 
