@@ -182,14 +182,15 @@ def main() -> None:
             stab[name].append(stability(m, xs, P, cond != "none"))
         print(f"seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
     head = "".join(f"{f'FVU t={t}':>11}" for t in TS)
-    print(f"\n{'method':<13}{'latents':>8}{'steps':>7}{head}{'mean':>8}{'L0':>6}")
+    print(f"\n{'method':<13}{'latents':>8}{'steps':>7}{head}{'mean':>8}{'(min-max over seeds)':>22}{'L0':>6}")
     for name, runs in res.items():
         a = np.array(runs)  # (seeds, T, 2)
         lat = f"{T}x{args.latents // T}" if name.startswith("(a)") else str(args.latents)
         st = f"{T}x{args.steps // T}" if name.startswith("(a)") else str(args.steps)
         fv = a[..., 0].mean(0)
+        per_seed = a[..., 0].mean(1)
         print(f"{name:<13}{lat:>8}{st:>7}" + "".join(f"{v:>11.4f}" for v in fv)
-              + f"{fv.mean():>8.4f}{a[..., 1].mean():>6.2f}")
+              + f"{fv.mean():>8.4f}{f'({per_seed.min():.4f}-{per_seed.max():.4f})':>22}{a[..., 1].mean():>6.2f}")
     pairs = ", ".join(f"{a}/{b}" for a, b in itertools.combinations(TS, 2))
     print(f"\nlatents stable across t (top-16 images, Jaccard > 0.5 for every pair of t), of those alive at every t; "
           f"median Jaccard per pair ({pairs}); mean over seeds")
@@ -197,8 +198,9 @@ def main() -> None:
         alive = np.mean([r["alive"] for r in runs])
         stable = np.mean([r["stable"] for r in runs])
         med = np.mean([r["median_jaccard"] for r in runs], axis=0)
-        print(f"{name:<13} alive at all t {alive:6.1f} / {args.latents}   stable {stable:6.1f} "
-              f"({stable / max(alive, 1):.0%})   median Jaccard " + " ".join(f"{v:.2f}" for v in med))
+        lo, hi = min(r["stable"] for r in runs), max(r["stable"] for r in runs)
+        print(f"{name:<13} alive at all t {alive:6.1f} / {args.latents}   stable {stable:6.1f} ({lo}-{hi}; "
+              f"{stable / max(alive, 1):.0%} of alive)   median Jaccard " + " ".join(f"{v:.2f}" for v in med))
     print(f"\n(total {time.time() - t0:.0f} s)")
 
 
