@@ -191,6 +191,8 @@ def main() -> None:
         per_seed = a[..., 0].mean(1)
         print(f"{name:<13}{lat:>8}{st:>7}" + "".join(f"{v:>11.4f}" for v in fv)
               + f"{fv.mean():>8.4f}{f'({per_seed.min():.4f}-{per_seed.max():.4f})':>22}{a[..., 1].mean():>6.2f}")
+    diff = np.array(res["(c) t-aware"])[..., 0].mean(1) - np.array(res["(b) pooled"])[..., 0].mean(1)
+    print("(c) - (b) mean FVU per seed (same init and batches): " + " ".join(f"{d:+.4f}" for d in diff))
     pairs = ", ".join(f"{a}/{b}" for a, b in itertools.combinations(TS, 2))
     print(f"\nlatents stable across t (top-16 images, Jaccard > 0.5 for every pair of t), of those alive at every t; "
           f"median Jaccard per pair ({pairs}); mean over seeds")

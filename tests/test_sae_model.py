@@ -526,3 +526,21 @@ def test_timestep_aware_roundtrip_and_what_saelens_reads(tmp_path):
     cfg2 = json.loads((sae.save(pooled, tmp_path / "pooled") / "cfg.json").read_text())
     assert cfg2["timesteps"] == [25, 250] and cfg2["timestep_conditioning"] == "none"
     assert "saelens_compatible" not in cfg2
+
+
+def test_timestep_aware_batchtopk_threshold_calibrates_on_modulated_preacts():
+    """BatchTopK with scale_bias: the calibrated threshold gives mean L0 = k on the calibration samples with
+    their timesteps, and training batches select k * B codes over the modulated pre-activations."""
+    x = torch.randn(256, 12) * 2
+    torch.manual_seed(4)
+    m = SparseAutoencoder(12, 48, 4, architecture="batchtopk", timesteps=[25, 250], timestep_conditioning="scale_bias")
+    m.init_from_data(x, b_dec="mean")
+    with torch.no_grad():
+        m.t_scale[1].mul_(3.0)  # t = 250 pre-activations three times larger: more of its codes pass the threshold
+    tix = torch.arange(256) % 2
+    m.calibrate_threshold(x, t_index=tix)
+    m.eval()
+    z = m.encode(x, t_index=tix)
+    assert float((z > 0).sum(1).float().mean()) == pytest.approx(4, abs=0.02)
+    assert float((z[tix == 1] > 0).sum(1).float().mean()) > float((z[tix == 0] > 0).sum(1).float().mean())
+    assert float(m.loss(x, t_index=tix)["l0"]) == pytest.approx(4, abs=0.02)

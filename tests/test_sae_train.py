@@ -310,9 +310,14 @@ def test_fit_cli_several_timesteps_records_them(sd_store, tmp_path, capsys, one_
     per = res["val"]["per_timestep"]
     assert sorted(per) == [25, 250] and all(0 < v["fvu"] < 1.5 and v["l0"] == 8.0 for v in per.values())
     assert per[25]["n_samples"] == per[250]["n_samples"] == res["val"]["n_samples"] // 2
-    ev = evaluate_sae(tmp_path / "ts" / "sae", split="val")
+    capsys.readouterr()
+    ev = run(["sae", "eval", "--sae", str(tmp_path / "ts" / "sae"), "--split", "val"])
     for t in (25, 250):
         assert ev["per_timestep"][t]["fvu"] == pytest.approx(per[t]["fvu"], rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "t=25: FVU" in printed and "t=250: FVU" in printed
+    saved = json.loads((tmp_path / "ts" / "sae" / "eval_val.json").read_text())
+    assert saved["timesteps"] == [25, 250] and sorted(saved["per_timestep"]) == ["25", "250"]
     model = sae.load(tmp_path / "ts" / "sae")
     dm = StoreDataModule(str(sd_store), "up_blocks.1", 250, samples="tokens", batch_size=4096)
     dm.setup()

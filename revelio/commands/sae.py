@@ -228,6 +228,8 @@ def sae_eval_cmd(cfg: SAEEvalConfig) -> dict:
     print(f"{res['hook']} t={res['timestep']} {cfg.split} ({res['n_images']} images, {res['n_samples']} samples): "
           f"FVU {res['fvu']:.4f}  explained variance {res['explained_variance']:.4f}  L0 {res['l0']:.2f}  "
           f"dead {res['dead_fraction']:.3f}  median log10 density {float(np.median(dens)):.2f}")
+    for t, v in res.get("per_timestep", {}).items():
+        print(f"  t={t}: FVU {v['fvu']:.4f}  L0 {v['l0']:.2f}  dead {v['dead_fraction']:.3f}")
     print(f"report {out}, histogram {png}")
     return res
 
