@@ -490,7 +490,8 @@ class _EpochLoader(DataLoader):
 
 
 class StoreDataModule(L.LightningDataModule):
-    """Activations of ``hook`` at ``timestep`` (one, or a list pooled together) from an activation store, split by image.
+    """Activations of ``hook`` at ``timestep`` (one, or a list pooled together) from an activation store, split
+    by image.
 
     Args:
         store: path of the activation store (HDF5).
@@ -508,7 +509,8 @@ class StoreDataModule(L.LightningDataModule):
             next to the store, so batches are gathered from the page cache without a transpose per epoch.
     """
 
-    def __init__(self, store: str, hook: str, timestep: int | list[int], samples: SampleMode = "pooled", batch_size: int = 4096,
+    def __init__(self, store: str, hook: str, timestep: int | list[int], samples: SampleMode = "pooled",
+                 batch_size: int = 4096,
                  val_fraction: float = 0.1, chunk_images: int = 64, buffer_chunks: int = 16, num_workers: int = 0,
                  pin_memory: bool | None = None, check_finite: bool = True,
                  nonfinite: Literal["fail", "skip"] = "fail", seed: int = 0, token_cache: bool = False):

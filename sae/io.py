@@ -120,8 +120,8 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
         cfg["saelens_compatible"] = False
         cfg["saelens_note"] = ("timestep-aware SAE: the pre-activations of timestep index i are pre * t_scale[i] + "
                                "t_bias[i] (tensors t_scale, t_bias [T, d_sae] in the safetensors, timesteps in "
-                               "'timesteps'); SAELens applies none of it (its load_from_disk refuses the extra tensors) "
-                               "and the base tensors alone are not this SAE. Load it with sae.load.")
+                               "'timesteps'); SAELens applies none of it (its load_from_disk refuses the extra "
+                               "tensors) and the base tensors alone are not this SAE. Load it with sae.load.")
     tmp = make_tmp(folder, folder=True)  # the umask's permissions, not mkdtemp's 0700
     try:
         save_file(tensors, str(tmp / WEIGHTS))

@@ -78,7 +78,8 @@ def check_metrics(res: dict[str, Any], dm: StoreDataModule, rows: np.ndarray, wh
                              f"cause: {cause}")
 
 
-def fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | Path, model: dict[str, Any] | None = None,
+def fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | Path,
+        model: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None, trainer: dict[str, Any] | None = None, checkpoint_every_n_steps: int = 1000,
         wandb_mode: str = "offline", project: str = "revelio-sae", run_name: str | None = None, csv: bool = True,
         ckpt_path: str | None = None, seed: int = 0) -> dict[str, Any]:
@@ -192,7 +193,8 @@ def evaluate_sae(sae_dir: str | Path, store: str | Path | None = None, split: st
         raise ValueError(f"{Path(sae_dir) / 'cfg.json'} names no source store; pass the store explicitly")
     sp = cfg.get("split", {})
     ts = cfg.get("timesteps") or []
-    dm = StoreDataModule(str(store), cfg["hook"], ts if len(ts) > 1 else cfg["timestep"], samples=cfg.get("samples", "pooled"),
+    dm = StoreDataModule(str(store), cfg["hook"], ts if len(ts) > 1 else cfg["timestep"],
+                         samples=cfg.get("samples", "pooled"),
                          batch_size=batch_size, val_fraction=sp.get("val_fraction", 0.1), seed=sp.get("seed", 0))
     dm.setup("validate")
     if dm.d_in != model.d_in:
