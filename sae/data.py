@@ -1,4 +1,4 @@
-"""Streaming activations of one (hook, timestep) out of an activation store, with bounded memory.
+"""Streaming activations of one hook at one or several timesteps out of an activation store, with bounded memory.
 
 Samples are either one pooled vector per image or every spatial position / DiT token of an
 image. The train / validation split is by image. Shuffling: the training images are cut into
@@ -11,6 +11,11 @@ The stream is a pure function of (seed, epoch, position), so a resumed run skips
 batch it stopped at without reading what it skips. Groups of chunks are dealt to (rank,
 worker) shards; every shard yields the same number of batches per epoch, so DataLoader
 workers interleave in a fixed round-robin and DDP ranks step in lockstep.
+
+Several timesteps (``timestep`` a list): the samples of every timestep are pooled. Each timestep's
+training images are cut into the same chunks, and the chunks of all timesteps are shuffled together,
+so a shuffle buffer holds chunks of random timesteps and its samples are shuffled across them; the
+batch is then (activations, rows, timestep index), the index into the list of timesteps.
 """
 
 from __future__ import annotations
@@ -318,11 +323,16 @@ class _Stream(IterableDataset):
     otherwise chunks are read in order (validation) and the last batch may be short.
     """
 
-    def __init__(self, path: str, hook: str, t: int, samples: str, chunks: list[np.ndarray], per_image: int,
-                 batch_size: int, buffer_chunks: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1,
-                 token_cache: str | None = None):
-        self.path, self.hook, self.t, self.samples = path, hook, t, samples
-        self.token_cache = token_cache
+    def __init__(self, path: str, hook: str, t: int | list[int], samples: str, chunks: list[np.ndarray],
+                 per_image: int, batch_size: int, buffer_chunks: int, shuffle: bool, seed: int, rank: int = 0,
+                 world: int = 1, token_cache: str | list[str | None] | None = None, chunk_t: list[int] | None = None):
+        self.path, self.hook, self.samples = path, hook, samples
+        # several timesteps: ``chunk_t[c]`` is the timestep index of chunk c and batches carry the index
+        self.with_t = isinstance(t, (list, tuple))
+        self.ts = [int(v) for v in t] if self.with_t else [int(t)]
+        self.t = self.ts[0]
+        self.chunk_t = list(chunk_t) if chunk_t is not None else [0] * len(chunks)
+        self.token_cache = list(token_cache) if isinstance(token_cache, (list, tuple)) else [token_cache] * len(self.ts)
         self.chunks, self.per_image, self.batch_size = chunks, per_image, batch_size
         self.buffer_chunks, self.shuffle, self.seed = buffer_chunks, shuffle, seed
         self.rank, self.world = rank, world
@@ -355,29 +365,58 @@ class _Stream(IterableDataset):
         n_shards, shard = self.world * workers, self.rank * workers + wid
         groups = self.shard_groups(self.epoch, shard, n_shards)
         with open_store(self.path) as st:
-            src = _Source(st, self.hook, self.t, self.samples, self.token_cache)
+            used = sorted({self.chunk_t[c] for g in groups for c in g})
+            srcs = {}
             try:
+                for i in used:
+                    srcs[i] = _Source(st, self.hook, self.ts[i], self.samples, self.token_cache[i])
                 if not self.shuffle:
                     for g in groups:
-                        rows = np.sort(np.concatenate([self.chunks[c] for c in g]))
-                        x, r = torch.from_numpy(src.block(rows)), torch.from_numpy(np.repeat(rows, src.P))
+                        x, rows, tix = self._read_group(srcs, g)
+                        P = next(iter(srcs.values())).P
+                        r, ti = torch.from_numpy(np.repeat(rows, P)), torch.from_numpy(np.repeat(tix, P))
                         for i in range(0, len(x), self.batch_size):
-                            yield x[i:i + self.batch_size].clone(), r[i:i + self.batch_size].clone()
+                            sl = slice(i, i + self.batch_size)
+                            yield ((x[sl].clone(), r[sl].clone(), ti[sl].clone()) if self.with_t
+                                   else (x[sl].clone(), r[sl].clone()))
                     return
                 total = self.batches_per_shard(self.epoch, n_shards)
                 done = (self.start - wid + workers - 1) // workers if self.start > wid else 0  # round-robin share
-                yield from self._shuffled(src, groups, total, done, shared=info is not None)
+                yield from self._shuffled(srcs, groups, total, done, shared=info is not None)
             finally:
-                src.close()
+                for src in srcs.values():
+                    src.close()
 
-    def _shuffled(self, src: _Source, groups: list[list[int]], total: int, done: int, shared: bool):
+    def _read_group(self, srcs: dict[int, _Source], g: list[int], out: np.ndarray | None = None
+                    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The samples of the chunks ``g`` as one (n, C) matrix (in the front of ``out`` when given): timestep
+        by timestep (increasing index), each timestep's rows increasing; with the store row and timestep
+        index of each image block."""
+        by_t: dict[int, list[np.ndarray]] = {}
+        for c in g:
+            by_t.setdefault(self.chunk_t[c], []).append(self.chunks[c])
+        src0 = srcs[min(by_t)]
+        C, P = src0.C, src0.P
+        if out is None:
+            out = np.empty(self._group_size(g) * C, src0.dtype)
+        at, rows_parts, t_parts = 0, [], []
+        for i in sorted(by_t):
+            rows = np.sort(np.concatenate(by_t[i]))
+            srcs[i].block(rows, out=out[at * C:])
+            at += len(rows) * P
+            rows_parts.append(rows)
+            t_parts.append(np.full(len(rows), i, np.int64))
+        return torch.from_numpy(out[:at * C].reshape(at, C)), np.concatenate(rows_parts), np.concatenate(t_parts)
+
+    def _shuffled(self, srcs: dict[int, _Source], groups: list[list[int]], total: int, done: int, shared: bool):
         """The shuffled batches of one shard: each buffer's samples in a seeded permutation, gathered
         batch by batch (one ``index_select`` per buffer a batch draws from)."""
+        src = next(iter(srcs.values()))
         B, P = self.batch_size, src.P
         tdtype = torch.from_numpy(np.zeros(0, src.dtype)).dtype
         skip = done * B  # samples of this shard's stream already consumed
         emitted = done
-        pending: list[tuple] = []  # (buffer matrix, sample ids, rows of the buffer): less than one batch
+        pending: list[tuple] = []  # (buffer matrix, sample ids, rows, timestep indices of the buffer): < one batch
         buffers: list[np.ndarray] = []
         have = 0
         prev = None
@@ -388,48 +427,54 @@ class _Stream(IterableDataset):
             if skip >= size:
                 skip -= size
                 continue
-            rows = np.sort(np.concatenate([self.chunks[c] for c in g]))
             perm = _rng(self.seed, self.epoch, 1 + min(g)).permutation(size)[skip:]
             skip = 0
             # a buffer no pending sample points into: at most two are ever allocated (fresh memory would
             # page-fault on every buffer)
-            busy = {m.data_ptr() for m, _, _ in pending}
+            busy = {part[0].data_ptr() for part in pending}
             free = [b for b in buffers if b.ctypes.data not in busy and b.size >= size * src.C]
             if not free:
                 buffers = [b for b in buffers if b.ctypes.data in busy] + [np.empty(size * src.C, src.dtype)]
                 free = buffers[-1:]
-            matrix = torch.from_numpy(src.block(rows, out=free[0]))
+            matrix, rows, tix = self._read_group(srcs, g, out=free[0])
             ids = perm
             i = 0
             while i < len(ids) and emitted < total:
                 take = min(B - have, len(ids) - i)
-                pending.append((matrix, ids[i:i + take], rows))
+                pending.append((matrix, ids[i:i + take], rows, tix))
                 have += take
                 i += take
                 if have == B:
-                    yield self._gather(pending, B, src.C, tdtype, shared, P)
+                    yield self._gather(pending, B, src.C, tdtype, shared, P, self.with_t)
                     emitted += 1
                     pending, have = [], 0
             if prev is not None:
-                src.release(prev)
-            prev = [self.chunks[c] for c in g]
+                self._release(srcs, prev)
+            prev = g
         if prev is not None:
-            src.release(prev)
+            self._release(srcs, prev)
+
+    def _release(self, srcs: dict[int, _Source], g: list[int]) -> None:
+        for i, src in srcs.items():
+            src.release([self.chunks[c] for c in g if self.chunk_t[c] == i])
 
     @staticmethod
-    def _gather(parts, B: int, C: int, dtype: torch.dtype, shared: bool, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch from its parts (buffer matrix, sample ids, store rows of the buffer's images): ids
-        sorted, so each gather sweeps forward through memory; rows follow from the ids."""
+    def _gather(parts, B: int, C: int, dtype: torch.dtype, shared: bool, P: int, with_t: bool = False) -> tuple:
+        """One batch from its parts (buffer matrix, sample ids, store rows and timestep indices of the buffer's
+        image blocks): ids sorted, so each gather sweeps forward through memory; rows and timestep indices
+        follow from the ids. (x, rows), or (x, rows, timestep index) with several timesteps."""
         x = _alloc((B, C), dtype, shared)
         r = np.empty(B, np.int64)
+        ti = np.empty(B, np.int64)
         o = 0
-        for matrix, ids, buf_rows in parts:
+        for matrix, ids, buf_rows, buf_t in parts:
             ids = np.sort(ids)
             n = len(ids)
-            torch.index_select(matrix, 0, torch.from_numpy(ids), out=x[o:o + n])  # ids: image * P + position
+            torch.index_select(matrix, 0, torch.from_numpy(ids), out=x[o:o + n])  # ids: block * P + position
             r[o:o + n] = buf_rows[ids // P]
+            ti[o:o + n] = buf_t[ids // P]
             o += n
-        return x, torch.from_numpy(r)
+        return (x, torch.from_numpy(r), torch.from_numpy(ti)) if with_t else (x, torch.from_numpy(r))
 
 
 class _EpochLoader(DataLoader):
@@ -445,11 +490,14 @@ class _EpochLoader(DataLoader):
 
 
 class StoreDataModule(L.LightningDataModule):
-    """Activations of ``hook`` at ``timestep`` from an activation store, split by image.
+    """Activations of ``hook`` at ``timestep`` (one, or a list pooled together) from an activation store, split
+    by image.
 
     Args:
         store: path of the activation store (HDF5).
-        hook, timestep: which array to train on.
+        hook, timestep: which array to train on; a list of timesteps pools their samples, and batches are
+            then (activations, rows, timestep index) with the index into ``timesteps`` (the split is by image,
+            the same images at every timestep; an image with NaN/inf at any timestep is dropped at all).
         samples: "pooled" (one vector per image) or "tokens" (every position / token a sample).
         batch_size: samples per batch and device.
         val_fraction: share of images held out for validation (never split across train/val).
@@ -461,7 +509,8 @@ class StoreDataModule(L.LightningDataModule):
             next to the store, so batches are gathered from the page cache without a transpose per epoch.
     """
 
-    def __init__(self, store: str, hook: str, timestep: int, samples: SampleMode = "pooled", batch_size: int = 4096,
+    def __init__(self, store: str, hook: str, timestep: int | list[int], samples: SampleMode = "pooled",
+                 batch_size: int = 4096,
                  val_fraction: float = 0.1, chunk_images: int = 64, buffer_chunks: int = 16, num_workers: int = 0,
                  pin_memory: bool | None = None, check_finite: bool = True,
                  nonfinite: Literal["fail", "skip"] = "fail", seed: int = 0, token_cache: bool = False):
@@ -472,13 +521,20 @@ class StoreDataModule(L.LightningDataModule):
             raise ValueError(f"nonfinite {nonfinite!r} is not one of {list(NONFINITE_POLICIES)}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.store, self.hook, self.timestep, self.samples = str(store), hook, int(timestep), samples
+        self.with_t = isinstance(timestep, (list, tuple))
+        self.timesteps = [int(t) for t in timestep] if self.with_t else [int(timestep)]
+        if not self.timesteps:
+            raise ValueError("timesteps is empty: name at least one timestep")
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise ValueError(f"timesteps {self.timesteps} name a timestep twice")
+        self.store, self.hook, self.samples = str(store), hook, samples
+        self.timestep = self.timesteps[0]  # the (first) timestep: what single-timestep code reads
         self.batch_size, self.val_fraction = batch_size, val_fraction
         self.chunk_images, self.buffer_chunks = chunk_images, buffer_chunks
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.check_finite, self.nonfinite, self.seed = check_finite, nonfinite, seed
         self.token_cache = token_cache
-        self._cache_path: str | None = None
+        self._cache_path: list[str | None] | None = None
         self._resume: tuple[int, int] | None = None
         self.position = [0, 0]  # [epoch, batches consumed in it]
         self._epoch_counter = -1
@@ -495,11 +551,18 @@ class StoreDataModule(L.LightningDataModule):
             if self.hook not in st.hooks:
                 raise KeyError(f"hook {self.hook!r} is not in {self.store}; it has (hook: timesteps) "
                                + "; ".join(f"{h}: {st.timesteps(h)}" for h in st.hooks))
-            if self.timestep not in st.timesteps(self.hook):
-                raise KeyError(f"timestep {self.timestep} of hook {self.hook!r} is not in {self.store}; "
-                               f"it has timesteps {st.timesteps(self.hook)}")
+            for t in self.timesteps:
+                if t not in st.timesteps(self.hook):
+                    raise KeyError(f"timestep {t} of hook {self.hook!r} is not in {self.store}; "
+                                   f"it has timesteps {st.timesteps(self.hook)}")
             self.d_in = st.d_in(self.hook, self.timestep)
             self.layout = st.layout(self.hook, self.timestep)
+            for t in self.timesteps[1:]:
+                ds0, ds = st._ds(self.hook, self.timestep), st._ds(self.hook, t)
+                if (st.layout(self.hook, t), ds.shape, ds.dtype) != (self.layout, ds0.shape, ds0.dtype):
+                    raise ValueError(f"{self.store}: {self.hook} t={t} has layout {st.layout(self.hook, t)} shape "
+                                     f"{ds.shape} {ds.dtype}, t={self.timestep} has {self.layout} {ds0.shape} "
+                                     f"{ds0.dtype}; timesteps pooled together must have the same shape")
             self.ids = st.ids
             rows = np.flatnonzero(st.done)
             if len(rows) == 0:
@@ -509,7 +572,7 @@ class StoreDataModule(L.LightningDataModule):
             if self.check_finite:
                 rows = self._drop_nonfinite(st, rows)
         if self.token_cache and self.samples == "tokens" and self.layout == "NCHW":
-            self._cache_path = str(build_token_cache(self.store, self.hook, self.timestep))
+            self._cache_path = [str(build_token_cache(self.store, self.hook, t)) for t in self.timesteps]
         perm = _rng(self.seed, 7).permutation(len(rows))
         n_val = int(round(self.val_fraction * len(rows))) if self.val_fraction > 0 else 0
         if self.val_fraction > 0 and len(rows) > 1:
@@ -518,18 +581,24 @@ class StoreDataModule(L.LightningDataModule):
         self.train_rows = np.sort(rows[perm[n_val:]])
         self._ready = True
 
+    @property
+    def t_label(self) -> str:
+        """``t=25``, or ``t in [25, 250]`` for several timesteps (for messages)."""
+        return f"t={self.timestep}" if not self.with_t else f"t in {self.timesteps}"
+
     def nonfinite_rows(self, rows: np.ndarray, st=None) -> list[int]:
-        """The store rows among ``rows`` whose activations at (hook, timestep) hold NaN/inf (one scan)."""
+        """The store rows among ``rows`` whose activations at (hook, any of the timesteps) hold NaN/inf (one scan)."""
         if st is None:
             with open_store(self.store) as st:
                 return self.nonfinite_rows(rows, st)
-        bad = []
-        it = st.iter_batches(self.hook, self.timestep, self.chunk_images, rows)
-        for r, x in tqdm(it, total=math.ceil(len(rows) / self.chunk_images), desc="scan for NaN/inf", leave=False,
-                         disable=len(rows) <= 4 * self.chunk_images):
-            ok = np.isfinite(x.reshape(len(r), -1)).all(axis=1)
-            bad.extend(r[~ok].tolist())
-        return bad
+        bad: set[int] = set()
+        for t in self.timesteps:
+            it = st.iter_batches(self.hook, t, self.chunk_images, rows)
+            for r, x in tqdm(it, total=math.ceil(len(rows) / self.chunk_images), desc="scan for NaN/inf", leave=False,
+                             disable=len(rows) <= 4 * self.chunk_images):
+                ok = np.isfinite(x.reshape(len(r), -1)).all(axis=1)
+                bad.update(r[~ok].tolist())
+        return sorted(bad)
 
     def _drop_nonfinite(self, st, rows: np.ndarray) -> np.ndarray:
         bad = self.nonfinite_rows(rows, st)
@@ -539,13 +608,20 @@ class StoreDataModule(L.LightningDataModule):
         shown = ", ".join(ids[:20]) + (f" ... ({len(ids)} in all)" if len(ids) > 20 else "")
         if self.nonfinite == "fail":
             raise ValueError(f"{len(ids)} image(s) of {self.store} have NaN/inf activations at {self.hook} "
-                             f"t={self.timestep}: {shown}; set data.nonfinite skip to train without them")
+                             f"{self.t_label}: {shown}; set data.nonfinite skip to train without them")
         log.warning("skipping %d image(s) with NaN/inf activations: %s", len(ids), shown)
         self.skipped_ids = ids
         return np.setdiff1d(rows, np.asarray(bad))
 
     def _chunks(self, rows: np.ndarray) -> list[np.ndarray]:
-        return [rows[i:i + self.chunk_images] for i in range(0, len(rows), self.chunk_images)]
+        """Chunks of ``rows``; with several timesteps, those of every timestep in turn (see ``_chunk_t``)."""
+        one = [rows[i:i + self.chunk_images] for i in range(0, len(rows), self.chunk_images)]
+        return one * len(self.timesteps)
+
+    def _chunk_t(self, rows: np.ndarray) -> list[int]:
+        """The timestep index of each chunk of ``_chunks(rows)``."""
+        n = -(-len(rows) // self.chunk_images)
+        return [i for i in range(len(self.timesteps)) for _ in range(n)]
 
     def _dist(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -557,10 +633,12 @@ class StoreDataModule(L.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------------------------
     def loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
-        """Batches of (activations, rows) over ``rows``: the shuffled training stream, or in order."""
+        """Batches of (activations, rows[, timestep index]) over ``rows``: the shuffled training stream, or in
+        order (timestep by timestep)."""
         rank, world = self._dist()
-        ds = _Stream(self.store, self.hook, self.timestep, self.samples, self._chunks(rows), self.per_image,
-                     self.batch_size, self.buffer_chunks, shuffle, self.seed, rank, world, self._cache_path)
+        ds = _Stream(self.store, self.hook, self.timesteps if self.with_t else self.timestep, self.samples,
+                     self._chunks(rows), self.per_image, self.batch_size, self.buffer_chunks, shuffle, self.seed, rank,
+                     world, self._cache_path, self._chunk_t(rows))
         pin = self.pin_memory
         if pin is None:  # pin only when batches go to a GPU
             pin = (self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator" if self.trainer is not None
@@ -571,7 +649,7 @@ class StoreDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=None, **kw)
 
     def train_dataloader(self) -> DataLoader:
-        if len(self.train_rows) * self.per_image < self.batch_size:
+        if len(self.train_rows) * self.per_image * len(self.timesteps) < self.batch_size:
             raise ValueError(f"{len(self.train_rows)} training images x {self.per_image} samples each is less than one "
                              f"batch ({self.batch_size}); lower data.batch_size or use data.samples tokens")
         loader = self.loader(self.train_rows, shuffle=True)
@@ -613,13 +691,14 @@ class StoreDataModule(L.LightningDataModule):
         self.resume_at(state["epoch"], state["batches"])
 
     def sample(self, n: int) -> torch.Tensor:
-        """Up to ``n`` training samples from seeded random chunks (the same on every rank): for b_dec init."""
-        chunks = self._chunks(self.train_rows)
+        """Up to ``n`` training samples from seeded random chunks (the same on every rank; of every timestep
+        pooled): for b_dec init."""
+        chunks, chunk_t = self._chunks(self.train_rows), self._chunk_t(self.train_rows)
         order = _rng(self.seed, 11).permutation(len(chunks))
         parts, have = [], 0
         with open_store(self.store) as st:
             for c in order:
-                x, _ = read_samples(st, self.hook, self.timestep, chunks[c], self.samples)
+                x, _ = read_samples(st, self.hook, self.timesteps[chunk_t[c]], chunks[c], self.samples)
                 parts.append(x)
                 have += len(x)
                 if have >= n:

@@ -9,6 +9,13 @@ Saved weights act on RAW activations: the input normalisation x_n = s x is folde
 (W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s), so any SAELens-style reader gets
 the same codes and a reconstruction in raw units. ``cfg.json`` keeps s (``norm_scale``) and
 ``load`` unfolds it again, restoring the unit-norm decoder of training.
+
+An SAE over several timesteps records them (``timesteps`` in cfg.json; ``timestep`` is the first).
+A timestep-aware one (``timestep_conditioning: scale_bias``) also holds ``t_scale`` and ``t_bias``
+[T, d_sae] in the safetensors: it is not a SAELens SAE. The base tensors are still written in
+SAELens's layout, but on their own they are the SAE without its per-timestep modulation (cfg.json
+says so: ``saelens_compatible: false``; SAELens 6's ``load_from_disk`` refuses the folder, naming the
+unexpected tensors); ``load`` applies the modulation.
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
         "b_enc": model.b_enc.detach().float().cpu().contiguous(),
         "b_dec": (model.b_dec.detach() / s).float().cpu().contiguous(),
     }
+    if model.conditioned:  # the folding leaves the pre-activations, and so their modulation, unchanged
+        tensors["t_scale"] = model.t_scale.detach().float().cpu().contiguous()
+        tensors["t_bias"] = model.t_bias.detach().float().cpu().contiguous()
     thr = float(model.threshold)
     # SAELens architecture: per-sample TopK is "topk"; BatchTopK at inference (a global threshold on the
     # pre-activations, unchanged by the folding) is SAELens's "jumprelu" with that threshold on every latent.
@@ -83,7 +93,7 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
                                      "dataset_path": extra.get("dataset"), "trained_with": "revelio"}.items()
                    if v is not None}}
     for stale in ("architecture", "k", "rescale_acts_by_decoder_norm", "activation_fn_str", "activation_fn_kwargs",
-                  "hook_name"):
+                  "hook_name", "timesteps", "timestep_conditioning", "saelens_compatible", "saelens_note"):
         extra.pop(stale, None)  # a loaded folder's cfg passed back in: the model decides these
     cfg = {
         **extra,  # what the caller records (hook, timestep, source store, ...); the keys below describe the weights
@@ -102,6 +112,16 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
         "matryoshka_prefixes": model.prefixes,
         "k_aux": model.k_aux, "aux_coef": model.aux_coef, "dead_after": model.dead_after,
     }
+    if model.timesteps:
+        cfg["timesteps"] = list(model.timesteps)
+        cfg["timestep_conditioning"] = model.timestep_conditioning
+        cfg.setdefault("timestep", model.timesteps[0])
+    if model.conditioned:
+        cfg["saelens_compatible"] = False
+        cfg["saelens_note"] = ("timestep-aware SAE: the pre-activations of timestep index i are pre * t_scale[i] + "
+                               "t_bias[i] (tensors t_scale, t_bias [T, d_sae] in the safetensors, timesteps in "
+                               "'timesteps'); SAELens applies none of it (its load_from_disk refuses the extra "
+                               "tensors) and the base tensors alone are not this SAE. Load it with sae.load.")
     tmp = make_tmp(folder, folder=True)  # the umask's permissions, not mkdtemp's 0700
     try:
         save_file(tensors, str(tmp / WEIGHTS))
@@ -229,11 +249,24 @@ def load(folder: str | Path, device: str | torch.device = "cpu", d_in: int | Non
     b_enc = t["b_enc"]
     if not cfg.get("apply_b_dec_to_input", True):  # x W + b_enc == (x - b_dec) W + (b_enc + b_dec W)
         b_enc = b_enc + t["b_dec"] @ t["W_enc"]
+    timesteps = cfg.get("timesteps") or []
+    cond = cfg.get("timestep_conditioning", "none")
+    if not isinstance(timesteps, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in timesteps):
+        raise SAEFileError(f"{folder / CONFIG}: timesteps={timesteps!r} must be a list of integers")
+    if cond != "none":
+        for name in ("t_scale", "t_bias"):
+            if name not in t:
+                raise SAEFileError(f"{wfile} lacks tensor {name!r}, which timestep_conditioning={cond!r} in {CONFIG} "
+                                   "needs")
+            if tuple(t[name].shape) != (len(timesteps), d_sae):
+                raise SAEFileError(f"{wfile}: {name} has shape {tuple(t[name].shape)}, expected "
+                                   f"{(len(timesteps), d_sae)} ({len(timesteps)} timesteps x d_sae)")
     try:
         model = SparseAutoencoder(saved_in, d_sae, k, architecture=arch,
                                   matryoshka=cfg.get("matryoshka_prefixes") or (),
                                   k_aux=cfg.get("k_aux"), aux_coef=cfg.get("aux_coef", 1 / 32),
-                                  dead_after=cfg.get("dead_after", 10_000_000))
+                                  dead_after=cfg.get("dead_after", 10_000_000), timesteps=timesteps,
+                                  timestep_conditioning=cond)
     except (TypeError, ValueError) as e:  # architecture, matryoshka prefixes, k_aux ... that do not fit
         raise SAEFileError(f"{folder / CONFIG}: {e}") from e
     s = float(cfg.get("norm_scale", 1.0)) if cfg.get("norm_folded", False) else 1.0
@@ -244,5 +277,8 @@ def load(folder: str | Path, device: str | torch.device = "cpu", d_in: int | Non
         model.b_dec.copy_(t["b_dec"] * s)
         model.norm_scale.fill_(s)
         model.threshold.fill_(threshold)
+        if model.conditioned:
+            model.t_scale.copy_(t["t_scale"])
+            model.t_bias.copy_(t["t_bias"])
     model.cfg = cfg
     return model.to(device).eval()

@@ -36,6 +36,8 @@ class SAEModule(L.LightningModule):
         warmup_steps: linear lr warm-up; decay_fraction: linear decay to 0 over this last share of max_steps.
         hist_every: steps between density / decoder-norm histograms (0: never).
         encoder_init: "lstsq", "unit" or "sparsify" (see ``SparseAutoencoder``).
+        timesteps, timestep_conditioning: see ``SparseAutoencoder``; ``timesteps`` is the data module's list
+        (several timesteps pooled), batches then carry the timestep index of each sample.
         BatchTopK: the inference threshold is calibrated (``SparseAutoencoder.calibrate_threshold``) on
         ``init_samples`` held-out samples before every checkpoint, every validation and when training ends.
     """
@@ -46,12 +48,14 @@ class SAEModule(L.LightningModule):
                  b_dec_init: Literal["mean", "geometric_median", "zeros"] = "geometric_median",
                  normalize: bool = True, init_samples: int = 16384, lr: float | None = None,
                  warmup_steps: int = 100, decay_fraction: float = 0.0, hist_every: int = 500, seed: int = 0,
-                 encoder_init: Literal["lstsq", "unit", "sparsify"] = "lstsq"):
+                 encoder_init: Literal["lstsq", "unit", "sparsify"] = "lstsq", timesteps: list[int] | None = None,
+                 timestep_conditioning: Literal["none", "scale_bias"] = "none"):
         super().__init__()
         self.save_hyperparameters()
         d_sae = d_sae or expansion * d_in
         self.sae = SparseAutoencoder(d_in, d_sae, k, architecture, matryoshka or (), k_aux, aux_coef, dead_after, seed,
-                                     encoder_init=encoder_init)
+                                     encoder_init=encoder_init, timesteps=timesteps,
+                                     timestep_conditioning=timestep_conditioning)
         self.lr = lr if lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
@@ -64,6 +68,9 @@ class SAEModule(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is not None and getattr(dm, "d_in", self.sae.d_in) != self.sae.d_in:
             raise ValueError(f"d_in mismatch: the model has d_in={self.sae.d_in}, the data {dm.hook} has d_in={dm.d_in}")
+        if dm is not None and getattr(dm, "with_t", False) and self.sae.timesteps != dm.timesteps:
+            raise ValueError(f"timesteps mismatch: the model has timesteps {self.sae.timesteps}, the data "
+                             f"{dm.timesteps}")
         if not bool(self.initialized):
             x = dm.sample(self.hparams.init_samples)
             self.sae.init_from_data(x, self.hparams.b_dec_init, self.hparams.normalize)
@@ -88,9 +95,9 @@ class SAEModule(L.LightningModule):
     def _sum(self, t: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, rows = batch
-        out = self.sae.loss(x)
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, rows, *rest = batch  # (x, rows) or, with several timesteps, (x, rows, timestep index)
+        out = self.sae.loss(x, t_index=rest[0] if rest else None)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(self._nonfinite_message(x, rows))
         n = self._sum(torch.tensor(float(x.shape[0]), device=x.device))
@@ -181,12 +188,14 @@ class SAEModule(L.LightningModule):
         if self.sae.architecture != "batchtopk" or self.trainer is None or self.trainer.datamodule is None:
             return
         if getattr(self, "_calib_x", None) is None:
-            self._calib_x = self._calibration_sample(self.trainer.datamodule, self.hparams.init_samples)
-        self.sae.calibrate_threshold(self._calib_x.to(self.device))
+            self._calib_x = self._calibration_sample(self.trainer.datamodule, self.hparams.init_samples, with_t=True)
+        x, tix = self._calib_x
+        self.sae.calibrate_threshold(x.to(self.device), t_index=tix.to(self.device))
 
     @staticmethod
-    def _calibration_sample(dm, n: int) -> Tensor:
-        """Up to n samples spread over (up to 1024 of) the held-out images (else the training images).
+    def _calibration_sample(dm, n: int, with_t: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Up to n samples spread over (up to 1024 of) the held-out images (else the training images); with
+        several timesteps, over 1024 // T images at each (and ``with_t``: their timestep indices too).
 
         Activation scales differ between images: a threshold calibrated on training images gave held-out
         L0 4.4-4.5 instead of k = 4 on tiny-sd (docs/sae.md), so the held-out split, whose L0 the
@@ -197,10 +206,18 @@ class SAEModule(L.LightningModule):
 
         rng = np.random.default_rng([int(dm.seed), 17])
         pool = dm.val_rows if len(dm.val_rows) else dm.train_rows
-        rows = np.sort(rng.permutation(pool)[:1024])
+        ts = getattr(dm, "timesteps", [dm.timestep])
+        rows = np.sort(rng.permutation(pool)[:max(1, 1024 // len(ts))])
+        xs, tis = [], []
         with open_store(dm.store) as st:
-            x, _ = read_samples(st, dm.hook, dm.timestep, rows, dm.samples)
-        return torch.from_numpy(np.asarray(x[rng.permutation(len(x))[:n]], dtype=np.float32))
+            for i, t in enumerate(ts):
+                x, _ = read_samples(st, dm.hook, t, rows, dm.samples)
+                xs.append(x)
+                tis.append(np.full(len(x), i, np.int64))
+        x, ti = np.concatenate(xs), np.concatenate(tis)
+        keep = rng.permutation(len(x))[:n]
+        out = torch.from_numpy(np.asarray(x[keep], dtype=np.float32))
+        return (out, torch.from_numpy(ti[keep])) if with_t else out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.sae.architecture == "batchtopk":
@@ -214,22 +231,46 @@ class SAEModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:
             self.calibrate_threshold()
-        self._val = EvalAccumulator(self.sae.d_in, self.sae.d_sae, self.device)
+        self._val = [EvalAccumulator(self.sae.d_in, self.sae.d_sae, self.device)
+                     for _ in (self.sae.timesteps or [None])]
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._val.update(self.sae, batch[0])
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        if len(batch) < 3:
+            self._val[0].update(self.sae, batch[0])
+            return
+        x, tix = batch[0], batch[2]
+        for i in range(len(self._val)):  # the same calls on every rank (DDP): an empty part adds nothing
+            m = tix == i
+            if bool(m.any()):
+                self._val[i].update(self.sae, x[m], tix[m])
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1:
-            self._val.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
-        if float(self._val.sums["n"]) == 0 or self.trainer.sanity_checking:
+            for acc in self._val:
+                acc.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        total = EvalAccumulator(self.sae.d_in, self.sae.d_sae, self.device)
+        for acc in self._val:
+            total.merge(acc)
+        if float(total.sums["n"]) == 0 or self.trainer.sanity_checking:
             return
-        res = self._val.result()
+        res = total.result()
+        logs = {f"val/{k}": float(v) for k, v in res.items() if k != "density"}
+        if len(self._val) > 1:
+            for t, acc in zip(self.sae.timesteps, self._val):
+                if float(acc.sums["n"]) > 0:
+                    logs.update({f"val/{k}_t{t}": float(v) for k, v in acc.result().items()
+                                 if k in ("fvu", "l0", "dead_fraction")})
         # already reduced over ranks: sync_dist averages identical values and keeps Lightning from warning
-        self.log_dict({f"val/{k}": float(v) for k, v in res.items() if k != "density"}, sync_dist=True)
+        self.log_dict(logs, sync_dist=True)
 
     # ---- resume ---------------------------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint["state_dict"]["sae.W_dec"].shape[1]
         if saved != self.sae.d_in:
             raise ValueError(f"d_in mismatch: the checkpoint was trained on d_in={saved}, this run has d_in={self.sae.d_in}")
+        hp = checkpoint.get("hyper_parameters", {})
+        for key, ours in (("timesteps", self.sae.timesteps), ("timestep_conditioning", self.sae.timestep_conditioning)):
+            theirs = hp.get(key) or ([] if key == "timesteps" else "none")
+            if (list(theirs) != list(ours)) if key == "timesteps" else (theirs != ours):
+                raise ValueError(f"{key} mismatch: the checkpoint was trained with {key}={theirs!r}, this run has "
+                                 f"{ours!r}")

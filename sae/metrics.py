@@ -24,10 +24,11 @@ class EvalAccumulator:
                      "active": torch.zeros((), **f64), "x": torch.zeros(d_in, **f64), "fires": torch.zeros(d_sae, **f64)}
 
     @torch.no_grad()
-    def update(self, model: SparseAutoencoder, x: Tensor) -> None:
-        """Encode/decode a batch of raw activations in eval mode and add its sums."""
+    def update(self, model: SparseAutoencoder, x: Tensor, t_index: Tensor | None = None) -> None:
+        """Encode/decode a batch of raw activations in eval mode and add its sums (``t_index``: the samples'
+        timestep indices, for timestep-aware SAEs)."""
         xn = x.to(model.W_enc) * model.norm_scale
-        codes = model.encode_sparse(xn)
+        codes = model.encode_sparse(xn, t_index=t_index)
         x_hat = model.decode_sparse(codes)
         s = self.sums
         s["sse"] += (xn - x_hat).double().pow(2).sum()
@@ -37,6 +38,12 @@ class EvalAccumulator:
         live = codes.values > 0
         s["active"] += live.sum()
         s["fires"] += torch.bincount(codes.latents[live], minlength=s["fires"].shape[0]).double()
+
+    def merge(self, other: "EvalAccumulator") -> "EvalAccumulator":
+        """Add another accumulator's sums (every sum is additive: the merged result is that of both splits)."""
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums[k] + v
+        return self
 
     def reduce(self, all_reduce_sum: Callable[[Tensor], Tensor]) -> None:
         """Sum every running total across processes with the given all-reduce."""
@@ -55,14 +62,35 @@ class EvalAccumulator:
                 "dead_fraction": float((s["fires"] == 0).double().mean()), "density": density, "n_samples": int(n)}
 
 
-def evaluate(model: SparseAutoencoder, batches: Iterable[Tensor], device: torch.device | str = "cpu"
-             ) -> dict[str, float | np.ndarray]:
-    """Metrics of ``model`` over ``batches`` of raw activations (one process)."""
+def evaluate(model: SparseAutoencoder, batches: Iterable, device: torch.device | str = "cpu",
+             timesteps: list[int] | None = None) -> dict:
+    """Metrics of ``model`` over ``batches`` of raw activations (one process).
+
+    Batches are tensors, or (x, rows, timestep index) tuples of a several-timestep data module; with
+    ``timesteps`` given, the result also holds ``per_timestep`` {t: metrics without density}."""
     model = model.to(device).eval()
+    per = [EvalAccumulator(model.d_in, model.d_sae, device) for _ in (timesteps or [None])]
+    for b in batches:
+        if isinstance(b, (tuple, list)):
+            x, tix = b[0], (b[2] if len(b) > 2 else None)
+        else:
+            x, tix = b, None
+        x = x.to(device)
+        if tix is None or timesteps is None:
+            per[0].update(model, x, None if tix is None else tix.to(device))
+            continue
+        tix = tix.to(device)
+        for i in torch.unique(tix).tolist():
+            m = tix == i
+            per[i].update(model, x[m], tix[m])
     acc = EvalAccumulator(model.d_in, model.d_sae, device)
-    for x in batches:
-        acc.update(model, x.to(device))
-    return acc.result()
+    for a in per:
+        acc.merge(a)
+    res = acc.result()
+    if timesteps is not None:
+        res["per_timestep"] = {int(t): {k: v for k, v in a.result().items() if k != "density"}
+                               for t, a in zip(timesteps, per) if float(a.sums["n"]) > 0}
+    return res
 
 
 def log10_density(density: np.ndarray, floor: float = 1e-10) -> np.ndarray:

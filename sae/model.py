@@ -5,6 +5,13 @@
     z     = ReLU(TopK(pre))                         TopK per sample, or BatchTopK over the batch
     x_hat = z W_dec + b_dec                         W_dec [d_sae, d_in], rows of unit norm
 
+Timestep-aware (``timestep_conditioning="scale_bias"``, an SAE over several timesteps t_0..t_{T-1}):
+the encoder pre-activations of a sample of timestep index i are modulated before the selection,
+
+    pre_i = pre * scale[i] + bias[i]                scale, bias [T, d_sae], init 1 and 0
+
+so the SAE starts as the pooled one; dictionary, encoder and decoder stay shared across timesteps.
+
 Codes travel as a CSR triple (values, latents, offsets): row b owns
 ``values[offsets[b]:offsets[b+1]]``. Decoding is an ``embedding_bag`` over the active latents,
 and the encoder's backward touches only the selected (row, latent) pairs, so neither pass
@@ -25,6 +32,8 @@ Architecture = Literal["topk", "batchtopk"]
 ARCHITECTURES = ("topk", "batchtopk")
 EncoderInit = Literal["lstsq", "unit", "sparsify"]
 ENCODER_INITS = ("lstsq", "unit", "sparsify")
+TimestepConditioning = Literal["none", "scale_bias"]
+TIMESTEP_CONDITIONINGS = ("none", "scale_bias")
 
 
 @dataclass
@@ -138,13 +147,31 @@ class SparseAutoencoder(nn.Module):
             depend on that length); "unit": rows of unit norm (W_enc = W_dec^T); "sparsify": EleutherAI
             sparsify's init, encoder rows drawn as ``nn.Linear``'s default (uniform in +-1/sqrt(d_in),
             norm about 0.58) and the decoder their normalised copy.
+        timesteps: the timesteps the SAE is trained on (recorded; the order defines the timestep index).
+        timestep_conditioning: "none" (one SAE for all timesteps) or "scale_bias": a learned per-timestep
+            scale and bias of every latent's pre-activation (``t_scale``, ``t_bias`` [T, d_sae], starting at
+            1 and 0). On the pre-activations rather than the input: the scale of a latent's activation and
+            the level it must pass to win the TopK differ between timesteps (activation norms change along
+            the denoising trajectory), while the feature directions (decoder rows) and the encoder stay one
+            set for all timesteps, so a latent means the same thing at every t. Encoding then needs the
+            timestep of each sample (``timestep=`` a value, or ``t_index=`` an index into ``timesteps``).
     """
 
     def __init__(self, d_in: int, d_sae: int, k: int, architecture: Architecture = "topk",
                  matryoshka: list[int] | tuple[int, ...] = (), k_aux: int | None = None,
                  aux_coef: float = 1 / 32, dead_after: int = 10_000_000, seed: int = 0,
-                 encoder_init: EncoderInit = "lstsq"):
+                 encoder_init: EncoderInit = "lstsq", timesteps: list[int] | tuple[int, ...] | None = None,
+                 timestep_conditioning: TimestepConditioning = "none"):
         super().__init__()
+        if timestep_conditioning not in TIMESTEP_CONDITIONINGS:
+            raise ValueError(f"timestep_conditioning {timestep_conditioning!r} is not one of "
+                             f"{list(TIMESTEP_CONDITIONINGS)}")
+        self.timesteps = [int(t) for t in timesteps] if timesteps else []
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise ValueError(f"timesteps {self.timesteps} name a timestep twice")
+        if timestep_conditioning != "none" and not self.timesteps:
+            raise ValueError(f"timestep_conditioning {timestep_conditioning!r} needs the list of timesteps")
+        self.timestep_conditioning = timestep_conditioning
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {architecture!r} is not one of {list(ARCHITECTURES)}")
         if encoder_init not in ENCODER_INITS:
@@ -179,7 +206,47 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("norm_scale", torch.tensor(1.0))
         self.register_buffer("threshold", torch.tensor(-1.0))  # BatchTopK inference threshold; -1: not yet set
         self.register_buffer("since_fired", torch.zeros(d_sae, dtype=torch.long))  # samples since each latent fired
+        if self.conditioned:
+            self.t_scale = nn.Parameter(torch.ones(len(self.timesteps), d_sae))
+            self.t_bias = nn.Parameter(torch.zeros(len(self.timesteps), d_sae))
         self.cfg: dict = {}  # filled by ``sae.load`` from cfg.json (hook, timestep, source store, ...)
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether the encoder is modulated per timestep (and so needs each sample's timestep)."""
+        return self.timestep_conditioning != "none"
+
+    def t_index(self, timestep=None, t_index=None, batch: int | None = None) -> Tensor | None:
+        """Timestep indices (B,) from timestep values (an int or one per sample) or indices; None when the SAE
+        is not timestep-aware (values are then only checked against ``timesteps``, when it records some)."""
+        if timestep is not None and t_index is not None:
+            raise ValueError("pass timestep (a value) or t_index (an index into timesteps), not both")
+        if timestep is not None:
+            vals = torch.as_tensor(timestep).long().flatten().cpu()
+            if self.timesteps:
+                lut = {t: i for i, t in enumerate(self.timesteps)}
+                bad = sorted({int(v) for v in vals.tolist()} - set(lut))
+                if bad and self.conditioned:
+                    raise ValueError(f"timestep {bad[0]} is not one of this SAE's timesteps {self.timesteps}")
+                if not self.conditioned:
+                    return None
+                t_index = torch.tensor([lut[int(v)] for v in vals.tolist()])
+            elif not self.conditioned:
+                return None
+        if not self.conditioned:
+            return None
+        if t_index is None:
+            raise ValueError(f"this SAE is timestep-aware (timesteps {self.timesteps}): pass the timestep of the "
+                             "samples (timestep= a value, or t_index= an index into timesteps)")
+        idx = torch.as_tensor(t_index).long().to(self.W_dec.device).flatten()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self.timesteps)):
+            raise ValueError(f"t_index must lie in [0, {len(self.timesteps)}) (timesteps {self.timesteps}), got "
+                             f"{int(idx.min())}..{int(idx.max())}")
+        if batch is not None and idx.numel() == 1:
+            idx = idx.expand(batch)
+        if batch is not None and idx.numel() != batch:
+            raise ValueError(f"{idx.numel()} timestep indices for a batch of {batch} samples")
+        return idx
 
     @property
     def W_enc(self) -> Tensor:
@@ -214,8 +281,13 @@ class SparseAutoencoder(nn.Module):
         """
         if float(self.b_enc.abs().max()) != 0.0:
             raise ValueError("fit_encoder_scale needs b_enc = 0 (it is meant for the initialisation)")
+        tix = None
+        if self.conditioned:  # the modulation must still be the identity: any timestep index encodes alike
+            if bool((self.t_scale != 1).any() or (self.t_bias != 0).any()):
+                raise ValueError("fit_encoder_scale needs the timestep modulation at its identity start")
+            tix = torch.zeros(xn.shape[0], dtype=torch.long, device=self.W_dec.device)
         xn = xn.to(self.W_dec)
-        codes = self.encode_sparse(xn, train=True)
+        codes = self.encode_sparse(xn, train=True, t_index=tix)
         D = self.decode_sparse(codes, bias=False)
         c = float((xn - self.b_dec).mul(D).sum() / D.pow(2).sum().clamp_min(1e-12))
         if c > 0:
@@ -241,6 +313,15 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             return torch.addmm(self.b_enc, xn - self.b_dec, self.W_enc)
 
+    def _modulate(self, pre: Tensor, tix: Tensor | None) -> Tensor:
+        """The pre-activations the selection sees: per-timestep scale and bias when timestep-aware."""
+        if not self.conditioned:
+            return pre
+        if tix is None:
+            self.t_index(batch=pre.shape[0])  # raises: the timestep is needed
+        with torch.no_grad():
+            return torch.addcmul(self.t_bias[tix], pre, self.t_scale[tix])
+
     def _select(self, pre: Tensor, train: bool) -> tuple[Tensor, Tensor, Tensor]:
         if self.architecture == "topk":
             return _topk_select(pre, self.k)
@@ -248,14 +329,21 @@ class SparseAutoencoder(nn.Module):
             return _batch_topk_select(pre, self.k)
         return _threshold_select(pre, float(self.threshold))
 
-    def _codes(self, xn: Tensor, pre: Tensor, rows: Tensor, latents: Tensor, offsets: Tensor) -> Codes:
+    def _codes(self, xn: Tensor, pre: Tensor, rows: Tensor, latents: Tensor, offsets: Tensor,
+               tix: Tensor | None = None) -> Codes:
+        """Codes of the selected (row, latent) pairs; ``pre`` unmodulated (the gradient into the encoder
+        goes through it), the timestep scale and bias applied to the selected entries only."""
         vals = _SelectedPreacts.apply(xn, self.b_dec, self.W_enc_rows, self.b_enc, pre, rows, latents)
+        if self.conditioned:
+            tr = tix[rows]
+            vals = vals * self.t_scale[tr, latents] + self.t_bias[tr, latents]
         return Codes(F.relu(vals), latents, offsets, rows)
 
-    def encode_sparse(self, xn: Tensor, train: bool = False) -> Codes:
-        """Codes of already normalised inputs, in CSR form."""
+    def encode_sparse(self, xn: Tensor, train: bool = False, t_index: Tensor | None = None) -> Codes:
+        """Codes of already normalised inputs, in CSR form (``t_index``: timestep indices, timestep-aware SAEs)."""
+        tix = self.t_index(t_index=t_index, batch=xn.shape[0]) if self.conditioned else None
         pre = self._pre(xn)
-        return self._codes(xn, pre, *self._select(pre, train))
+        return self._codes(xn, pre, *self._select(self._modulate(pre, tix), train), tix)
 
     def decode_sparse(self, codes: Codes, prefix: int | None = None, bias: bool = True) -> Tensor:
         """z W_dec (+ b_dec) from the active latents only; ``prefix`` keeps latents < prefix (Matryoshka)."""
@@ -263,40 +351,47 @@ class SparseAutoencoder(nn.Module):
         out = F.embedding_bag(codes.latents, self.W_dec, codes.offsets, mode="sum", per_sample_weights=w)
         return out + self.b_dec if bias else out
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense codes (B, d_sae) of raw activations (zeros off the active latents); normalises x itself."""
+    def encode(self, x: Tensor, timestep=None, t_index=None) -> Tensor:
+        """Dense codes (B, d_sae) of raw activations (zeros off the active latents); normalises x itself.
+
+        Timestep-aware SAEs need the samples' timestep: ``timestep`` (a value of ``timesteps``, one for all or
+        one per sample) or ``t_index`` (index into ``timesteps``); other SAEs ignore both."""
         xn = x.to(self.W_enc) * self.norm_scale
-        return self.encode_sparse(xn).dense(x.shape[0], self.d_sae)
+        tix = self.t_index(timestep, t_index, x.shape[0])
+        return self.encode_sparse(xn, t_index=tix).dense(x.shape[0], self.d_sae)
 
     def decode(self, codes: Tensor) -> Tensor:
         """Reconstruction in raw activation units from dense codes (B, d_sae)."""
         return (codes @ self.W_dec + self.b_dec) / self.norm_scale
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_hat, codes) for raw activations x (B, d_in)."""
+    def forward(self, x: Tensor, timestep=None, t_index=None) -> tuple[Tensor, Tensor]:
+        """(x_hat, codes) for raw activations x (B, d_in); ``timestep`` / ``t_index`` as in ``encode``."""
         xn = x.to(self.W_enc) * self.norm_scale
-        codes = self.encode_sparse(xn)
+        codes = self.encode_sparse(xn, t_index=self.t_index(timestep, t_index, x.shape[0]))
         return self.decode_sparse(codes) / self.norm_scale, codes.dense(x.shape[0], self.d_sae)
 
     # ---- training objective -------------------------------------------------------------
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.dead_after
 
-    def loss(self, x: Tensor) -> dict[str, Tensor]:
+    def loss(self, x: Tensor, t_index: Tensor | None = None) -> dict[str, Tensor]:
         """Training objective on raw activations x: FVU (mean over Matryoshka prefixes) + aux_coef * AuxK.
 
         Returns the loss and the metrics of the batch, with ``fires`` (d_sae,): how often each latent fired.
+        ``t_index``: the timestep index of each sample (needed by timestep-aware SAEs, ignored otherwise).
         """
         B = x.shape[0]
         xn = x.to(self.W_enc) * self.norm_scale
+        tix = self.t_index(t_index=t_index, batch=B) if self.conditioned else None
         pre = self._pre(xn)
-        rows, latents, offsets = self._select(pre, train=True)
-        codes = self._codes(xn, pre, rows, latents, offsets)
+        mpre = self._modulate(pre, tix)
+        rows, latents, offsets = self._select(mpre, train=True)
+        codes = self._codes(xn, pre, rows, latents, offsets, tix)
         x_hat = self.decode_sparse(codes)
         full = fvu(xn, x_hat)
         recon = full if len(self.prefixes) == 1 else torch.stack(
             [fvu(xn, self.decode_sparse(codes, m)) for m in self.prefixes[:-1]] + [full]).mean()
-        auxk = self._auxk(xn, x_hat, pre)
+        auxk = self._auxk(xn, x_hat, pre, mpre, tix)
         fires = torch.bincount(codes.latents[codes.values > 0], minlength=self.d_sae)
         out = {"loss": recon + self.aux_coef * auxk, "fvu": full.detach(), "auxk": auxk.detach(),
                "l0": codes.l0(B), "fires": fires}
@@ -304,15 +399,16 @@ class SparseAutoencoder(nn.Module):
             out["min_active"] = codes.values[codes.values > 0].min().detach() if codes.values.gt(0).any() else None
         return out
 
-    def _auxk(self, xn: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+    def _auxk(self, xn: Tensor, x_hat: Tensor, pre: Tensor, mpre: Tensor | None = None,
+              tix: Tensor | None = None) -> Tensor:
         """Reconstruct the residual from the top k_aux dead latents, without b_dec (Gao et al. 2024)."""
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0:
             return xn.new_zeros(())
-        masked = pre.masked_fill(~dead, float("-inf"))
+        masked = (pre if mpre is None else mpre).masked_fill(~dead, float("-inf"))
         rows, latents, offsets = _topk_select(masked, min(self.k_aux, n_dead))
-        aux = self._codes(xn, pre, rows, latents, offsets)
+        aux = self._codes(xn, pre, rows, latents, offsets, tix)
         residual = (xn - x_hat).detach()
         return fvu(residual, self.decode_sparse(aux, bias=False))
 
@@ -333,7 +429,7 @@ class SparseAutoencoder(nn.Module):
             self.threshold.mul_(momentum).add_((1 - momentum) * min_active)
 
     @torch.no_grad()
-    def calibrate_threshold(self, x: Tensor, max_entries: int = 2**25) -> float:
+    def calibrate_threshold(self, x: Tensor, max_entries: int = 2**25, t_index: Tensor | None = None) -> float:
         """BatchTopK: set the inference threshold so that these raw activations get k codes per sample on average.
 
         The threshold is placed between the (k*n)-th and (k*n+1)-th largest pre-activations of the n
@@ -345,7 +441,10 @@ class SparseAutoencoder(nn.Module):
             raise ValueError("calibrate_threshold is for architecture 'batchtopk'")
         n = max(1, min(x.shape[0], max_entries // self.d_sae))
         xn = x[:n].to(self.W_enc) * self.norm_scale
-        pre = self._pre(xn).flatten()
+        tix = None
+        if self.conditioned:
+            tix = self.t_index(t_index=t_index, batch=x.shape[0])[:n]
+        pre = self._modulate(self._pre(xn), tix).flatten()
         m = min(self.k * n, pre.numel() - 1)
         top = pre.topk(m + 1).values  # sorted, descending
         t = max(0.0, float((top[m - 1] + top[m]) / 2))
@@ -354,4 +453,6 @@ class SparseAutoencoder(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}, architecture={self.architecture}, "
-                f"prefixes={self.prefixes}, k_aux={self.k_aux}")
+                f"prefixes={self.prefixes}, k_aux={self.k_aux}"
+                + (f", timesteps={self.timesteps}, timestep_conditioning={self.timestep_conditioning}"
+                   if self.timesteps else ""))

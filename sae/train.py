@@ -70,7 +70,7 @@ def check_metrics(res: dict[str, Any], dm: StoreDataModule, rows: np.ndarray, wh
     rows_bad = dm.nonfinite_rows(rows)
     if rows_bad:
         ids = [str(dm.ids[r]) for r in rows_bad]
-        cause = (f"NaN/inf activations in {len(ids)} image(s) of {dm.store} at {dm.hook} t={dm.timestep}: "
+        cause = (f"NaN/inf activations in {len(ids)} image(s) of {dm.store} at {dm.hook} {dm.t_label}: "
                  + ", ".join(ids[:20]) + (f" ... ({len(ids)} in all)" if len(ids) > 20 else "")
                  + "; set data.check_finite true (and data.nonfinite skip) to leave them out")
     else:
@@ -79,11 +79,16 @@ def check_metrics(res: dict[str, Any], dm: StoreDataModule, rows: np.ndarray, wh
                              f"cause: {cause}")
 
 
-def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model: dict[str, Any] | None = None,
+def fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | Path,
+        model: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None, trainer: dict[str, Any] | None = None, checkpoint_every_n_steps: int = 1000,
         wandb_mode: str = "offline", project: str = "revelio-sae", run_name: str | None = None, csv: bool = True,
         ckpt_path: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Train an SAE on ``hook`` at ``timestep`` of ``store`` and export it to ``out_dir/sae``.
+
+    ``timestep`` a list: one SAE on the samples of all these timesteps pooled (``model["timestep_conditioning"]``
+    "scale_bias" adds a learned per-timestep scale and bias of the pre-activations); the held-out metrics
+    then include ``per_timestep``.
 
     ``model``, ``data`` and ``trainer`` are keyword arguments of ``SAEModule``, ``StoreDataModule`` and
     ``lightning.Trainer``. ``ckpt_path`` resumes a run exactly. Returns paths and held-out metrics.
@@ -94,16 +99,22 @@ def fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model:
                     project, run_name, csv, ckpt_path, seed)
 
 
-def _fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model: dict[str, Any] | None,
+def _fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | Path, model: dict[str, Any] | None,
          data: dict[str, Any] | None, trainer: dict[str, Any] | None, checkpoint_every_n_steps: int,
          wandb_mode: str, project: str, run_name: str | None, csv: bool, ckpt_path: str | None,
          seed: int) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True, verbose=False)
+    model = dict(model or {})
+    if model.get("timestep_conditioning", "none") != "none" and not isinstance(timestep, (list, tuple)):
+        raise ValueError(f"model.timestep_conditioning {model['timestep_conditioning']!r} needs several timesteps "
+                         "(data.timesteps, e.g. [25, 250, 500])")
     dm = StoreDataModule(str(store), hook, timestep, seed=seed, **(data or {}))
     dm.setup("fit")
-    module = SAEModule(d_in=dm.d_in, seed=seed, **(model or {}))
+    if dm.with_t:
+        model["timesteps"] = dm.timesteps
+    module = SAEModule(d_in=dm.d_in, seed=seed, **model)
     tkw = {"max_steps": 1000, "log_every_n_steps": 10, **(trainer or {})}
     if tkw.get("strategy") in ("ddp", "ddp_spawn"):
         # Ranks keep identical buffers by explicit reductions; DDP's per-forward buffer broadcast would also
@@ -127,12 +138,13 @@ def _fit(store: str | Path, hook: str, timestep: int, out_dir: str | Path, model
         result: dict[str, Any] = {"steps": tr.global_step, "samples_seen": int(module.samples_seen)}
         if tr.global_rank == 0:
             if len(dm.val_rows):
-                val = evaluate(module.sae, (x for x, _ in dm.loader(dm.val_rows, shuffle=False)), module.device)
+                val = evaluate(module.sae, dm.loader(dm.val_rows, shuffle=False), module.device,
+                               timesteps=dm.timesteps if dm.with_t else None)
                 check_metrics(val, dm, dm.val_rows, f"held-out metrics of the SAE trained in {out}")
                 result["val"] = {k: v for k, v in val.items() if k != "density"}
             with open_store(store) as st:
                 source = {"model": st.attrs.get("model"), "dataset": st.attrs.get("dataset")}
-            extra = {"hook": hook, "timestep": int(timestep), "source_store": str(Path(store).resolve()), **source,
+            extra = {"hook": hook, "timestep": dm.timestep, "source_store": str(Path(store).resolve()), **source,
                      "samples": dm.samples, "layout": dm.layout, "split": {"val_fraction": dm.val_fraction, "seed": seed},
                      "trained_steps": tr.global_step, "samples_seen": int(module.samples_seen)}
             if history.run_id is not None:
@@ -184,18 +196,22 @@ def evaluate_sae(sae_dir: str | Path, store: str | Path | None = None, split: st
     if not store:
         raise ValueError(f"{Path(sae_dir) / 'cfg.json'} names no source store; pass the store explicitly")
     sp = cfg.get("split", {})
-    dm = StoreDataModule(str(store), cfg["hook"], cfg["timestep"], samples=cfg.get("samples", "pooled"),
+    ts = cfg.get("timesteps") or []
+    dm = StoreDataModule(str(store), cfg["hook"], ts if len(ts) > 1 else cfg["timestep"],
+                         samples=cfg.get("samples", "pooled"),
                          batch_size=batch_size, val_fraction=sp.get("val_fraction", 0.1), seed=sp.get("seed", 0))
     dm.setup("validate")
     if dm.d_in != model.d_in:
         raise ValueError(f"d_in mismatch: the SAE in {sae_dir} was trained on d_in={model.d_in}, {cfg['hook']} "
-                         f"t={cfg['timestep']} in {store} has d_in={dm.d_in}")
+                         f"{dm.t_label} in {store} has d_in={dm.d_in}")
     rows = {"val": dm.val_rows, "train": dm.train_rows}.get(split)
     if rows is None:
         rows = np.sort(np.concatenate([dm.train_rows, dm.val_rows]))
     if len(rows) == 0:
         raise ValueError(f"the {split} split of {store} is empty (val_fraction {dm.val_fraction})")
-    res = evaluate(model, (x for x, _ in dm.loader(rows, shuffle=False)), device)
+    res = evaluate(model, dm.loader(rows, shuffle=False), device, timesteps=dm.timesteps if dm.with_t else None)
     check_metrics(res, dm, rows, f"{split} metrics of {sae_dir} on {store}")
     res.update({"split": split, "n_images": len(rows), "hook": cfg["hook"], "timestep": cfg["timestep"]})
+    if dm.with_t:
+        res["timesteps"] = dm.timesteps
     return res

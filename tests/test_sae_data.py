@@ -212,3 +212,168 @@ def test_ddp_ranks_read_disjoint_images_every_epoch(nchw, tmp_path):
         assert not set(rows0) & set(rows1)
         assert set(rows0) | set(rows1) <= train and len(set(rows0) | set(rows1)) >= 0.8 * len(train)
     assert got["res"][0][0][1] != got["res"][1][0][1]  # a new shuffle of the buffers each epoch
+
+
+# ---- several timesteps pooled (issue 19) -----------------------------------------------------------------------
+
+TS = (25, 250, 500)
+
+
+def make_store_ts(path: Path, n: int, row_shape: tuple[int, ...], timesteps=TS) -> Path:
+    """An NCHW store of one hook at several timesteps; the value of every element encodes (row, t index,
+    position, channel), so each sample names where it came from."""
+    ids = [f"img{i:04d}" for i in range(n)]
+    C, H, W = row_shape
+    create_store(path, source_index=list(range(n)), source_ids=ids,
+                 specs=[ActSpec(HOOK, t, row_shape, "NCHW", "output", (H, W)) for t in timesteps],
+                 attrs={"model": "synthetic", "dataset": "random", "config": "{}"}, storage_dtype="float32",
+                 batch_size=16)
+    w = StoreWriter(path)
+    pos = np.arange(H * W).reshape(1, 1, H, W)
+    ch = np.arange(C).reshape(1, C, 1, 1)
+    for i in range(0, n, 16):
+        k = min(16, n - i)
+        rows = np.arange(i, i + k).reshape(k, 1, 1, 1)
+        acts = {(HOOK, t): (rows * 100000 + j * 10000 + pos * 100 + ch).astype(np.float32)
+                for j, t in enumerate(timesteps)}
+        w.write(Batch(np.arange(i, i + k), ids[i:i + k], np.full(k, -1), [""] * k, acts, np.zeros(0, np.int64)))
+    w.finish()
+    w.close()
+    return path
+
+
+def decode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, t index, position) of each sample of a ``make_store_ts`` store; checks the channels."""
+    v = x.astype(np.int64)
+    assert (v - v[:, :1] == np.arange(v.shape[1])).all()
+    v = v[:, 0]
+    return v // 100000, v // 10000 % 10, v // 100 % 100
+
+
+@pytest.fixture(scope="module")
+def multi_t(tmp_path_factory):
+    return make_store_ts(tmp_path_factory.mktemp("ts") / "ts.h5", 96, (8, 4, 4))
+
+
+def epoch_t(dm, epoch=0, start=0, workers=0):
+    dm.num_workers = workers
+    loader = dm.loader(dm.train_rows, shuffle=True)
+    dm.resume_at(epoch, start)
+    dm._epoch_counter = epoch - 1
+    return [tuple(a.numpy().copy() for a in b) for b in loader]
+
+
+def test_timesteps_pooled_and_mixed_in_batches(multi_t):
+    """Three timesteps: each batch carries the timestep index of each sample (it matches the sample's
+    values); a buffer holds chunks of random timesteps and a batch draws its timesteps in the buffer's
+    proportions (chi-square), independently of the position; an epoch visits every (image, t, position)
+    at most once; a resumed pass is the exact tail; validation covers the held-out images at every t."""
+    dm = StoreDataModule(str(multi_t), HOOK, list(TS), samples="tokens", batch_size=192, val_fraction=0.25,
+                         chunk_images=4, buffer_chunks=6, check_finite=True)
+    dm.setup()
+    assert dm.with_t and dm.timesteps == list(TS) and dm.timestep == 25
+    ds = dm.loader(dm.train_rows, shuffle=True).dataset
+    assert len(ds.chunks) == 3 * 18
+    batches = epoch_t(dm)
+    assert len(batches) == 3 * 72 * 16 // 192
+    firsts = []
+    for b, (x, r, ti) in enumerate(batches):
+        rows, tix, pos = decode(x)
+        np.testing.assert_array_equal(rows, r)
+        np.testing.assert_array_equal(tix, ti)
+        firsts.append(len(np.unique(ti)))
+    for g, (x, r, ti) in zip(range(2), batches[:2]):  # both from the first buffer (6 chunks x 64 samples)
+        buf_t = np.array([ds.chunk_t[c] for c in ds.groups(0)[0]])
+        expect = np.bincount(buf_t, minlength=3) * 64 / 384 * 192
+        if (expect > 0).sum() > 1:
+            keep = expect > 0
+            counts = np.bincount(ti, minlength=3)[keep]
+            assert stats.chisquare(counts, expect[keep]).pvalue > 1e-3, (counts, expect)
+            _, _, pos = decode(x)
+            table = np.stack([np.bincount(pos[ti == i] // 4, minlength=4) for i in np.flatnonzero(keep)])
+            assert stats.chi2_contingency(table).pvalue > 1e-3  # positions are not tied to timesteps
+    assert np.mean(np.array(firsts) > 1) > 0.5  # most batches mix timesteps
+    # over the epoch the timesteps are visited evenly: a batch's t share varies around 1/3 in both halves
+    allt = np.concatenate([ti for _, _, ti in batches])
+    assert np.abs(np.bincount(allt, minlength=3) / len(allt) - 1 / 3).max() < 0.02
+    key = np.concatenate([decode(x)[0] * 10000 + decode(x)[1] * 100 + decode(x)[2] for x, _, _ in batches])
+    assert len(np.unique(key)) == len(key)  # no sample twice
+    tail = epoch_t(dm, start=5)
+    assert len(tail) == len(batches) - 5
+    for a, b in zip(batches[5:], tail):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    val = [tuple(a.numpy() for a in b) for b in dm.val_dataloader()]
+    vt = np.concatenate([v[2] for v in val])
+    vr = np.concatenate([v[1] for v in val])
+    for i in range(3):
+        assert set(vr[vt == i]) == set(dm.val_rows) and (vt == i).sum() == len(dm.val_rows) * 16
+    x = dm.sample(2000)  # the b_dec sample pools timesteps too (32 of the 54 chunks)
+    assert len(np.unique(decode(x.numpy())[1])) == 3
+    with pytest.raises(KeyError, match="timestep 30 of hook 'h' is not in"):
+        StoreDataModule(str(multi_t), HOOK, [25, 30]).setup()
+    with pytest.raises(ValueError, match="name a timestep twice"):
+        StoreDataModule(str(multi_t), HOOK, [25, 25])
+
+
+def test_timesteps_token_cache_and_workers_give_the_same_stream(multi_t):
+    """The token cache (one per timestep) yields the same batches as the mapped store; 2 workers yield
+    correctly labelled samples and resume exactly."""
+    kw = dict(samples="tokens", batch_size=100, val_fraction=0.1, chunk_images=8, buffer_chunks=2,
+              check_finite=False)
+    runs = {}
+    for cache in (False, True):
+        dm = StoreDataModule(str(multi_t), HOOK, list(TS), token_cache=cache, **kw)
+        dm.setup()
+        runs[cache] = epoch_t(dm)
+    assert len(runs[True]) == len(runs[False]) > 0
+    for a, b in zip(runs[False], runs[True]):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    assert all(token_cache_path(multi_t, HOOK, t).exists() for t in TS)
+    two, two_tail = epoch_t(dm, workers=2), epoch_t(dm, start=3, workers=2)
+    assert len(two_tail) == len(two) - 3 > 0
+    for a, b in zip(two[3:], two_tail):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    for x, r, ti in two:
+        rows, tix, _ = decode(x)
+        np.testing.assert_array_equal(rows, r)
+        np.testing.assert_array_equal(tix, ti)
+
+
+def _ddp_rank_t(rank: int, world: int, store: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = StoreDataModule(store, HOOK, list(TS), samples="tokens", batch_size=64, val_fraction=0.1,
+                             chunk_images=4, buffer_chunks=2, check_finite=False)
+        dm.setup()
+        got = epoch_t(dm)
+        keys = np.concatenate([decode(x)[0] * 10000 + decode(x)[1] * 100 + decode(x)[2] for x, _, _ in got])
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (len(got), keys.tolist()))
+        if rank == 0:
+            torch.save({"res": gathered, "train": dm.train_rows.tolist()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_read_disjoint_samples_of_several_timesteps(multi_t, tmp_path):
+    """2 gloo processes over 3 timesteps: the ranks step the same number of batches and never read the
+    same (image, t, position); together they cover nearly all of them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_rank_t, args=(2, str(multi_t), port, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    (n0, k0), (n1, k1) = got["res"]
+    assert n0 == n1 > 0
+    assert not set(k0) & set(k1)
+    assert len(set(k0) | set(k1)) >= 0.8 * len(got["train"]) * 3 * 16
+    assert {k // 100 % 100 for k in k0} == {0, 1, 2} == {k // 100 % 100 for k in k1}

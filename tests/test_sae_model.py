@@ -408,3 +408,139 @@ def test_encoder_inits(init):
         assert all(err(s) >= best - 1e-6 for s in (0.5, 0.8, 0.95, 1.05, 1.25, 2.0))
     with pytest.raises(ValueError, match="encoder_init"):
         SparseAutoencoder(8, 16, 2, encoder_init="xavier")
+
+
+# ---- timestep-aware SAEs (issue 19) ---------------------------------------------------------------------------
+
+
+def _timestep_sae(seed=3, d_in=12, d_sae=40, k=4, init_x=None):
+    torch.manual_seed(seed)
+    m = SparseAutoencoder(d_in, d_sae, k, timesteps=[25, 250, 500], timestep_conditioning="scale_bias")
+    if init_x is not None:
+        m.init_from_data(init_x, b_dec="mean")
+    with torch.no_grad():
+        m.b_dec.normal_()
+        m.b_enc.normal_()
+        m.W_enc.add_(0.3 * torch.randn_like(m.W_enc))
+    return m
+
+
+def test_timestep_modulation_starts_as_the_pooled_sae():
+    """scale 1 and bias 0 at init: same codes, loss and gradients of the shared weights as the plain SAE."""
+    torch.manual_seed(0)
+    plain = SparseAutoencoder(12, 40, 4, seed=5)
+    cond = SparseAutoencoder(12, 40, 4, seed=5, timesteps=[25, 250], timestep_conditioning="scale_bias")
+    x = torch.randn(32, 12) * 3
+    tix = torch.randint(0, 2, (32,))
+    for m in (plain, cond):
+        m.init_from_data(x, b_dec="mean")
+    torch.testing.assert_close(cond.encode(x, t_index=tix), plain.encode(x))
+    a, b = plain.loss(x), cond.loss(x, t_index=tix)
+    torch.testing.assert_close(a["loss"], b["loss"])
+    a["loss"].backward()
+    b["loss"].backward()
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(dict(cond.named_parameters())[n].grad, p.grad, msg=n)
+
+
+def naive_modulated_sae(m, x, tix, k):
+    """Dense reference: pre = ((x - b_dec) W_enc + b_enc) * scale[t] + bias[t], z = ReLU(TopK(pre))."""
+    pre = ((x - m.b_dec) @ m.W_enc + m.b_enc) * m.t_scale[tix] + m.t_bias[tix]
+    idx = pre.topk(k, dim=1).indices
+    z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx)).relu()
+    return z @ m.W_dec + m.b_dec, z
+
+
+def test_timestep_modulation_gradients_match_dense_autograd():
+    m = _timestep_sae()
+    with torch.no_grad():
+        m.t_scale.uniform_(0.5, 1.5)
+        m.t_bias.normal_(0, 0.3)
+    x, tix = torch.randn(9, 12), torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1])
+    out = m.loss(x, t_index=tix)
+    out["loss"].backward()
+    ours = {n: p.grad.clone() for n, p in m.named_parameters()}
+    assert set(ours) >= {"t_scale", "t_bias"} and float(ours["t_scale"].abs().sum()) > 0
+    m.zero_grad()
+    x_hat, z = naive_modulated_sae(m, x, tix, 4)
+    fvu(x, x_hat).backward()  # dead counters are zero: no AuxK term
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    with torch.no_grad():  # and the codes: the same latents and values, by value or by index of the timestep
+        torch.testing.assert_close(m.encode(x, t_index=tix), z)
+        torch.testing.assert_close(m.encode(x, timestep=torch.tensor([25, 250, 500])[tix]), z)
+        torch.testing.assert_close(m.encode(x[:3], timestep=250), naive_modulated_sae(m, x[:3], tix[:3] * 0 + 1, 4)[1])
+
+
+def test_timestep_aware_encode_needs_a_known_timestep():
+    m = _timestep_sae()
+    x = torch.randn(4, 12)
+    with pytest.raises(ValueError, match=r"timestep-aware \(timesteps \[25, 250, 500\]\): pass the timestep"):
+        m.encode(x)
+    with pytest.raises(ValueError, match=r"timestep 30 is not one of this SAE's timesteps \[25, 250, 500\]"):
+        m.encode(x, timestep=30)
+    with pytest.raises(ValueError, match=r"t_index must lie in \[0, 3\)"):
+        m.encode(x, t_index=3)
+    with pytest.raises(ValueError, match="needs the list of timesteps"):
+        SparseAutoencoder(12, 40, 4, timestep_conditioning="scale_bias")
+    with pytest.raises(ValueError, match="timestep_conditioning 'film' is not one of"):
+        SparseAutoencoder(12, 40, 4, timesteps=[1, 2], timestep_conditioning="film")
+    plain = SparseAutoencoder(12, 40, 4, timesteps=[25, 250])  # pooled: the timestep is not needed, and ignored
+    torch.testing.assert_close(plain.encode(x, timestep=999), plain.encode(x))
+
+
+def test_timestep_aware_roundtrip_and_what_saelens_reads(tmp_path):
+    """The folder holds t_scale / t_bias and the timesteps; sae.load gives the same codes at every t. SAELens
+    reads the base tensors only: its codes are the unmodulated SAE's (the folder says it is not a SAELens SAE)."""
+    x = torch.randn(64, 12) * 4 + 1
+    m = _timestep_sae(init_x=x)
+    with torch.no_grad():
+        m.t_scale.uniform_(0.5, 1.5)
+        m.t_bias.normal_(0, 0.3)
+    folder = sae.save(m, tmp_path / "sae", extra={"hook": "up_blocks.1", "timestep": 25, "model": "tiny-sd"})
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["timesteps"] == [25, 250, 500] and cfg["timestep_conditioning"] == "scale_bias"
+    assert cfg["timestep"] == 25 and cfg["saelens_compatible"] is False and "t_scale" in cfg["saelens_note"]
+    t = load_file(str(folder / "sae_weights.safetensors"))
+    assert t["t_scale"].shape == t["t_bias"].shape == (3, 40)
+    back = sae.load(folder)
+    assert back.timesteps == [25, 250, 500] and back.conditioned
+    for v in (25, 250, 500):
+        torch.testing.assert_close(back.encode(x, timestep=v), m.encode(x, timestep=v), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(back(x, timestep=v)[0], m(x, timestep=v)[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="Unexpected key.*t_bias"):  # SAELens refuses it rather than misread it
+        _saelens().SAE.load_from_disk(str(folder))
+    base = SparseAutoencoder(12, 40, 4)  # the base tensors alone: the SAE without its modulation
+    base.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("t_")})
+    with torch.no_grad():
+        assert not torch.allclose(base.encode(x), m.encode(x, timestep=250), atol=1e-3)
+    sae.save(back, tmp_path / "again", extra=back.cfg)  # a loaded folder saved again keeps its timesteps
+    assert json.loads((tmp_path / "again" / "cfg.json").read_text())["timesteps"] == [25, 250, 500]
+    del t["t_bias"]
+    from safetensors.torch import save_file
+
+    save_file(t, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(sae.io.SAEFileError, match="lacks tensor 't_bias'"):
+        sae.load(folder)
+    pooled = SparseAutoencoder(12, 40, 4, timesteps=[25, 250])
+    cfg2 = json.loads((sae.save(pooled, tmp_path / "pooled") / "cfg.json").read_text())
+    assert cfg2["timesteps"] == [25, 250] and cfg2["timestep_conditioning"] == "none"
+    assert "saelens_compatible" not in cfg2
+
+
+def test_timestep_aware_batchtopk_threshold_calibrates_on_modulated_preacts():
+    """BatchTopK with scale_bias: the calibrated threshold gives mean L0 = k on the calibration samples with
+    their timesteps, and training batches select k * B codes over the modulated pre-activations."""
+    x = torch.randn(256, 12) * 2
+    torch.manual_seed(4)
+    m = SparseAutoencoder(12, 48, 4, architecture="batchtopk", timesteps=[25, 250], timestep_conditioning="scale_bias")
+    m.init_from_data(x, b_dec="mean")
+    with torch.no_grad():
+        m.t_scale[1].mul_(3.0)  # t = 250 pre-activations three times larger: more of its codes pass the threshold
+    tix = torch.arange(256) % 2
+    m.calibrate_threshold(x, t_index=tix)
+    m.eval()
+    z = m.encode(x, t_index=tix)
+    assert float((z > 0).sum(1).float().mean()) == pytest.approx(4, abs=0.02)
+    assert float((z[tix == 1] > 0).sum(1).float().mean()) > float((z[tix == 0] > 0).sum(1).float().mean())
+    assert float(m.loss(x, t_index=tix)["l0"]) == pytest.approx(4, abs=0.02)

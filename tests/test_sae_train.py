@@ -264,3 +264,92 @@ def test_batchtopk_threshold_is_calibrated_at_checkpoints_and_end(sd_store_128, 
     module.sae.eval()
     l0_saved = float((module.sae.encode(x) != 0).sum(1).float().mean())
     assert abs(l0_saved - 4) <= 0.01 * 4  # the checkpoint of step 15 holds the threshold calibrated then
+
+
+# ---- SAEs over several timesteps (issue 19) --------------------------------------------------------------------
+
+
+def test_timestep_aware_resume_is_exact(sd_store, tmp_path, one_torch_thread):
+    """Timestep-aware SAE over t = 25, 250: 12 steps straight == 6 steps, checkpoint, resume for 6 more,
+    including the per-timestep scale and bias (which training moved off the identity) and their Adam state."""
+    kw = dict(model={"expansion": 2, "k": 4, "lr": 3e-3, "warmup_steps": 4, "hist_every": 0, "dead_after": 40,
+                     "init_samples": 256, "b_dec_init": "mean", "timestep_conditioning": "scale_bias"},
+              data={"samples": "pooled", "batch_size": 8, "chunk_images": 4, "buffer_chunks": 2},
+              checkpoint_every_n_steps=6, wandb_mode="disabled", csv=False)
+    tr = {"enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1}
+    fit(sd_store, "mid_block", [25, 250], tmp_path / "a", trainer={"max_steps": 12, **tr}, **kw)
+    fit(sd_store, "mid_block", [25, 250], tmp_path / "b", trainer={"max_steps": 12, **tr},
+        ckpt_path=str(tmp_path / "a" / "checkpoints" / "step00000006.ckpt"), **kw)
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["StoreDataModule"] == b["StoreDataModule"] == {"epoch": 2, "batches": 2}  # 2 x 19 images / 8: 5 per epoch
+    assert a["state_dict"]["sae.t_scale"].shape == (2, 128)
+    assert float((a["state_dict"]["sae.t_scale"] - 1).abs().max()) > 1e-3
+    for key, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], v, atol=1e-6, rtol=1e-5, msg=key)
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in opt_a:
+        torch.testing.assert_close(opt_b[i]["exp_avg_sq"], opt_a[i]["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    with pytest.raises(ValueError, match=r"timesteps mismatch: the checkpoint was trained with timesteps=\[25, 250\]"):
+        SAEModule(d_in=64, expansion=2, k=4, timesteps=[25], timestep_conditioning="scale_bias").on_load_checkpoint(a)
+
+
+def test_fit_cli_several_timesteps_records_them(sd_store, tmp_path, capsys, one_torch_thread):
+    """`sae fit --data.timesteps [25, 250]`: the SAE folder records the timesteps, the held-out metrics come
+    per timestep (and agree with `sae eval` and with the loaded SAE encoding at each t); plain
+    ``data.timestep`` still trains a one-timestep SAE; scale_bias with one timestep fails clearly."""
+    common = ["sae", "fit", "--config", str(YAML), "--data.store", str(sd_store), "--trainer.max_steps", "6",
+              "--logging.wandb_mode", "disabled", "--logging.csv", "false", "--data.batch_size", "256",
+              "--model.hist_every", "0", *SMALL]
+    res = run([*common, "--out", str(tmp_path / "ts"), "--data.timesteps", "[25, 250]",
+               "--model.timestep_conditioning", "scale_bias"])
+    cfg = json.loads((tmp_path / "ts" / "sae" / "cfg.json").read_text())
+    assert cfg["timesteps"] == [25, 250] and cfg["timestep"] == 25 and cfg["timestep_conditioning"] == "scale_bias"
+    per = res["val"]["per_timestep"]
+    assert sorted(per) == [25, 250] and all(0 < v["fvu"] < 1.5 and v["l0"] == 8.0 for v in per.values())
+    assert per[25]["n_samples"] == per[250]["n_samples"] == res["val"]["n_samples"] // 2
+    capsys.readouterr()
+    ev = run(["sae", "eval", "--sae", str(tmp_path / "ts" / "sae"), "--split", "val"])
+    for t in (25, 250):
+        assert ev["per_timestep"][t]["fvu"] == pytest.approx(per[t]["fvu"], rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "t=25: FVU" in printed and "t=250: FVU" in printed
+    saved = json.loads((tmp_path / "ts" / "sae" / "eval_val.json").read_text())
+    assert saved["timesteps"] == [25, 250] and sorted(saved["per_timestep"]) == ["25", "250"]
+    model = sae.load(tmp_path / "ts" / "sae")
+    dm = StoreDataModule(str(sd_store), "up_blocks.1", 250, samples="tokens", batch_size=4096)
+    dm.setup()
+    x = torch.cat([b[0] for b in dm.val_dataloader()]).float()
+    x_hat, _ = model(x, timestep=250)
+    assert sae.fvu(x * model.norm_scale, x_hat * model.norm_scale).item() == pytest.approx(per[250]["fvu"], rel=1e-4)
+    one = run([*common, "--out", str(tmp_path / "one"), "--data.timestep", "250"])
+    assert "per_timestep" not in one["val"]
+    assert "timesteps" not in json.loads((tmp_path / "one" / "sae" / "cfg.json").read_text())
+    with pytest.raises(ValueError, match="timestep_conditioning 'scale_bias' needs several timesteps"):
+        run([*common, "--out", str(tmp_path / "bad"), "--model.timestep_conditioning", "scale_bias"])
+
+
+@pytest.mark.slow
+def test_ddp_timestep_aware_two_cpu_processes_match_single_process(sd_store, tmp_path):
+    """A timestep-aware SAE over t = 25, 250 on 2 gloo processes ends near the single-process held-out FVU at
+    both timesteps, with the same samples seen."""
+    common = ["sae", "fit", "--config", str(YAML), "--data.store", str(sd_store), "--trainer.max_steps", "20",
+              "--trainer.accelerator", "cpu", "--logging.wandb_mode", "disabled", "--logging.csv", "false",
+              "--model.hist_every", "10", "--data.timesteps", "[25, 250]", "--model.timestep_conditioning",
+              "scale_bias", *SMALL]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(Path(sys.executable).parent / "revelio"), *common, "--out", str(ddp),
+                    "--data.batch_size", "256", "--trainer.devices", "2", "--trainer.strategy", "ddp"], check=True,
+                   env=env, cwd=tmp_path, capture_output=True, timeout=300)
+    torch.set_num_threads(1)
+    res = run([*common, "--out", str(single), "--data.batch_size", "512"])
+    torch.set_num_threads(2)
+    d = json.loads((ddp / "metrics.json").read_text())
+    assert d["samples_seen"] == res["samples_seen"] == 20 * 512
+    for t in ("25", "250"):
+        assert abs(d["val"]["per_timestep"][t]["fvu"] - res["val"]["per_timestep"][int(t)]["fvu"]) < 0.03
+        assert d["val"]["per_timestep"][t]["fvu"] < 0.95
+    assert json.loads((ddp / "sae" / "cfg.json").read_text())["timesteps"] == [25, 250]

@@ -123,13 +123,18 @@ class SAEModelConfig:
     warmup_steps: int = field(100, min=0, help="linear lr warm-up steps")
     decay_fraction: float = field(0.0, min=0, max=1, help="linear lr decay to 0 over this last share of max_steps")
     hist_every: int = field(500, min=0, help="M: density and decoder-norm histograms every M steps (0: never)")
+    timestep_conditioning: Literal["none", "scale_bias"] = field(
+        "none", help="with several data.timesteps: none (one pooled SAE) or scale_bias (a learned per-timestep "
+                     "scale and bias of each latent's pre-activation, starting at the identity)")
 
 
 @dataclass
 class SAEDataConfig:
     store: str = field("", help="activation store (.h5) written by `revelio extract`")
     hook: str = field("", help="hook (module path) to train on")
-    timestep: int = field(25, min=0, max=999, help="timestep to train on")
+    timestep: int = field(25, min=0, max=999, help="timestep to train on (ignored when timesteps is given)")
+    timesteps: list[int] = field(default_factory=list, min=0, max=999,
+                                 help="several timesteps pooled into one SAE, e.g. [25, 250, 500]; [] = timestep")
     samples: Literal["pooled", "tokens"] = field("pooled", help="pooled: one vector per image; tokens: every position")
     batch_size: int = field(4096, min=1, help="samples per batch and device")
     val_fraction: float = field(0.1, min=0, below=1, help="share of images held out (split by image)")
@@ -163,13 +168,17 @@ class SAEFitConfig:
 
 @command("sae fit", SAEFitConfig)
 def sae_fit_cmd(cfg: SAEFitConfig) -> dict:
-    """Train a k-sparse autoencoder on one hook and timestep of an activation store (Lightning, wandb + CSV logs)."""
+    """Train a k-sparse autoencoder on one hook at one timestep (or several pooled) of an activation store
+    (Lightning, wandb + CSV logs)."""
     from sae.train import fit
 
     if not cfg.data.store or not cfg.data.hook:
         raise ValueError("pass data.store and data.hook (e.g. --data.store runs/acts.h5 --data.hook up_blocks.1)")
     data = to_dict(cfg.data)
     store, hook, timestep = data.pop("store"), data.pop("hook"), data.pop("timestep")
+    timesteps = data.pop("timesteps")
+    if timesteps:
+        timestep = list(timesteps)
     res = fit(store, hook, timestep, cfg.out, model=to_dict(cfg.model), data=data, trainer=trainer_kwargs(cfg.trainer),
               checkpoint_every_n_steps=cfg.logging.checkpoint_every_n_steps, wandb_mode=cfg.logging.wandb_mode,
               project=cfg.logging.project, run_name=cfg.logging.name, csv=cfg.logging.csv, ckpt_path=cfg.ckpt_path,
@@ -178,6 +187,8 @@ def sae_fit_cmd(cfg: SAEFitConfig) -> dict:
         val = res.get("val", {})
         print(f"sae: {res['steps']} steps, {res['samples_seen']} samples; held-out FVU {val.get('fvu', float('nan')):.4f}, "
               f"L0 {val.get('l0', float('nan')):.2f}, dead {val.get('dead_fraction', float('nan')):.3f} -> {res['sae']}")
+        for t, v in val.get("per_timestep", {}).items():
+            print(f"  t={t}: held-out FVU {v['fvu']:.4f}, L0 {v['l0']:.2f}")
     return res
 
 
@@ -217,6 +228,8 @@ def sae_eval_cmd(cfg: SAEEvalConfig) -> dict:
     print(f"{res['hook']} t={res['timestep']} {cfg.split} ({res['n_images']} images, {res['n_samples']} samples): "
           f"FVU {res['fvu']:.4f}  explained variance {res['explained_variance']:.4f}  L0 {res['l0']:.2f}  "
           f"dead {res['dead_fraction']:.3f}  median log10 density {float(np.median(dens)):.2f}")
+    for t, v in res.get("per_timestep", {}).items():
+        print(f"  t={t}: FVU {v['fvu']:.4f}  L0 {v['l0']:.2f}  dead {v['dead_fraction']:.3f}")
     print(f"report {out}, histogram {png}")
     return res
 
