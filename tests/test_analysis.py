@@ -222,6 +222,34 @@ def test_dashboard_is_self_contained_and_sorted(sd_store, sd_sae, tmp_path):
         b.order("loudness")
 
 
+def test_dashboard_shows_each_latent_across_the_stored_timesteps(sd_store, sd_sae, tmp_path):
+    """The per-timestep strip: every timestep the store holds for the SAE's hook (25 and 250 here), each latent's
+    mean per-image peak and firing share, against a naive recount with the SAE encoding each image's positions."""
+    import torch
+
+    from revelio.analysis.stats import timestep_profile
+
+    model = sae.load(sd_sae)
+    with open_store(sd_store) as st:
+        prof = timestep_profile(st, model, np.arange(6))
+        assert sorted(prof) == st.timesteps(model.cfg["hook"]) == [25, 250]
+        for t in (25, 250):
+            peaks = []
+            for r in range(6):
+                x, _ = st.tokens(model.cfg["hook"], t, [r])
+                with torch.no_grad():
+                    peaks.append(model.encode(torch.from_numpy(np.asarray(x, np.float32))).amax(0).numpy())
+            peaks = np.stack(peaks)
+            np.testing.assert_allclose(prof[t]["mean_peak"], peaks.mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(prof[t]["image_frequency"], (peaks > 0).mean(0))
+        b = FeatureBrowser(st, model, rows=range(6), top_k=3, progress=False, align=False)
+        j = b.order("frequency")[0]
+        page = b.latent_html(j)
+    assert "Across timesteps" in page and ">t=25</text>" in page and ">t=250</text>" in page
+    own = model.cfg["timestep"]
+    assert f"t={own}: mean peak {float(prof[own]['mean_peak'][j]):.4g}" in page
+
+
 def test_mask_purity_counts_peaks_inside_object_masks(sd_store, sd_sae):
     """Purity per object mask, against a direct recount: the share of top images whose peak position lies in
     the mask of the latent's commonest concept there (not the largest object's label)."""

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..files import write_text_atomic
 from .alignment import AlignmentTable
-from .stats import LatentStats, latent_stats
+from .stats import LatentStats, latent_stats, timestep_profile
 
 SORT_KEYS = ("frequency", "purity", "alignment", "index")
 PAGE_SIZE = 50  # latents per page of the index table
@@ -139,6 +139,8 @@ class FeatureBrowser:
         self.hook, self.t = sae_site(model)
         self.dataset = dataset if dataset is not None else store_dataset(store)
         self.stats: LatentStats = latent_stats(store, model, rows, progress=progress)
+        # when along denoising each latent is active: every timestep the store holds for the SAE's hook
+        self.t_profile = timestep_profile(store, model, self.stats.rows, progress=progress)
         self.class_names = list(getattr(self.dataset, "class_names", []) or [])
         self._samples: dict[int, Any] = {}
         self._top: dict[int, list[tuple[int, np.ndarray, float]]] = {}
@@ -330,6 +332,38 @@ class FeatureBrowser:
                 f"(images where it fires)</text>"
                 f"<text transform='translate(10,{6 + plot_h / 2}) rotate(-90)' text-anchor='middle'>images</text></svg>")
 
+    def _timestep_svg(self, latent: int, width: int = 320, height: int = 140) -> str:
+        """The latent's mean per-image peak activation at each stored timestep of its hook (inline SVG bars, the
+        SAE's own timestep(s) highlighted), with the share of images where it fires under each bar."""
+        ts = sorted(self.t_profile)
+        if not ts:
+            return "<i>no other timestep stored for this hook</i>"
+        vals = [float(self.t_profile[t]["mean_peak"][latent]) for t in ts]
+        freq = [float(self.t_profile[t]["image_frequency"][latent]) for t in ts]
+        own = {int(t) for t in (getattr(self.model, "timesteps", None) or [])} or {int(self.t)}
+        vmax = max(vals) or 1.0
+        left, bottom, top = 44, 34, 12
+        bw = (width - left - 8) / len(ts)
+        parts = [f"<svg class='tstrip' width='{width}' height='{height}' role='img' "
+                 f"aria-label='mean peak activation per timestep'>",
+                 f"<line x1='{left}' y1='{top}' x2='{left}' y2='{height - bottom}' stroke='#888'/>",
+                 f"<text x='{left - 4}' y='{top + 4}' font-size='9' text-anchor='end'>{vmax:.3g}</text>",
+                 f"<text x='{left - 4}' y='{height - bottom}' font-size='9' text-anchor='end'>0</text>",
+                 f"<text x='10' y='{(height - bottom + top) / 2}' font-size='9' transform='rotate(-90 10 "
+                 f"{(height - bottom + top) / 2})' text-anchor='middle'>mean peak</text>"]
+        for i, (t, v, f) in enumerate(zip(ts, vals, freq)):
+            hgt = (height - bottom - top) * v / vmax
+            x = left + 4 + i * bw
+            colour = "#d9534f" if t in own else "#4a78d0"
+            parts.append(f"<rect x='{x:.1f}' y='{height - bottom - hgt:.1f}' width='{bw - 8:.1f}' height='{hgt:.1f}' "
+                         f"fill='{colour}'><title>t={t}: mean peak {v:.4g}, fires on {f:.1%} of images</title></rect>")
+            parts.append(f"<text x='{x + (bw - 8) / 2:.1f}' y='{height - bottom + 12}' font-size='10' "
+                         f"text-anchor='middle'>t={t}</text>")
+            parts.append(f"<text x='{x + (bw - 8) / 2:.1f}' y='{height - bottom + 24}' font-size='9' "
+                         f"text-anchor='middle' fill='#555'>{f:.0%} img</text>")
+        parts.append("</svg>")
+        return "".join(parts)
+
     def top_label(self, latent: int) -> str | None:
         """The commonest label among the latent's top images (None without labels)."""
         counts = self.stats.label_counts(latent, self.top_k)
@@ -413,6 +447,8 @@ class FeatureBrowser:
             f"<h2>Activation intervals</h2><div class='meta'>other images where the latent fires, by peak activation "
             f"(highest interval first), as in sae_vis</div>{intervals or '<i>-</i>'}"
             f"<div class='panel'><div><h2>Activation histogram</h2>{self._histogram_svg(latent)}</div>"
+            f"<div><h2>Across timesteps</h2><div class='meta'>mean per-image peak; red: the SAE's timestep"
+            f"</div>{self._timestep_svg(latent)}</div>"
             f"<div><h2>Labels of the top {self.top_k}</h2><table>{bars or '<tr><td>no labels</td></tr>'}</table></div>"
             f"<div><h2>Best-matching concepts</h2><div class='meta'>{'mean IoU vs ' + ref if ref else 'no alignment'}"
             f"</div><table>{concepts or '<tr><td>-</td></tr>'}</table></div></div>")

@@ -115,3 +115,41 @@ def latent_stats(store: Any, model: Any, rows: Sequence[int] | np.ndarray | None
         fired[b0:b0 + len(r)] = (codes > 0).sum(dim=1).numpy()
     labels = store.labels[rows] if len(rows) else np.zeros(0, dtype=np.int64)
     return LatentStats(hook=hook, timestep=t, rows=rows, labels=labels, peak=peak, fired=fired, positions=p)
+
+
+def timestep_profile(store: Any, model: Any, rows: Sequence[int] | np.ndarray, progress: bool = False,
+                     max_positions: int = 8192) -> dict[int, dict[str, np.ndarray]]:
+    """Per timestep of the SAE's hook in ``store``: each latent's mean per-image peak activation and the share of
+    ``rows`` where it fires, ``{t: {"mean_peak": (d_sae,), "image_frequency": (d_sae,)}}``.
+
+    Every timestep stored for the hook with per-position activations of the SAE's width is encoded (a
+    timestep-aware SAE only at its own timesteps, with its per-timestep modulation), so the dashboard
+    can show when along denoising a latent is active, also for an SAE trained at one timestep.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .feature_maps import sae_site
+
+    hook, _ = sae_site(model)
+    rows = np.asarray(rows, dtype=np.int64)
+    own = [int(t) for t in (getattr(model, "timesteps", None) or [])] if getattr(model, "conditioned", False) else None
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for t in store.timesteps(hook):
+        if store.layout(hook, t) == "NC" or store.d_in(hook, t) != model.d_in or (own is not None and t not in own):
+            continue
+        h, w = store.spatial(hook, t)
+        p = h * w
+        bs = max(1, max_positions // p)
+        peak = np.zeros((len(rows), model.d_sae), dtype=np.float32)
+        for b0 in tqdm(range(0, len(rows), bs), desc=f"timestep profile t={t}", unit="batch", disable=not progress,
+                       dynamic_ncols=True):
+            r = rows[b0:b0 + bs]
+            x, _ = store.tokens(hook, t, r)
+            with torch.no_grad():
+                xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+                codes = torch.cat([model.encode(xt[i:i + 4096], timestep=t).float() for i in range(0, len(xt), 4096)])
+            peak[b0:b0 + len(r)] = codes.view(len(r), p, -1).amax(dim=1).numpy()
+        out[int(t)] = {"mean_peak": peak.mean(axis=0) if len(rows) else np.zeros(model.d_sae, np.float32),
+                       "image_frequency": (peak > 0).mean(axis=0) if len(rows) else np.zeros(model.d_sae)}
+    return out
