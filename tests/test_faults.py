@@ -4,6 +4,7 @@ resumed logs, non-finite metrics."""
 import csv
 import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -348,7 +349,7 @@ def test_killed_fit_resumes_its_csv_and_wandb_run(sd_store, tmp_path):
     assert [r["train/fvu"] for r in again[:10]] == [r["train/fvu"] for r in first[:10]]  # history before: kept
     runs = sorted((out / "wandb").glob("offline-run-*"))
     run_id = _cfg(out / "sae")["wandb_run_id"]
-    assert len(runs) == 2 and all(p.name.endswith("-" + run_id) for p in runs)  # the same run, resumed
+    assert len(runs) == 2 and all(re.match(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?$", p.name) for p in runs)  # resumed
     assert all(list(p.glob(f"run-{run_id}.wandb")) for p in runs)
 
 
@@ -362,7 +363,8 @@ def test_resume_after_a_stop_keeps_rows_once(sd_store, tmp_path):
     after = _steps(out / "csv" / "metrics.csv")
     assert [s for s, k in after if k == "train"] == list(range(20))  # 10 and 11 were logged twice, kept once
     assert after[:len([x for x in before if x[0] < 10])] == [x for x in before if x[0] < 10]
-    ids = {p.name.rsplit("-", 1)[1] for p in (out / "wandb").glob("offline-run-*")}
+    # offline-run-<date>_<time>-<id>; wandb adds "-1", "-2" when both runs start within the same second
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)", p.name).group(1) for p in (out / "wandb").glob("offline-run-*")}
     assert ids == {_cfg(out / "sae")["wandb_run_id"]}
 
 
