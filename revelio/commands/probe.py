@@ -109,15 +109,21 @@ def _dataset_of(store: Any):
     return load_dataset(DataConfig(**data))
 
 
-def store_images(store: Any, rows: np.ndarray, ds: Any = None) -> list[Any]:
-    """The store's images ``rows`` (PIL, in row order), re-rendered from the data set it recorded."""
-    ds = _dataset_of(store) if ds is None else ds
+def _dataset_index(store: Any, ds: Any, rows: np.ndarray) -> tuple[dict[str, int], np.ndarray]:
+    """(data-set index of every sample id, the ids of store ``rows``); an id the data set lacks is a ConfigError."""
     index = {sid: i for i, sid in enumerate(ds.ids())}
     ids = store.ids[rows]
     missing = [i for i in ids if i not in index]
     if missing:
         raise ConfigError(f"{len(missing)} image id(s) of {store.path} (e.g. {missing[0]!r}) are not in the data set "
                           "its config describes; was the data set changed since extraction?")
+    return index, ids
+
+
+def store_images(store: Any, rows: np.ndarray, ds: Any = None) -> list[Any]:
+    """The store's images ``rows`` (PIL, in row order), re-rendered from the data set it recorded."""
+    ds = _dataset_of(store) if ds is None else ds
+    index, ids = _dataset_index(store, ds, rows)
     samples = {s.id: s for s in ds.iter_samples([index[i] for i in ids])}
     if len(samples) != len(ids):
         raise ConfigError(f"{len(ids) - len(samples)} image(s) of {store.path} can no longer be read from its data set "
@@ -186,12 +192,7 @@ def store_labels(store: Any, rows: np.ndarray, label: str | None) -> tuple[np.nd
         ds = load_dataset(DataConfig(**{**data, "label": label}))
     except ValueError as e:
         raise ConfigError(f"labels: {e}") from None
-    index = {sid: i for i, sid in enumerate(ds.ids())}
-    ids = store.ids[rows]
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise ConfigError(f"{len(missing)} image id(s) of {store.path} (e.g. {missing[0]!r}) are not in the data set "
-                          "its config describes; was the data set changed since extraction?")
+    index, ids = _dataset_index(store, ds, rows)
     key = "shape" if label == "shape" else "color"
     names = list(ds.class_names)
     return np.array([names.index(ds.layout(index[i])[0][key]) for i in ids], dtype=np.int64), names
