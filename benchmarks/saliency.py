@@ -22,10 +22,7 @@ import sys
 import threading
 import time
 
-# benchmarks/extraction.py would shadow the `extraction` package: import packages, not sibling scripts.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import torch  # noqa: E402
+import torch
 
 CONCEPTS = ["circle", "square", "triangle", "star", "cross", "diamond", "background", "sky", "grass", "tree"]
 PROMPT = "a red circle and a blue square"

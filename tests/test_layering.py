@@ -103,3 +103,12 @@ def test_import_scanner_resolves_relative_imports(tmp_path):
     f.write_text("def f():\n    from ..commands.extract import ExtractConfig\nimport os\n")
     mods = [m for _, m in imported_modules(f, "revelio.analysis")]
     assert "revelio.commands.extract" in mods and "os" in mods
+
+
+def test_no_benchmark_script_shadows_a_package():
+    # `python benchmarks/x.py` puts benchmarks/ first on sys.path: a script named like a package
+    # (benchmarks/extraction.py did) hides that package from every other benchmark script.
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    assert packages >= {"extraction", "sae", "probes", "revelio"}
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    assert not scripts & packages, f"benchmark scripts named like packages: {sorted(scripts & packages)}"

@@ -10,7 +10,7 @@ Each hooked batch's write is drained before the next measurement: the ratio coun
 compute path pays (hooks, copy off the graph, queueing); the worst case adds the write time too.
 Also printed: bytes/s written and the process RSS after 1x and 2x the images (flat = no accumulation).
 
-    python benchmarks/extraction.py [--images 64] [--batch 16] [--rounds 3] [--threads N]
+    python benchmarks/extract_speed.py [--images 64] [--batch 16] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
