@@ -66,7 +66,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
         self.Cs_ = check_Cs(self.Cs, self.cv)
         X, y = check_X_y(X, y, min_per_class=2 if self.cv else 1)
-        # Small problems run several times faster on one BLAS/OpenMP thread (benchmarks/probes.py).
+        # Small problems run several times faster on one BLAS/OpenMP thread (benchmarks/probe_speed.py).
         with threadpool_limits(limits=1 if X.size < SMALL_PROBLEM else None):
             return self._fit(X, y)
 

@@ -5,7 +5,7 @@
 2. ``StreamingLinearProbe`` trains the whole L2 path as one bank of heads on one stream of the
    store; baseline: one single-head probe per L2 strength (L streams of the same data).
 
-Run: ``python benchmarks/probes.py`` (CPU; prints seconds and ratios).
+Run: ``python benchmarks/probe_speed.py`` (CPU; prints seconds and ratios).
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# This file and its neighbours are named like the stage packages; keep the folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import lightning  # noqa: F401  (imported up front so no timing includes it)
+import numpy as np
+from threadpoolctl import threadpool_info
 
-import lightning  # noqa: E402, F401  (imported up front so no timing includes it)
-import numpy as np  # noqa: E402
-from threadpoolctl import threadpool_info  # noqa: E402
-
-import probes  # noqa: E402
-from extraction.store import ActSpec, Batch, StoreWriter, create_store  # noqa: E402
+import probes
+from extraction.store import ActSpec, Batch, StoreWriter, create_store
 
 
 def timed(fn, repeat: int = 3) -> float:
