@@ -103,3 +103,13 @@ def test_import_scanner_resolves_relative_imports(tmp_path):
     f.write_text("def f():\n    from ..commands.extract import ExtractConfig\nimport os\n")
     mods = [m for _, m in imported_modules(f, "revelio.analysis")]
     assert "revelio.commands.extract" in mods and "os" in mods
+
+
+def test_stage_configs_are_light():
+    """Each stage owns its config in a module that imports neither torch nor h5py (``--help`` reads them)."""
+    code = ("import sys\nimport extraction.config, sae.config, revelio.extraction_config\n"
+            "print(','.join(m for m in ('torch', 'h5py', 'lightning', 'diffusers', 'safetensors') if m in sys.modules)"
+            " or '-')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "-", f"a stage config imported {r.stdout.strip()}"
