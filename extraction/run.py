@@ -15,7 +15,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,54 +26,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter, grid_for_tokens, sample_generators
+from .config import ExtractionPlan
 from .files import hold_output, lock_owner, locked_message
 from .hooks import ActivationCapture
 from .store import ActSpec, AsyncWriter, Batch, StoreError, StoreWriter, create_store, join_shards
 
 log = logging.getLogger(__name__)
 
-PROMPT_MODES = ("empty", "caption", "template")
-STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-COMPRESSIONS = ("none", "gzip", "lzf")
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # the plan's storage_dtype
 PROMPT_CACHE = 1024  # distinct prompts whose embeddings are kept
-
-
-@dataclass
-class ExtractionPlan:
-    """What to extract, independent of where the images and the model come from."""
-
-    hooks: list[str]
-    timesteps: list[int]
-    out: str
-    capture: str = "output"
-    pooling: str = "none"
-    prompt: str = "empty"
-    template: str = "a photo of a {label}"
-    size: int = 64
-    batch_size: int = 16
-    storage_dtype: str = "float32"
-    compression: str = "none"
-    seed: int = 0
-    progress: bool = True
-    provenance: dict[str, Any] = field(default_factory=dict)  # model, dataset, full config (YAML)
-    identity: dict[str, Any] = field(default_factory=dict)  # the config keys that define the data
-
-    def validate(self) -> None:
-        if self.prompt not in PROMPT_MODES:
-            raise ValueError(f"prompt mode {self.prompt!r} is not one of {', '.join(PROMPT_MODES)}")
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"storage dtype {self.storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression {self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
-        if not self.timesteps:
-            raise ValueError("timesteps is empty; give a list like [25, 250]")
-        bad = [t for t in self.timesteps if not 0 <= int(t) < 1000]
-        if bad:
-            raise ValueError(f"timesteps {bad} are outside [0, 1000)")
-        if len(set(self.timesteps)) != len(self.timesteps) or len(set(self.hooks)) != len(self.hooks):
-            raise ValueError("hooks and timesteps must not repeat")
-        if self.batch_size < 1 or self.size < 8:
-            raise ValueError("batch_size must be >= 1 and size >= 8")
 
 
 def make_prompt(mode: str, template: str, caption: str, label: int, class_names: Sequence[str]) -> str:
@@ -122,7 +83,7 @@ class Extractor:
         self.plan = plan
         self.adapter: Adapter = get_adapter(pipe)
         self.adapter.check_hooks(plan.hooks)  # before any work
-        self.dtype = STORAGE_DTYPES[plan.storage_dtype]
+        self.dtype = TORCH_DTYPES[plan.storage_dtype]
         self._prompt_cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     # --- compute ---------------------------------------------------------------------------------------------
@@ -144,7 +105,8 @@ class Extractor:
     def compute(self, images: list[Any], ids: list[str], prompts: list[str]) -> dict[tuple[str, int], torch.Tensor]:
         """Activations of every (hook, t) for one batch of images (on CPU, storage dtype)."""
         ad = self.adapter
-        latents = ad.encode_images(ad.preprocess(images, self.plan.size))
+        size = self.plan.size if self.plan.size is not None else min(images[0].size)  # no data.size: their own
+        latents = ad.encode_images(ad.preprocess(images, size))
         return self.capture_batch(latents, ids, self._cond(prompts))
 
     def capture_batch(self, latents: torch.Tensor, ids: list[str], cond: dict[str, Any]
@@ -181,7 +143,7 @@ class Extractor:
     # --- run -------------------------------------------------------------------------------------------------
     def _attrs(self) -> dict[str, Any]:
         p = self.plan
-        prov = dict(p.provenance)
+        prov = p.provenance()
         return {
             "model": str(prov.get("model", "")),
             "model_class": type(self.adapter.pipe).__name__,
@@ -189,7 +151,7 @@ class Extractor:
             "family": self.adapter.family,
             "dataset": str(prov.get("dataset", "")),
             "config": yaml.safe_dump(prov.get("config", {}), sort_keys=False),
-            "identity": json.dumps(p.identity, sort_keys=True),
+            "identity": json.dumps(p.identity(), sort_keys=True),
             "seed": int(p.seed),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "package_version": str(prov.get("package_version", "")),
@@ -214,10 +176,11 @@ class Extractor:
             if owner is not None:
                 raise StoreError(locked_message(path, owner)) from e
             raise StoreError(f"{path} exists but is not a readable store ({e}); delete it or choose another output")
-        if stored != self.plan.identity:
-            keys = sorted(set(stored or {}) | set(self.plan.identity))
-            diff = [k for k in keys if (stored or {}).get(k) != self.plan.identity.get(k)]
-            detail = "; ".join(f"{k}: file has {(stored or {}).get(k)!r}, config has {self.plan.identity.get(k)!r}"
+        ours = self.plan.identity()
+        if stored != ours:
+            keys = sorted(set(stored or {}) | set(ours))
+            diff = [k for k in keys if (stored or {}).get(k) != ours.get(k)]
+            detail = "; ".join(f"{k}: file has {(stored or {}).get(k)!r}, config has {ours.get(k)!r}"
                                for k in diff)
             raise StoreError(f"{path} was written with a different config ({detail}); refusing to append. "
                              "Choose another output path or delete the file.")

@@ -16,8 +16,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from extraction.config import field, plain
 
 T = TypeVar("T")
+
+# ``field`` (a dataclass field with help text and bounds) and ``plain`` live in the extraction stage, whose configs
+# (``extraction.config``, ``sae.config``) use them without importing ``revelio``; the metadata is read here.
+to_dict = plain  # the config as plain YAML-able data (dataclasses -> dicts, tuples -> lists, paths -> str)
 
 
 class RevelioError(Exception):
@@ -26,25 +31,6 @@ class RevelioError(Exception):
 
 class ConfigError(RevelioError, ValueError):
     """A config that does not fit its schema; the message says what to pass instead."""
-
-
-def field(default: Any = dataclasses.MISSING, *, help: str = "", default_factory: Any = dataclasses.MISSING,
-          min: float | None = None, max: float | None = None, above: float | None = None, below: float | None = None,
-          nonempty: bool = False):
-    """A dataclass field with a help string shown by ``revelio <cmd> --help``.
-
-    ``min``/``max`` (inclusive) and ``above``/``below`` (exclusive) bound a number, or every element of a
-    list; ``nonempty`` refuses an empty list. A value outside is a ConfigError naming the key, raised
-    when the config is loaded (before any model or data set is touched). None (where the type allows
-    it) is never checked.
-    """
-    bounds = {k: v for k, v in (("min", min), ("max", max), ("above", above), ("below", below)) if v is not None}
-    kw: dict[str, Any] = {"metadata": {"help": help, "bounds": bounds, "nonempty": nonempty}}
-    if default_factory is not dataclasses.MISSING:
-        kw["default_factory"] = default_factory
-    else:
-        kw["default"] = default
-    return dataclasses.field(**kw)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -184,19 +170,6 @@ def check_range(value: Any, f: dataclasses.Field, where: str) -> None:
     rule = _outside(value, bounds)
     if rule:
         raise ConfigError(f"{where}: {value!r} is out of range; it must be {rule}")
-
-
-def to_dict(obj: Any) -> Any:
-    """The config as plain YAML-able data (dataclasses -> dicts, tuples -> lists, paths -> str)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

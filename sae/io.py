@@ -10,6 +10,9 @@ Saved weights act on RAW activations: the input normalisation x_n = s x is folde
 the same codes and a reconstruction in raw units. ``cfg.json`` keeps s (``norm_scale``) and
 ``load`` unfolds it again, restoring the unit-norm decoder of training.
 
+``cfg.json`` also records the SAE's config (``sae.config.SAEConfig``, resolved; ``architecture`` as
+``revelio_architecture``, since SAELens owns ``architecture``); ``load`` reads it back into ``model.config``.
+
 An SAE over several timesteps records them (``timesteps`` in cfg.json; ``timestep`` is the first).
 A timestep-aware one (``timestep_conditioning: scale_bias``) also holds ``t_scale`` and ``t_bias``
 [T, d_sae] in the safetensors: it is not a SAELens SAE. The base tensors are still written in
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,8 @@ from safetensors import SafetensorError
 from extraction.files import OutputError, fix_mode, make_tmp, write_failed
 from safetensors.torch import load_file, save_file
 
-from .model import ARCHITECTURES, SparseAutoencoder
+from .config import ARCHITECTURES, SAEConfig
+from .model import SparseAutoencoder
 
 WEIGHTS = "sae_weights.safetensors"  # SAELens 6's file name
 LEGACY_WEIGHTS = "sae.safetensors"  # Revelio before format_version 2
@@ -93,7 +98,7 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
                                      "dataset_path": extra.get("dataset"), "trained_with": "revelio"}.items()
                    if v is not None}}
     for stale in ("architecture", "k", "rescale_acts_by_decoder_norm", "activation_fn_str", "activation_fn_kwargs",
-                  "hook_name", "timesteps", "timestep_conditioning", "saelens_compatible", "saelens_note"):
+                  "hook_name", "timesteps", "saelens_compatible", "saelens_note"):
         extra.pop(stale, None)  # a loaded folder's cfg passed back in: the model decides these
     cfg = {
         **extra,  # what the caller records (hook, timestep, source store, ...); the keys below describe the weights
@@ -104,17 +109,14 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
         "reshape_activations": "none",
         "metadata": metadata,
         **saelens,
-        # Revelio's own
+        # Revelio's own: the SAE's config (sae.config.SAEConfig, resolved; read back by SAEConfig.from_cfg_json)
         "format_version": FORMAT_VERSION,
-        "revelio_architecture": model.architecture, "k": model.k,
+        **model.config.to_cfg_json(),
         "norm_scale": s, "norm_folded": True,
         "threshold": thr,
-        "matryoshka_prefixes": model.prefixes,
-        "k_aux": model.k_aux, "aux_coef": model.aux_coef, "dead_after": model.dead_after,
     }
     if model.timesteps:
         cfg["timesteps"] = list(model.timesteps)
-        cfg["timestep_conditioning"] = model.timestep_conditioning
         cfg.setdefault("timestep", model.timesteps[0])
     if model.conditioned:
         cfg["saelens_compatible"] = False
@@ -261,12 +263,10 @@ def load(folder: str | Path, device: str | torch.device = "cpu", d_in: int | Non
             if tuple(t[name].shape) != (len(timesteps), d_sae):
                 raise SAEFileError(f"{wfile}: {name} has shape {tuple(t[name].shape)}, expected "
                                    f"{(len(timesteps), d_sae)} ({len(timesteps)} timesteps x d_sae)")
-    try:
-        model = SparseAutoencoder(saved_in, d_sae, k, architecture=arch,
-                                  matryoshka=cfg.get("matryoshka_prefixes") or (),
-                                  k_aux=cfg.get("k_aux"), aux_coef=cfg.get("aux_coef", 1 / 32),
-                                  dead_after=cfg.get("dead_after", 10_000_000), timesteps=timesteps,
-                                  timestep_conditioning=cond)
+    try:  # the config cfg.json records (keys older or SAELens folders lack: defaults), with the weights' facts
+        config = SAEConfig.from_cfg_json(cfg)
+        config = replace(config, d_sae=d_sae, k=k, architecture=arch, timestep_conditioning=cond)
+        model = SparseAutoencoder.from_config(saved_in, config, timesteps=timesteps)
     except (TypeError, ValueError) as e:  # architecture, matryoshka prefixes, k_aux ... that do not fit
         raise SAEFileError(f"{folder / CONFIG}: {e}") from e
     s = float(cfg.get("norm_scale", 1.0)) if cfg.get("norm_folded", False) else 1.0

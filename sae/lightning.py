@@ -8,10 +8,11 @@ threshold are reduced across ranks here, so every rank keeps identical counters.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -20,6 +21,7 @@ from extraction.files import make_tmp
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
+from .config import SAEConfig
 from .metrics import EvalAccumulator, log10_density
 from .model import SparseAutoencoder
 
@@ -28,40 +30,47 @@ class SAEModule(L.LightningModule):
     """Trains a ``SparseAutoencoder`` on batches of (activations, store rows).
 
     Args:
-        d_in: activation width (from the data). d_sae: dictionary size, or expansion * d_in when None.
-        k, architecture, matryoshka, k_aux, aux_coef, dead_after: see ``SparseAutoencoder``.
-        b_dec_init: "mean", "geometric_median" or "zeros"; normalize: scale inputs to mean norm sqrt(d_in).
-        init_samples: data samples used for b_dec and the normalisation constant.
-        lr: Adam learning rate; None = 2e-4 / sqrt(d_sae / 2^14) (Gao et al.).
-        warmup_steps: linear lr warm-up; decay_fraction: linear decay to 0 over this last share of max_steps.
-        hist_every: steps between density / decoder-norm histograms (0: never).
-        encoder_init: "lstsq", "unit" or "sparsify" (see ``SparseAutoencoder``).
-        timesteps, timestep_conditioning: see ``SparseAutoencoder``; ``timesteps`` is the data module's list
-        (several timesteps pooled), batches then carry the timestep index of each sample.
+        d_in: activation width (from the data).
+        config: the SAE's settings, a ``sae.config.SAEConfig`` (``revelio sae fit``'s ``model.*`` section), or
+        its keys as keywords (``SAEModule(d_in=64, expansion=4, k=8)``): d_sae (or expansion * d_in), k,
+        architecture, matryoshka, k_aux, aux_coef, dead_after, encoder_init (see ``SparseAutoencoder``);
+        b_dec_init ("mean", "geometric_median", "zeros"); normalize (scale inputs to mean norm sqrt(d_in));
+        init_samples (data samples used for b_dec and the normalisation constant); lr (Adam; None = 2e-4 /
+        sqrt(d_sae / 2^14), Gao et al.); warmup_steps (linear lr warm-up); decay_fraction (linear decay to 0
+        over this last share of max_steps); hist_every (steps between density / decoder-norm histograms, 0:
+        never); timestep_conditioning (see ``SparseAutoencoder``).
+        seed: of the initial weights. timesteps: the data module's list (several timesteps pooled), batches
+        then carry the timestep index of each sample.
         BatchTopK: the inference threshold is calibrated (``SparseAutoencoder.calibrate_threshold``) on
         ``init_samples`` held-out samples before every checkpoint, every validation and when training ends.
     """
 
-    def __init__(self, d_in: int, expansion: int = 16, d_sae: int | None = None, k: int = 32,
-                 architecture: Literal["topk", "batchtopk"] = "topk", matryoshka: list[int] | None = None,
-                 k_aux: int | None = None, aux_coef: float = 1 / 32, dead_after: int = 10_000_000,
-                 b_dec_init: Literal["mean", "geometric_median", "zeros"] = "geometric_median",
-                 normalize: bool = True, init_samples: int = 16384, lr: float | None = None,
-                 warmup_steps: int = 100, decay_fraction: float = 0.0, hist_every: int = 500, seed: int = 0,
-                 encoder_init: Literal["lstsq", "unit", "sparsify"] = "lstsq", timesteps: list[int] | None = None,
-                 timestep_conditioning: Literal["none", "scale_bias"] = "none"):
+    def __init__(self, d_in: int, config: SAEConfig | None = None, seed: int = 0, timesteps: list[int] | None = None,
+                 **settings: Any):
+        if config is not None and settings:
+            raise TypeError(f"pass the SAE's settings as config or as keywords, not both (got {sorted(settings)})")
+        cfg = config if config is not None else self.config_of(**settings)
         super().__init__()
-        self.save_hyperparameters()
-        d_sae = d_sae or expansion * d_in
-        self.sae = SparseAutoencoder(d_in, d_sae, k, architecture, matryoshka or (), k_aux, aux_coef, dead_after, seed,
-                                     encoder_init=encoder_init, timesteps=timesteps,
-                                     timestep_conditioning=timestep_conditioning)
+        # flat, as the keyword form lists them (checkpoints keep this layout; load_from_checkpoint rebuilds it)
+        self.save_hyperparameters({"d_in": d_in, **dataclasses.asdict(cfg), "seed": seed, "timesteps": timesteps})
+        self.sae = SparseAutoencoder.from_config(d_in, cfg, seed, timesteps)
+        self.config = self.sae.config  # resolved for d_in; what cfg.json records
+        d_sae, lr = self.config.d_sae, self.config.lr
         self.lr = lr if lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("window_fires", torch.zeros(d_sae, dtype=torch.float64))  # fires since last histogram
         self.register_buffer("window_samples", torch.zeros((), dtype=torch.float64))
         self._val: EvalAccumulator | None = None
+
+    @staticmethod
+    def config_of(**settings: Any) -> SAEConfig:
+        """``SAEConfig(**settings)``; a misspelt key is a TypeError that lists the valid ones."""
+        try:
+            return SAEConfig(**settings)
+        except TypeError as e:
+            names = [f.name for f in dataclasses.fields(SAEConfig)]
+            raise TypeError(f"{e}; the SAE's settings are the SAEConfig keys {', '.join(names)}") from None
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -72,15 +81,15 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"timesteps mismatch: the model has timesteps {self.sae.timesteps}, the data "
                              f"{dm.timesteps}")
         if not bool(self.initialized):
-            x = dm.sample(self.hparams.init_samples)
-            self.sae.init_from_data(x, self.hparams.b_dec_init, self.hparams.normalize)
+            x = dm.sample(self.config.init_samples)
+            self.sae.init_from_data(x, self.config.b_dec_init, self.config.normalize)
             self.initialized.fill_(True)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        warm = max(1, self.hparams.warmup_steps)
+        warm = max(1, self.config.warmup_steps)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
-        decay = int(self.hparams.decay_fraction * total) if total else 0
+        decay = int(self.config.decay_fraction * total) if total else 0
 
         def factor(step: int) -> float:
             f = min(1.0, (step + 1) / warm)
@@ -108,7 +117,7 @@ class SAEModule(L.LightningModule):
         self.samples_seen += int(n)
         if hasattr(self.trainer.datamodule, "mark_consumed"):
             self.trainer.datamodule.mark_consumed()
-        if self.hparams.hist_every:  # per-rank counts; summed over ranks when the histogram is drawn
+        if self.config.hist_every:  # per-rank counts; summed over ranks when the histogram is drawn
             self.window_fires += out["fires"].double()
             self.window_samples += x.shape[0]
         self.log_dict({"train/loss": out["loss"].detach(), "train/fvu": out["fvu"],
@@ -132,7 +141,7 @@ class SAEModule(L.LightningModule):
         self.sae.set_decoder_unit_norm()  # before any checkpoint of this step is written
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        every = self.hparams.hist_every
+        every = self.config.hist_every
         if every and self.global_step % every == 0 and self.global_step > 0:
             self._log_histograms()
 
@@ -188,7 +197,7 @@ class SAEModule(L.LightningModule):
         if self.sae.architecture != "batchtopk" or self.trainer is None or self.trainer.datamodule is None:
             return
         if getattr(self, "_calib_x", None) is None:
-            self._calib_x = self._calibration_sample(self.trainer.datamodule, self.hparams.init_samples, with_t=True)
+            self._calib_x = self._calibration_sample(self.trainer.datamodule, self.config.init_samples, with_t=True)
         x, tix = self._calib_x
         self.sae.calibrate_threshold(x.to(self.device), t_index=tix.to(self.device))
 

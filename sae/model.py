@@ -28,12 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Architecture = Literal["topk", "batchtopk"]
-ARCHITECTURES = ("topk", "batchtopk")
-EncoderInit = Literal["lstsq", "unit", "sparsify"]
-ENCODER_INITS = ("lstsq", "unit", "sparsify")
-TimestepConditioning = Literal["none", "scale_bias"]
-TIMESTEP_CONDITIONINGS = ("none", "scale_bias")
+from .config import (ARCHITECTURES, ENCODER_INITS, TIMESTEP_CONDITIONINGS, Architecture, EncoderInit, SAEConfig,
+                     TimestepConditioning)
 
 
 @dataclass
@@ -178,13 +174,17 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"encoder_init {encoder_init!r} is not one of {list(ENCODER_INITS)}")
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
-        prefixes = sorted(set(int(m) for m in matryoshka) | {d_sae}) if matryoshka else [d_sae]
+        # the settings as one SAEConfig, resolved (k_aux, prefixes); ``from_config`` keeps its training keys too
+        self.config = SAEConfig(d_sae=d_sae, k=k, architecture=architecture, matryoshka=list(matryoshka), k_aux=k_aux,
+                                aux_coef=aux_coef, dead_after=dead_after, encoder_init=encoder_init,
+                                timestep_conditioning=timestep_conditioning).resolved(d_in)
+        prefixes = self.config.matryoshka
         if prefixes[0] <= 0 or prefixes[-1] != d_sae:
             raise ValueError(f"matryoshka prefixes must lie in [1, d_sae={d_sae}], got {list(matryoshka)}")
         self.d_in, self.d_sae, self.k = d_in, d_sae, k
         self.architecture = architecture
         self.prefixes = prefixes
-        self.k_aux = k_aux if k_aux is not None else max(1, d_in // 2)
+        self.k_aux = self.config.k_aux
         self.aux_coef = aux_coef
         self.dead_after = dead_after
         self.encoder_init = encoder_init
@@ -210,6 +210,17 @@ class SparseAutoencoder(nn.Module):
             self.t_scale = nn.Parameter(torch.ones(len(self.timesteps), d_sae))
             self.t_bias = nn.Parameter(torch.zeros(len(self.timesteps), d_sae))
         self.cfg: dict = {}  # filled by ``sae.load`` from cfg.json (hook, timestep, source store, ...)
+
+    @classmethod
+    def from_config(cls, d_in: int, config: SAEConfig, seed: int = 0,
+                    timesteps: list[int] | tuple[int, ...] | None = None) -> SparseAutoencoder:
+        """The SAE ``config`` describes, for inputs of width ``d_in``; ``.config`` is it, resolved (``sae.io.save``
+        writes it to cfg.json). ``timesteps``: those it is trained on (the data's)."""
+        r = config.resolved(d_in)
+        model = cls(d_in, r.d_sae, r.k, r.architecture, r.matryoshka, r.k_aux, r.aux_coef, r.dead_after, seed,
+                    encoder_init=r.encoder_init, timesteps=timesteps, timestep_conditioning=r.timestep_conditioning)
+        model.config = r
+        return model
 
     @property
     def conditioned(self) -> bool:

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
+from .config import SAEConfig
 from .data import StoreDataModule
 from .io import SAEFileError, load, read_cfg, read_config, save
 from .lightning import SAEModule
@@ -80,7 +81,7 @@ def check_metrics(res: dict[str, Any], dm: StoreDataModule, rows: np.ndarray, wh
 
 
 def fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | Path,
-        model: dict[str, Any] | None = None,
+        model: SAEConfig | dict[str, Any] | None = None,
         data: dict[str, Any] | None = None, trainer: dict[str, Any] | None = None, checkpoint_every_n_steps: int = 1000,
         wandb_mode: str = "offline", project: str = "revelio-sae", run_name: str | None = None, csv: bool = True,
         ckpt_path: str | None = None, seed: int = 0) -> dict[str, Any]:
@@ -90,8 +91,8 @@ def fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | 
     "scale_bias" adds a learned per-timestep scale and bias of the pre-activations); the held-out metrics
     then include ``per_timestep``.
 
-    ``model``, ``data`` and ``trainer`` are keyword arguments of ``SAEModule``, ``StoreDataModule`` and
-    ``lightning.Trainer``. ``ckpt_path`` resumes a run exactly. Returns paths and held-out metrics.
+    ``model`` is the SAE's config (``sae.config.SAEConfig``, or its keys as a dict); ``data`` and ``trainer``
+    are keyword arguments of ``StoreDataModule`` and ``lightning.Trainer``. ``ckpt_path`` resumes a run exactly. Returns paths and held-out metrics.
     The run holds ``out_dir``'s writer lock: a second ``fit`` into the same folder is refused.
     """
     with hold_output(out_dir):
@@ -99,22 +100,21 @@ def fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | 
                     project, run_name, csv, ckpt_path, seed)
 
 
-def _fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | Path, model: dict[str, Any] | None,
+def _fit(store: str | Path, hook: str, timestep: int | list[int], out_dir: str | Path,
+         model: SAEConfig | dict[str, Any] | None,
          data: dict[str, Any] | None, trainer: dict[str, Any] | None, checkpoint_every_n_steps: int,
          wandb_mode: str, project: str, run_name: str | None, csv: bool, ckpt_path: str | None,
          seed: int) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True, verbose=False)
-    model = dict(model or {})
-    if model.get("timestep_conditioning", "none") != "none" and not isinstance(timestep, (list, tuple)):
-        raise ValueError(f"model.timestep_conditioning {model['timestep_conditioning']!r} needs several timesteps "
+    config = model if isinstance(model, SAEConfig) else SAEModule.config_of(**(model or {}))
+    if config.timestep_conditioning != "none" and not isinstance(timestep, (list, tuple)):
+        raise ValueError(f"model.timestep_conditioning {config.timestep_conditioning!r} needs several timesteps "
                          "(data.timesteps, e.g. [25, 250, 500])")
     dm = StoreDataModule(str(store), hook, timestep, seed=seed, **(data or {}))
     dm.setup("fit")
-    if dm.with_t:
-        model["timesteps"] = dm.timesteps
-    module = SAEModule(d_in=dm.d_in, seed=seed, **model)
+    module = SAEModule(dm.d_in, config, seed=seed, timesteps=dm.timesteps if dm.with_t else None)
     tkw = {"max_steps": 1000, "log_every_n_steps": 10, **(trainer or {})}
     if tkw.get("strategy") in ("ddp", "ddp_spawn"):
         # Ranks keep identical buffers by explicit reductions; DDP's per-forward buffer broadcast would also

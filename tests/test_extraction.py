@@ -14,8 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plan(tmp_path, **kw):
-    base = dict(hooks=["mid_block"], timesteps=[25], out=str(tmp_path) + "/a.h5", size=32, batch_size=4,
-                progress=False, identity={"test": kw.get("capture", "output")})
+    base = dict(hooks=["mid_block"], timesteps=[25], out=str(tmp_path) + "/a.h5", data={"size": 32}, batch_size=4,
+                progress=False, storage_dtype="float32")
     base.update(kw)
     return ExtractionPlan(**base)
 
@@ -168,10 +168,31 @@ def test_batch_size_independence_and_complete_rerun(tiny_sd, tmp_path, capsys):
 
 
 def test_different_config_is_refused(tiny_sd, tmp_path):
+    """A Python caller's plan computes its identity itself: another config is refused, a new batch size is not."""
     ds = _shapes(2)
-    Extractor(tiny_sd, _plan(tmp_path, identity={"timesteps": [25]})).run(ds, tmp_path / "a.h5")
+    Extractor(tiny_sd, _plan(tmp_path, batch_size=1)).run(ds, tmp_path / "a.h5")
     with pytest.raises(StoreError, match=r"timesteps: file has \[25\], config has \[50\]"):
-        Extractor(tiny_sd, _plan(tmp_path, timesteps=[50], identity={"timesteps": [50]})).run(ds, tmp_path / "a.h5")
+        Extractor(tiny_sd, _plan(tmp_path, timesteps=[50])).run(ds, tmp_path / "a.h5")
+    with pytest.raises(StoreError, match=r"storage_dtype: file has 'float32', config has 'float16'"):
+        Extractor(tiny_sd, _plan(tmp_path, storage_dtype="float16")).run(ds, tmp_path / "a.h5")
+    with pytest.raises(StoreError, match=r"data: file has \{'size': 32\}"):
+        Extractor(tiny_sd, _plan(tmp_path, data={"size": 32, "name": "other"})).run(ds, tmp_path / "a.h5")
+    again = Extractor(tiny_sd, _plan(tmp_path, batch_size=3, out="elsewhere.h5", progress=True)).run(ds, tmp_path / "a.h5")
+    assert again.already_complete
+
+
+def test_plan_identity_and_provenance():
+    """The keys that do not change the stored arrays stay out of the identity; the plan names its sources."""
+    plan = ExtractionPlan(model={"id": "m", "dtype": "float32", "device": "cuda:3"}, data={"name": "d", "size": 48},
+                          hooks=["mid_block"], timesteps=[5], batch_size=7, out="x.h5", progress=False)
+    ident = plan.identity()
+    assert ident["model"] == {"id": "m", "dtype": "float32"} and ident["data"] == {"name": "d", "size": 48}
+    assert not {"batch_size", "out", "progress"} & set(ident) and ident["timesteps"] == [5]
+    prov = plan.provenance()
+    assert prov["model"] == "m" and prov["dataset"] == "d" and prov["config"]["batch_size"] == 7
+    assert plan.size == 48 and ExtractionPlan().size is None
+    bare = ExtractionPlan().identity()  # a plan with no model or data section still records every data key
+    assert bare["model"] is None and bare["storage_dtype"] == "float16" and bare["hooks"] == ["mid_block", "up_blocks.1"]
 
 
 def test_unreadable_images_are_skipped_and_recorded(tiny_sd, tmp_path, capsys):
@@ -236,3 +257,23 @@ def test_compressed_float16_store_reads_back(tiny_sd, tmp_path):
         np.testing.assert_allclose(y, x, rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="none, gzip, lzf"):
         _plan(tmp_path, compression="zstd").validate()
+
+
+def test_cli_config_is_the_plan():
+    """``revelio extract``'s config is the stage's plan: the same keys and defaults, only model/data typed by the CLI,
+    and the identity a store records is the one stores written before this class was shared hold."""
+    import dataclasses
+
+    from revelio.config import load
+    from revelio.extraction_config import ExtractConfig
+
+    assert issubclass(ExtractConfig, ExtractionPlan) and set(ExtractConfig.__annotations__) == {"model", "data"}
+    assert [f.name for f in dataclasses.fields(ExtractConfig)] == [f.name for f in dataclasses.fields(ExtractionPlan)]
+    cfg = load(ExtractConfig, overrides={"hooks": ["up_blocks.1"], "batch_size": 3, "model": {"device": "cuda"}})
+    assert cfg.storage_dtype == ExtractionPlan().storage_dtype == "float16" and cfg.size == 64
+    assert cfg.identity() == {
+        "model": {"id": "tiny-sd", "dtype": "float32"},
+        "data": {"name": "shapes", "path": None, "size": 64, "count": 256, "split": "train", "seed": 0,
+                 "label": "shape", "caption_template": "a photo of a {label}"},
+        "hooks": ["up_blocks.1"], "timesteps": [25], "capture": "output", "pooling": "none", "prompt": "empty",
+        "template": "a photo of a {label}", "storage_dtype": "float16", "compression": "none", "seed": 0}

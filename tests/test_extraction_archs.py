@@ -244,7 +244,7 @@ def test_other_families_extract_end_to_end(kind, tmp_path):
     hook = {"sdxl": "up_blocks.0", "pixart": "transformer_blocks.1", "dit": "transformer_blocks.1",
             "tiny-sd3": "transformer_blocks.3"}[kind]
     prompt, template = ("template", "{label_id}") if kind == "dit" else ("caption", "")
-    plan = ExtractionPlan(hooks=[hook], timesteps=[25, 600], out="", size=32, batch_size=3, progress=False,
+    plan = ExtractionPlan(hooks=[hook], timesteps=[25, 600], out="", data={"size": 32}, batch_size=3, progress=False,
                           prompt=prompt, template=template, pooling="none")
     ds = Shapes(size=32, count=3, seed=0)
     s = Extractor(pipe, plan).run(ds, tmp_path / "s.h5")

@@ -112,3 +112,13 @@ def test_no_benchmark_script_shadows_a_package():
     assert packages >= {"extraction", "sae", "probes", "revelio"}
     scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
     assert not scripts & packages, f"benchmark scripts named like packages: {sorted(scripts & packages)}"
+
+
+def test_stage_configs_are_light():
+    """Each stage owns its config in a module that imports neither torch nor h5py (``--help`` reads them)."""
+    code = ("import sys\nimport extraction.config, sae.config, revelio.extraction_config\n"
+            "print(','.join(m for m in ('torch', 'h5py', 'lightning', 'diffusers', 'safetensors') if m in sys.modules)"
+            " or '-')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "-", f"a stage config imported {r.stdout.strip()}"

@@ -544,3 +544,64 @@ def test_timestep_aware_batchtopk_threshold_calibrates_on_modulated_preacts():
     assert float((z > 0).sum(1).float().mean()) == pytest.approx(4, abs=0.02)
     assert float((z[tix == 1] > 0).sum(1).float().mean()) > float((z[tix == 0] > 0).sum(1).float().mean())
     assert float(m.loss(x, t_index=tix)["l0"]) == pytest.approx(4, abs=0.02)
+
+
+# ---- the SAE's config: one dataclass, also cfg.json -----------------------------------------------------------
+def test_config_is_cfg_json_and_reads_back(tmp_path):
+    """``SAEConfig`` -> model -> folder -> ``SAEConfig``: cfg.json records the resolved config (architecture under
+    ``revelio_architecture``, SAELens's ``architecture`` beside it) and ``load`` gives it back."""
+    from sae.config import SAEConfig
+
+    cfg = SAEConfig(expansion=3, k=4, architecture="batchtopk", matryoshka=[10], aux_coef=0.1, dead_after=500,
+                    encoder_init="unit", lr=1e-3, warmup_steps=7, decay_fraction=0.5, hist_every=0, init_samples=64,
+                    b_dec_init="mean", normalize=False)
+    m = SparseAutoencoder.from_config(8, cfg, seed=1)
+    assert (m.d_sae, m.k, m.architecture, m.prefixes, m.k_aux, m.encoder_init) == (24, 4, "batchtopk", [10, 24], 4,
+                                                                                  "unit")
+    want = SAEConfig(**{**cfg.__dict__, "d_sae": 24, "k_aux": 4, "matryoshka": [10, 24]})
+    assert m.config == cfg.resolved(8) == want and want.resolved(8) == want  # resolving twice changes nothing
+    folder = sae.save(m, tmp_path / "sae", extra={"hook": "mid_block", "timestep": 25})
+    raw = json.loads((folder / "cfg.json").read_text())
+    assert raw["revelio_architecture"] == "batchtopk" and raw["architecture"] == "topk"  # no threshold yet: SAELens topk
+    assert raw["matryoshka_prefixes"] == [10, 24] and raw["lr"] == 1e-3 and raw["d_sae"] == 24
+    assert SAEConfig.from_cfg_json(raw) == want
+    back = sae.load(folder)
+    assert back.config == want and back.prefixes == [10, 24] and back.encoder_init == "unit"
+
+
+def test_config_of_older_folders_keeps_defaults(tmp_path):
+    """A cfg.json without the config's training keys (format 1, SAELens) reads back with their defaults."""
+    from sae.config import SAEConfig
+
+    old = {"format_version": 1, "d_in": 6, "d_sae": 12, "k": 2, "architecture": "topk", "k_aux": None,
+           "matryoshka_prefixes": None, "aux_coef": 0.05, "norm_scale": 1.0, "hook": "mid_block"}
+    got = SAEConfig.from_cfg_json(old)
+    assert (got.d_sae, got.k, got.aux_coef, got.k_aux, got.matryoshka, got.lr) == (12, 2, 0.05, None, [], None)
+    assert got.architecture == "topk" and got.warmup_steps == SAEConfig().warmup_steps
+    m = SparseAutoencoder(6, 12, 2)
+    sae.save(m, tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    for key in ("expansion", "lr", "warmup_steps", "hist_every", "b_dec_init"):  # write the new keys, then drop them
+        cfg.pop(key)
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    assert sae.load(tmp_path / "s").config == SAEConfig(d_sae=12, k=2).resolved(6)
+
+
+def test_module_and_cli_use_the_one_config():
+    """The Lightning module takes the config (or its keys, as before) and keeps flat hyper-parameters; the CLI's
+    model section is the class itself."""
+    import typing
+
+    from revelio.commands.sae import SAEFitConfig
+    from sae.config import SAEConfig
+    from sae.lightning import SAEModule
+
+    assert typing.get_type_hints(SAEFitConfig)["model"] is SAEConfig
+    a = SAEModule(16, SAEConfig(expansion=2, k=3, lr=0.01))
+    b = SAEModule(d_in=16, expansion=2, k=3, lr=0.01)
+    assert a.config == b.config == a.sae.config and a.config.d_sae == 32 and a.lr == b.lr == 0.01
+    assert a.hparams["k"] == 3 and a.hparams["d_in"] == 16 and "timesteps" in a.hparams
+    with pytest.raises(TypeError, match="SAEConfig keys expansion, d_sae, k"):
+        SAEModule(16, expanson=2)
+    with pytest.raises(TypeError, match="not both"):
+        SAEModule(16, SAEConfig(), k=3)

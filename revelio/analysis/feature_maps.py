@@ -73,7 +73,7 @@ def store_feature_maps(store: Any, model: Any, rows: Sequence[int] | np.ndarray,
 
 
 def extract_config(store: Any) -> Any:
-    """The extraction config a store was written with (``revelio extract``'s dataclass)."""
+    """The extraction config a store was written with (``revelio extract``'s dataclass, which is also its plan)."""
     from ..extraction_config import ExtractConfig
 
     return from_dict(ExtractConfig, store.config)
@@ -102,7 +102,7 @@ def store_samples(store: Any, rows: Sequence[int], dataset: ImageDataset | None 
 class OnTheFly:
     """Feature maps computed live from a pipeline, with the same preprocessing, prompt and noise as extraction.
 
-    ``plan`` is an ``extraction.run.ExtractionPlan``; ``OnTheFly.from_store`` rebuilds the one a
+    ``plan`` is an ``extraction.config.ExtractionPlan``; ``OnTheFly.from_store`` rebuilds the one a
     store was written with, so maps match the stored ones exactly.
     """
 
@@ -118,10 +118,7 @@ class OnTheFly:
 
     @classmethod
     def from_store(cls, pipe: Any, model: Any, store: Any) -> OnTheFly:
-        from ..extraction_config import plan_from_config
-
-        cfg = extract_config(store)
-        otf = cls(pipe, model, plan_from_config(cfg))
+        otf = cls(pipe, model, extract_config(store))
         otf.class_names = list(store_dataset(store).class_names)
         return otf
 

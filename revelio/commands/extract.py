@@ -1,6 +1,7 @@
 """``revelio extract``: cache per-layer, per-timestep activations of a diffusion model to HDF5.
 
-The config and the run live in ``revelio/extraction_config.py`` (below the commands, so analysis can use them).
+The config is the extraction stage's plan (``extraction/config.py``), with the model and data-set sections
+of ``revelio/extraction_config.py`` (below the commands, so analysis can use it).
 """
 
 from __future__ import annotations
@@ -8,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..cli import command
-from ..extraction_config import NON_IDENTITY, ExtractConfig, ModelConfig, extract, plan_from_config
+from ..extraction_config import NON_IDENTITY, ExtractConfig, ModelConfig, extract
 
-__all__ = ["NON_IDENTITY", "ExtractConfig", "ModelConfig", "extract_cmd", "plan_from_config"]
+__all__ = ["NON_IDENTITY", "ExtractConfig", "ModelConfig", "extract_cmd"]
 
 
 @command("extract", ExtractConfig)

@@ -1,8 +1,8 @@
 """``revelio sae fit`` and ``revelio sae eval``: train k-sparse autoencoders on an activation store.
 
 The config follows LightningCLI's layout: ``trainer`` (every lightning.Trainer argument), ``model``
-(``sae.lightning.SAEModule``) and ``data`` (``sae.data.StoreDataModule``), plus ``logging``,
-``out``, ``ckpt_path`` and ``seed``.
+(``sae.lightning.SAEModule``'s settings: the stage's ``sae.config.SAEConfig`` itself, which cfg.json records)
+and ``data`` (``sae.data.StoreDataModule``), plus ``logging``, ``out``, ``ckpt_path`` and ``seed``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from sae.config import SAEConfig
 
 from ..cli import command
 from ..config import field, to_dict
@@ -103,32 +105,6 @@ def trainer_kwargs(cfg: SAETrainerConfig) -> dict:
 
 
 @dataclass
-class SAEModelConfig:
-    expansion: int = field(16, min=1, help="d_sae = expansion * d_in (when d_sae is null)")
-    d_sae: int | None = field(None, min=1, help="dictionary size; overrides expansion")
-    k: int = field(32, min=1, help="active latents per sample")
-    architecture: Literal["topk", "batchtopk"] = field("topk", help="topk | batchtopk")
-    matryoshka: list[int] = field(default_factory=list, min=1, help="Matryoshka prefix sizes, e.g. [512, 2048]; [] = off")
-    k_aux: int | None = field(None, min=1, help="AuxK latents (null: d_in // 2)")
-    aux_coef: float = field(1 / 32, min=0, help="AuxK loss weight")
-    dead_after: int = field(10_000_000, min=1, help="samples without firing after which a latent is dead")
-    b_dec_init: Literal["mean", "geometric_median", "zeros"] = field("geometric_median", help="b_dec init from a data sample")
-    normalize: bool = field(True, help="scale inputs so that mean ||x|| = sqrt(d_in) (constant saved with the SAE)")
-    encoder_init: Literal["lstsq", "unit", "sparsify"] = field(
-        "lstsq", help="encoder start: tied rows of the least-squares length (lstsq), of unit norm (unit), or "
-                      "EleutherAI sparsify's nn.Linear init (sparsify)")
-    init_samples: int = field(16384, min=1, help="samples used for b_dec, the normalisation constant, the lstsq encoder "
-                                          "scale and the BatchTopK threshold calibration (held-out samples)")
-    lr: float | None = field(None, above=0, help="Adam lr (null: 2e-4 / sqrt(d_sae / 2^14))")
-    warmup_steps: int = field(100, min=0, help="linear lr warm-up steps")
-    decay_fraction: float = field(0.0, min=0, max=1, help="linear lr decay to 0 over this last share of max_steps")
-    hist_every: int = field(500, min=0, help="M: density and decoder-norm histograms every M steps (0: never)")
-    timestep_conditioning: Literal["none", "scale_bias"] = field(
-        "none", help="with several data.timesteps: none (one pooled SAE) or scale_bias (a learned per-timestep "
-                     "scale and bias of each latent's pre-activation, starting at the identity)")
-
-
-@dataclass
 class SAEDataConfig:
     store: str = field("", help="activation store (.h5) written by `revelio extract`")
     hook: str = field("", help="hook (module path) to train on")
@@ -158,7 +134,7 @@ class SAELoggingConfig:
 @dataclass
 class SAEFitConfig:
     trainer: SAETrainerConfig = field(default_factory=SAETrainerConfig, help="")
-    model: SAEModelConfig = field(default_factory=SAEModelConfig, help="")
+    model: SAEConfig = field(default_factory=SAEConfig, help="")
     data: SAEDataConfig = field(default_factory=SAEDataConfig, help="")
     logging: SAELoggingConfig = field(default_factory=SAELoggingConfig, help="")
     out: str = field("runs/sae", help="run folder: checkpoints/, csv/, wandb/, histograms/, sae/, metrics.json")
@@ -179,7 +155,7 @@ def sae_fit_cmd(cfg: SAEFitConfig) -> dict:
     timesteps = data.pop("timesteps")
     if timesteps:
         timestep = list(timesteps)
-    res = fit(store, hook, timestep, cfg.out, model=to_dict(cfg.model), data=data, trainer=trainer_kwargs(cfg.trainer),
+    res = fit(store, hook, timestep, cfg.out, model=cfg.model, data=data, trainer=trainer_kwargs(cfg.trainer),
               checkpoint_every_n_steps=cfg.logging.checkpoint_every_n_steps, wandb_mode=cfg.logging.wandb_mode,
               project=cfg.logging.project, run_name=cfg.logging.name, csv=cfg.logging.csv, ckpt_path=cfg.ckpt_path,
               seed=cfg.seed)
