@@ -5,8 +5,9 @@ For each synthetic store (written with the extraction writer, NCHW maps like the
 
 * raw h5py: ``read_direct`` of the whole dataset, 64 images per call, into one reused buffer;
 * np.memmap: the same bytes (the chunks lie back to back in the file) copied block by block;
-* the data module's shuffled training iterator: pooled, tokens, tokens with the token-major cache
-  (``token_cache``), each with 0 and 2 DataLoader workers,
+* the data module's shuffled training iterator: pooled, tokens from the store's shuffle buffers
+  (``token_cache=False``) and tokens from the pre-shuffled token cache (the default), each with 0 and 2
+  DataLoader workers; the one-off cache build is timed separately (``build s``),
 
 and prints tokens/s (pooled: vectors/s), MB/s of store bytes consumed and the ratio module / raw h5py,
 where the raw read is measured again right before and after each module figure (best of the two), so a
@@ -15,7 +16,7 @@ Each figure is the best of ``--passes`` whole passes (worker start-up included) 
 (every store is read once before). ``--rss`` adds the RSS growth
 during one training pass over a store 1x and 8x the size, in fresh processes, with the same shuffle buffer.
 
-    python benchmarks/sae_data.py [--images64 2048] [--images1280 512] [--batch 4096] [--rss]
+    python benchmarks/sae_data.py [--images64 2048] [--images1280 4096] [--batch 4096] [--rss]
 """
 
 from __future__ import annotations
@@ -95,14 +96,17 @@ def raw_memmap(path: Path, block: int = 64) -> float:
 
 
 def module_pass(path: Path, samples: str, workers: int, batch: int, token_cache: bool, passes: int,
-                chunk_images: int = 64, buffer_chunks: int = 4) -> tuple[float, int]:
-    """(best samples/s over ``passes`` whole shuffled training passes, samples per pass)."""
+                chunk_images: int = 64, buffer_chunks: int = 4) -> tuple[float, int, float]:
+    """(best samples/s over ``passes`` whole shuffled training passes, samples per pass, seconds of set-up,
+    which includes building the token cache when it does not exist yet)."""
     from sae.data import StoreDataModule
 
     dm = StoreDataModule(str(path), HOOK, T, samples=samples, batch_size=batch, val_fraction=0.1,
                          chunk_images=chunk_images, buffer_chunks=buffer_chunks, num_workers=workers,
                          check_finite=False, token_cache=token_cache, pin_memory=False)
+    t0 = time.perf_counter()
     dm.setup()
+    t_setup = time.perf_counter() - t0
     best, total = 0.0, 0
     for _ in range(passes):
         n, t0 = 0, time.perf_counter()
@@ -110,7 +114,7 @@ def module_pass(path: Path, samples: str, workers: int, batch: int, token_cache:
             n += x.shape[0]
         best = max(best, n / (time.perf_counter() - t0))
         total = n
-    return best, total
+    return best, total, t_setup
 
 
 def rss_child(path: str, samples: str, token_cache: bool) -> None:
@@ -133,7 +137,7 @@ def rss_child(path: str, samples: str, token_cache: bool) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images64", type=int, default=2048, help="images of the d_in 64 (16 x 16) stores")
-    p.add_argument("--images1280", type=int, default=512, help="images of the d_in 1280 (8 x 8) stores")
+    p.add_argument("--images1280", type=int, default=4096, help="images of the d_in 1280 (8 x 8) stores")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
@@ -160,22 +164,25 @@ def main() -> None:
                 raw_tok = n * hw * hw / t_h5
                 print(f"\nd_in {d_in}, {hw}x{hw} positions, {dtype}: {n} images, {path.stat().st_size / 2**20:.0f} MiB "
                       f"(HDF5 chunks of 16 images)")
-                print(f"  {'reader':<34} {'tokens/s':>12} {'MB/s':>6} {'raw beside':>11} {'ratio':>6}")
+                print(f"  {'reader':<34} {'tokens/s':>12} {'MB/s':>6} {'raw beside':>11} {'ratio':>6} {'build s':>8}")
                 print(f"  {'raw h5py read_direct':<34} {raw_tok:>12,.0f} {n * img_bytes / t_h5 / 1e6:>6.0f}")
                 print(f"  {'np.memmap copy':<34} {n * hw * hw / t_mm:>12,.0f} {n * img_bytes / t_mm / 1e6:>6.0f} "
                       f"{raw_tok:>11,.0f} {t_h5 / t_mm:>6.2f}")
+                for f in path.parent.glob(path.name + ".tokens/*"):  # the first cache pass builds it: timed
+                    f.unlink()
                 for samples, cache in (("pooled", False), ("tokens", False), ("tokens", True)):
                     for w in args.workers:
                         b = args.batch if samples == "tokens" else max(1, min(args.batch, n // 16))
                         t_before = raw_h5py(path)
-                        rate, _ = module_pass(path, samples, w, b, cache, args.passes)
+                        rate, _, t_setup = module_pass(path, samples, w, b, cache, args.passes)
                         near = n * hw * hw / min(t_before, raw_h5py(path))  # raw read measured right beside it
                         per = tok_bytes if samples == "tokens" else img_bytes
                         tok_rate = rate if samples == "tokens" else rate * hw * hw  # store tokens consumed
-                        name = f"{samples}{' +token_cache' if cache else ''}, {w} workers"
+                        name = f"{samples}{' +token_cache' if cache else ' buffers' if samples == 'tokens' else ''}, {w} workers"
                         unit = "" if samples == "tokens" else " vec"
                         print(f"  module {name:<27} {rate:>12,.0f}{unit} {rate * per / 1e6:>{6 - len(unit)}.0f} "
-                              f"{near:>11,.0f} {tok_rate / near:>6.2f}")
+                              f"{near:>11,.0f} {tok_rate / near:>6.2f}"
+                              + (f" {t_setup:>8.2f}" if cache else ""))
                 print(f"  load average now {os.getloadavg()[0]:.1f}")
                 cache_dir = path.with_name(path.name + ".tokens")
                 for f in cache_dir.glob("*"):

@@ -1,7 +1,11 @@
 """Streaming activations of one hook at one or several timesteps out of an activation store, with bounded memory.
 
 Samples are either one pooled vector per image or every spatial position / DiT token of an
-image. The train / validation split is by image. Shuffling: the training images are cut into
+image. The train / validation split is by image.
+
+Training tokens are read by default from the pre-shuffled token cache (``sae/token_cache.py``): written
+once next to the store, a batch is then a few contiguous reads. What follows is the stream used for
+pooled samples, for validation and with ``token_cache=False`` (no extra disk): the training images are cut into
 chunks of ``chunk_images`` consecutive rows; each epoch visits the chunks in a seeded random
 order, ``buffer_chunks`` at a time (the shuffle buffer), and shuffles the samples inside the
 buffer; batches are gathered from it with one ``index_select``. At most two buffers (one being
@@ -22,10 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-import json
 import mmap
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,9 @@ import torch
 from extraction.store import open_store
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
+
+from . import token_cache as _tc
+from .token_cache import _alloc
 
 log = logging.getLogger(__name__)
 
@@ -103,78 +108,6 @@ def _transpose(src: np.ndarray, dst: np.ndarray, tile: int = 32) -> None:
         np.copyto(dst[:, :, c:c + tile], src[:, c:c + tile, :].transpose(0, 2, 1))
 
 
-def token_cache_path(store: str | Path, hook: str, t: int) -> Path:
-    """Where the token-major copy of an NCHW (hook, t) of ``store`` lives: ``<store>.tokens/<hook>.t<T>.npy``."""
-    store = Path(store)
-    return store.with_name(store.name + ".tokens") / f"{hook}.t{int(t)}.npy"
-
-
-def _store_stamp(store: Path, shape: tuple[int, ...], dtype: np.dtype) -> dict:
-    s = store.stat()
-    return {"store_size": s.st_size, "store_mtime_ns": s.st_mtime_ns, "shape": list(shape), "dtype": str(dtype)}
-
-
-def build_token_cache(store: str | Path, hook: str, t: int, block_images: int = 256) -> Path:
-    """Write (once) the tokens of an NCHW (hook, t) as a token-major ``.npy`` (rows x H*W, C), storage dtype.
-
-    A derived, deletable file next to the store (same size as that array in the store), written atomically
-    (temporary file, then rename) and rebuilt when the store changes (size / mtime / shape recorded in a
-    ``.json`` beside it). The store itself stays the HDF5 file users open; this copy only exists so the
-    training stream can gather tokens straight from the page cache without the per-epoch NCHW transpose.
-    """
-    store = Path(store)
-    out = token_cache_path(store, hook, t)
-    meta = out.with_suffix(".json")
-    with open_store(store) as st:
-        ds = st._ds(hook, t)
-        if st.layout(hook, t) != "NCHW":
-            raise ValueError(f"{store}: {hook} t={t} has layout {st.layout(hook, t)}; only NCHW maps need a token "
-                             "cache (token-major layouts are read in place)")
-        stamp = _store_stamp(store, ds.shape, ds.dtype)
-        if out.exists() and meta.exists():
-            try:
-                if json.loads(meta.read_text()) == stamp:
-                    return out
-            except (OSError, ValueError):
-                pass
-        out.parent.mkdir(parents=True, exist_ok=True)
-        n, C = ds.shape[0], ds.shape[1]
-        P = int(np.prod(ds.shape[2:]))
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=ds.dtype, shape=(n * P, C))
-            buf = np.empty((min(block_images, n), *ds.shape[1:]), ds.dtype)
-            for lo in range(0, n, block_images):
-                hi = min(n, lo + block_images)
-                ds.read_direct(buf, np.s_[lo:hi], np.s_[0:hi - lo])
-                _transpose(buf[:hi - lo].reshape(hi - lo, C, P), arr[lo * P:hi * P].reshape(hi - lo, P, C))
-            arr.flush()
-            del arr
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        fd, tmpm = tempfile.mkstemp(dir=out.parent, prefix=f".{meta.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(stamp, fh)
-        os.replace(tmpm, meta)
-    return out
-
-
-def _map_npy(path: str | Path) -> tuple[np.ndarray, mmap.mmap, int]:
-    """A private mapping of a 2-D ``.npy`` file: (array view, mapping, byte offset of the data)."""
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fh)
-        if fortran or len(shape) != 2:
-            raise ValueError(f"{path} is not a C-order 2-D token cache")
-        base = fh.tell()
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-    return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)), offset=base).reshape(shape), mm, base
-
-
 class _Source:
     """Blocks of one (hook, t) array, read as whole row ranges: samples in rows, storage dtype for tokens.
 
@@ -185,7 +118,7 @@ class _Source:
     read with ``read_direct`` per run of rows.
     """
 
-    def __init__(self, st, hook: str, t: int, samples: str, token_cache: str | None = None):
+    def __init__(self, st, hook: str, t: int, samples: str):
         self.path = str(st.path)
         self.ds = st._ds(hook, t)
         self.layout, self.samples = st.layout(hook, t), samples
@@ -199,16 +132,6 @@ class _Source:
         self.token_major = samples == "tokens" and self.layout in ("NTC", "NC")  # rows are (positions, C) already
         self._fd: int | None = None  # token-major bytes are read with preadv into the buffer (no page faults)
         self.row_bytes = int(np.prod(shape[1:])) * self.ds.dtype.itemsize
-        if samples == "tokens" and token_cache is not None and self.layout == "NCHW":
-            tm, self._mm, base = _map_npy(token_cache)
-            if tm.shape != (shape[0] * self.P, self.C) or tm.dtype != self.ds.dtype:
-                raise ValueError(f"token cache {token_cache} has shape {tm.shape} {tm.dtype}, the store's {hook} t={t} "
-                                 f"needs {(shape[0] * self.P, self.C)} {self.ds.dtype}; delete it to rebuild")
-            self.seg_rows, self.offsets = np.array([0]), [base]
-            self.row_bytes = self.P * self.C * tm.dtype.itemsize
-            self.views, self.token_major = [tm.reshape(shape[0], self.P, self.C)], True
-            self._fd = os.open(token_cache, os.O_RDONLY)
-            return
         m = _map_dataset(self.path, self.ds)
         if m is not None:
             segments, self._mm = m
@@ -305,16 +228,6 @@ class _Source:
             self._mm = None
 
 
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An empty tensor; in a DataLoader worker directly in shared memory (sent to the main process
-    without the extra copy torch would make)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(int(np.prod(shape)))
-    return proto.new(storage).view(shape)
-
-
 class _Stream(IterableDataset):
     """Batches of (activations (B, C), store rows (B,)) from ``chunks`` of image rows.
 
@@ -325,14 +238,13 @@ class _Stream(IterableDataset):
 
     def __init__(self, path: str, hook: str, t: int | list[int], samples: str, chunks: list[np.ndarray],
                  per_image: int, batch_size: int, buffer_chunks: int, shuffle: bool, seed: int, rank: int = 0,
-                 world: int = 1, token_cache: str | list[str | None] | None = None, chunk_t: list[int] | None = None):
+                 world: int = 1, chunk_t: list[int] | None = None):
         self.path, self.hook, self.samples = path, hook, samples
         # several timesteps: ``chunk_t[c]`` is the timestep index of chunk c and batches carry the index
         self.with_t = isinstance(t, (list, tuple))
         self.ts = [int(v) for v in t] if self.with_t else [int(t)]
         self.t = self.ts[0]
         self.chunk_t = list(chunk_t) if chunk_t is not None else [0] * len(chunks)
-        self.token_cache = list(token_cache) if isinstance(token_cache, (list, tuple)) else [token_cache] * len(self.ts)
         self.chunks, self.per_image, self.batch_size = chunks, per_image, batch_size
         self.buffer_chunks, self.shuffle, self.seed = buffer_chunks, shuffle, seed
         self.rank, self.world = rank, world
@@ -369,7 +281,7 @@ class _Stream(IterableDataset):
             srcs = {}
             try:
                 for i in used:
-                    srcs[i] = _Source(st, self.hook, self.ts[i], self.samples, self.token_cache[i])
+                    srcs[i] = _Source(st, self.hook, self.ts[i], self.samples)
                 if not self.shuffle:
                     for g in groups:
                         x, rows, tix = self._read_group(srcs, g)
@@ -485,7 +397,7 @@ class _EpochLoader(DataLoader):
         self._position = position
 
     def __iter__(self):
-        self.dataset.epoch, self.dataset.start = self._position()
+        self.dataset.epoch, self.dataset.start = self._position(self.dataset)
         return super().__iter__()
 
 
@@ -505,15 +417,20 @@ class StoreDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes; pin_memory: None = when a GPU is used.
         check_finite: scan the split once for NaN/inf; nonfinite: "fail" (error naming the image ids) or "skip".
         seed: split and shuffle seed.
-        token_cache: for tokens of NCHW maps, write once (``build_token_cache``) and read a token-major copy
-            next to the store, so batches are gathered from the page cache without a transpose per epoch.
+        token_cache: tokens only: write once a token-major copy of the training tokens in a seeded random order
+            next to the store (``sae/token_cache.py``) and read each training batch from it as
+            ``runs_per_batch`` contiguous runs (the fast path; costs the training part of the array in disk
+            space). False: the shuffle-buffer stream straight from the store (no extra disk). Pooled
+            samples and validation always read the store.
+        runs_per_batch: contiguous runs per batch on the token cache (more: batches vary more between epochs).
     """
 
     def __init__(self, store: str, hook: str, timestep: int | list[int], samples: SampleMode = "pooled",
                  batch_size: int = 4096,
                  val_fraction: float = 0.1, chunk_images: int = 64, buffer_chunks: int = 16, num_workers: int = 0,
                  pin_memory: bool | None = None, check_finite: bool = True,
-                 nonfinite: Literal["fail", "skip"] = "fail", seed: int = 0, token_cache: bool = False):
+                 nonfinite: Literal["fail", "skip"] = "fail", seed: int = 0, token_cache: bool = True,
+                 runs_per_batch: int = 8):
         super().__init__()
         if samples not in SAMPLE_MODES:
             raise ValueError(f"samples {samples!r} is not one of {list(SAMPLE_MODES)}")
@@ -533,8 +450,10 @@ class StoreDataModule(L.LightningDataModule):
         self.chunk_images, self.buffer_chunks = chunk_images, buffer_chunks
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.check_finite, self.nonfinite, self.seed = check_finite, nonfinite, seed
-        self.token_cache = token_cache
-        self._cache_path: list[str | None] | None = None
+        if runs_per_batch < 1:
+            raise ValueError(f"runs_per_batch must be >= 1, got {runs_per_batch}")
+        self.token_cache, self.runs_per_batch = token_cache, runs_per_batch
+        self._cache: tuple | None = None  # (tokens path, meta path, description) of the shuffled token cache
         self._resume: tuple[int, int] | None = None
         self.position = [0, 0]  # [epoch, batches consumed in it]
         self._epoch_counter = -1
@@ -571,14 +490,19 @@ class StoreDataModule(L.LightningDataModule):
                 st, self.hook, self.timestep, rows[:1], "tokens")[0])
             if self.check_finite:
                 rows = self._drop_nonfinite(st, rows)
-        if self.token_cache and self.samples == "tokens" and self.layout == "NCHW":
-            self._cache_path = [str(build_token_cache(self.store, self.hook, t)) for t in self.timesteps]
         perm = _rng(self.seed, 7).permutation(len(rows))
         n_val = int(round(self.val_fraction * len(rows))) if self.val_fraction > 0 else 0
         if self.val_fraction > 0 and len(rows) > 1:
             n_val = min(max(n_val, 1), len(rows) - 1)
         self.val_rows = np.sort(rows[perm[:n_val]])
         self.train_rows = np.sort(rows[perm[n_val:]])
+        if self.token_cache and self.samples == "tokens":
+            try:
+                self._cache = _tc.build(self.store, self.hook, self.timesteps, self.train_rows, self.seed)
+            except OSError as e:  # a read-only folder, a full disk: the buffer stream needs no extra files
+                log.warning("cannot write the token cache next to %s (%s); reading batches from the store's "
+                            "shuffle buffers instead", self.store, e)
+                self._cache = None
         self._ready = True
 
     @property
@@ -636,14 +560,20 @@ class StoreDataModule(L.LightningDataModule):
         """Batches of (activations, rows[, timestep index]) over ``rows``: the shuffled training stream, or in
         order (timestep by timestep)."""
         rank, world = self._dist()
-        ds = _Stream(self.store, self.hook, self.timesteps if self.with_t else self.timestep, self.samples,
-                     self._chunks(rows), self.per_image, self.batch_size, self.buffer_chunks, shuffle, self.seed, rank,
-                     world, self._cache_path, self._chunk_t(rows))
+        if shuffle and self._cache is not None and np.array_equal(rows, self.train_rows):
+            ds = _tc.CacheStream(*self._cache, batch_size=self.batch_size, runs_per_batch=self.runs_per_batch,
+                                 seed=self.seed, with_t=self.with_t, rank=rank, world=world,
+                                 threads=self.num_workers)
+        else:
+            ds = _Stream(self.store, self.hook, self.timesteps if self.with_t else self.timestep, self.samples,
+                         self._chunks(rows), self.per_image, self.batch_size, self.buffer_chunks, shuffle, self.seed,
+                         rank, world, self._chunk_t(rows))
         pin = self.pin_memory
         if pin is None:  # pin only when batches go to a GPU
             pin = (self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator" if self.trainer is not None
                    else torch.cuda.is_available())
-        kw = dict(num_workers=self.num_workers, pin_memory=pin)
+        # the token cache reads with threads in this process (CacheStream.threads), not worker processes
+        kw = dict(num_workers=0 if isinstance(ds, _tc.CacheStream) else self.num_workers, pin_memory=pin)
         if shuffle:
             return _EpochLoader(ds, self._next_position, **kw)
         return DataLoader(ds, batch_size=None, **kw)
@@ -653,6 +583,11 @@ class StoreDataModule(L.LightningDataModule):
             raise ValueError(f"{len(self.train_rows)} training images x {self.per_image} samples each is less than one "
                              f"batch ({self.batch_size}); lower data.batch_size or use data.samples tokens")
         loader = self.loader(self.train_rows, shuffle=True)
+        if isinstance(loader.dataset, _tc.CacheStream):
+            if loader.dataset.batches_per_shard(0, loader.dataset.world) == 0:
+                raise ValueError(f"{loader.dataset.N} training tokens make no full batch of {self.batch_size} on each of "
+                                 f"{loader.dataset.world} ranks; lower data.batch_size")
+            return loader
         shards = loader.dataset.world * max(1, self.num_workers)
         if loader.dataset.batches_per_shard(0, shards) == 0:
             raise ValueError(f"{len(self.train_rows)} training images in chunks of {self.chunk_images}, "
@@ -664,16 +599,28 @@ class StoreDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_rows, shuffle=False)
 
-    def _next_position(self) -> tuple[int, int]:
-        """(epoch, batches already consumed) for the pass that is starting."""
-        epoch = self.trainer.current_epoch if self.trainer is not None else self._epoch_counter + 1
-        self._epoch_counter = epoch
-        start = 0
-        if self._resume is not None and self._resume[0] == epoch:
-            start = self._resume[1]
+    def _next_position(self, ds=None) -> tuple[int, int]:
+        """(epoch, batches already consumed) for the pass that is starting.
+
+        The data epoch is this module's own count of passes (restored from a checkpoint), not the trainer's
+        epoch: resumed from a checkpoint taken on the last batch of an epoch, Lightning (which cannot know
+        the length of an iterable stream) first finishes that epoch with an empty pass and then counts one
+        epoch more than the uninterrupted run; the data stream must go on with the next epoch either way."""
+        epoch, start = self._epoch_counter + 1, 0
+        if self._resume is not None:
+            epoch, start = self._resume
+            if ds is not None and start >= self._batches_per_rank(ds, epoch):  # that epoch was finished
+                epoch, start = epoch + 1, 0
         self._resume = None
+        self._epoch_counter = epoch
         self.position = [epoch, start]
         return epoch, start
+
+    def _batches_per_rank(self, ds, epoch: int) -> int:
+        if isinstance(ds, _tc.CacheStream):
+            return ds.batches_per_shard(epoch, ds.world)
+        workers = max(1, self.num_workers)
+        return ds.batches_per_shard(epoch, ds.world * workers) * workers
 
     def mark_consumed(self) -> None:
         """Called by the training step once per batch: the data position a checkpoint records."""

@@ -16,7 +16,9 @@ from scipy import stats
 
 import sae.data
 from extraction.store import ActSpec, Batch, StoreWriter, create_store, open_store
-from sae.data import StoreDataModule, _map_dataset, build_token_cache, token_cache_path
+from sae import token_cache as _tc
+from sae.data import StoreDataModule, _map_dataset
+from sae.token_cache import CacheStream
 
 HOOK = "h"
 
@@ -68,11 +70,11 @@ def nchw(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("nchw") / "nchw.h5", 96, (8, 4, 4), "NCHW")
 
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_batches_mix_images_and_positions(nchw, cache):
-    """Chi-square tests on the first batches: images of the buffer and positions are drawn evenly."""
+def test_batches_mix_images_and_positions(nchw):
+    """The shuffle-buffer stream: chi-square tests on the first batches: images of the buffer and positions
+    are drawn evenly."""
     dm = StoreDataModule(str(nchw), HOOK, 25, samples="tokens", batch_size=192, val_fraction=0.25,
-                         chunk_images=4, buffer_chunks=6, check_finite=False, token_cache=cache)
+                         chunk_images=4, buffer_chunks=6, check_finite=False, token_cache=False)
     dm.setup()
     assert len(np.intersect1d(dm.train_rows, dm.val_rows)) == 0 and len(dm.val_rows) == 24
     ds = dm.loader(dm.train_rows, shuffle=True).dataset
@@ -97,16 +99,17 @@ def test_batches_mix_images_and_positions(nchw, cache):
 
 
 def test_every_read_path_yields_the_same_batches(nchw, tmp_path):
-    """Mapped chunks, h5py reads of a gzip store, the token cache and 2 workers: identical batches, which
-    are the store's tokens; a resumed pass is the exact tail."""
+    """The shuffle-buffer stream over mapped chunks and h5py reads of a gzip store, 0 and 2 workers:
+    identical batches, which are the store's tokens; a resumed pass is the exact tail."""
     gz = make_store(tmp_path / "gz.h5", 96, (8, 4, 4), "NCHW", compression="gzip")
     with h5py.File(gz) as f, h5py.File(nchw) as g:
         assert _map_dataset(str(gz), f["acts/h/t25"]) is None and _map_dataset(str(nchw), g["acts/h/t25"]) is not None
         np.testing.assert_array_equal(f["acts/h/t25"][...], g["acts/h/t25"][...])
-    kw = dict(samples="tokens", batch_size=100, val_fraction=0.1, chunk_images=8, buffer_chunks=2, check_finite=False)
+    kw = dict(samples="tokens", batch_size=100, val_fraction=0.1, chunk_images=8, buffer_chunks=2, check_finite=False,
+              token_cache=False)
     runs = {}
-    for name, store, cache in (("map", nchw, False), ("h5py", gz, False), ("cache", nchw, True)):
-        dm = StoreDataModule(str(store), HOOK, 25, token_cache=cache, **kw)
+    for name, store in (("map", nchw), ("h5py", gz)):
+        dm = StoreDataModule(str(store), HOOK, 25, **kw)
         dm.setup()
         runs[name] = epoch(dm)
         tail = epoch(dm, start=5)
@@ -114,25 +117,19 @@ def test_every_read_path_yields_the_same_batches(nchw, tmp_path):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(ra, rb)
         assert len(tail) == len(runs[name]) - 5
-        if cache:  # 2 workers gather into shared memory: a fixed round-robin, resumed exactly
+        if name == "map":  # 2 workers gather into shared memory: a fixed round-robin, resumed exactly
             two, two_tail = epoch(dm, workers=2), epoch(dm, start=3, workers=2)
             assert len(two_tail) == len(two) - 3 > 0
             for (a, ra), (b, rb) in zip(two[3:], two_tail):
                 np.testing.assert_array_equal(a, b)
                 np.testing.assert_array_equal(ra, rb)
-    for name in ("h5py", "cache"):
-        for (a, ra), (b, rb) in zip(runs["map"], runs[name]):
-            np.testing.assert_array_equal(ra, rb)
-            np.testing.assert_array_equal(a, b)
+    assert len(runs["map"]) == len(runs["h5py"])
+    for (a, ra), (b, rb) in zip(runs["map"], runs["h5py"]):
+        np.testing.assert_array_equal(ra, rb)
+        np.testing.assert_array_equal(a, b)
     x, r = runs["map"][0]
     assert x.dtype == np.float32 and len(set(r)) > 4
     positions(nchw, x, r)  # each sample is a token of the image it names
-    assert token_cache_path(nchw, HOOK, 25).exists()
-    # the cache follows the store: rewriting the store rebuilds it
-    stamp = token_cache_path(nchw, HOOK, 25).with_suffix(".json").read_text()
-    os.utime(nchw, ns=(1, 1))
-    build_token_cache(nchw, HOOK, 25)
-    assert token_cache_path(nchw, HOOK, 25).with_suffix(".json").read_text() != stamp
 
 
 def _mapping_rss(path: Path) -> int:
@@ -159,7 +156,7 @@ def test_memory_is_one_buffer_on_a_store_many_buffers_large(tmp_path, monkeypatc
     monkeypatch.setattr(sae.data._Source, "block",
                         lambda self, rows, out=None: blocks.append(len(rows)) or real(self, rows, out))
     dm = StoreDataModule(str(store), HOOK, 25, samples="tokens", batch_size=512, val_fraction=0.1,
-                         chunk_images=8, buffer_chunks=2, check_finite=False)
+                         chunk_images=8, buffer_chunks=2, check_finite=False, token_cache=False)
     dm.setup()
     buffer_bytes = 16 * 64 * 192 * 4
     peak, n = 0, 0
@@ -179,7 +176,7 @@ def _ddp_rank(rank: int, world: int, store: str, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         dm = StoreDataModule(store, HOOK, 25, samples="tokens", batch_size=64, val_fraction=0.1, chunk_images=4,
-                             buffer_chunks=2, check_finite=False)
+                             buffer_chunks=2, check_finite=False, token_cache=False)
         dm.setup()
         res = []
         for e in (0, 1):
@@ -195,7 +192,7 @@ def _ddp_rank(rank: int, world: int, store: str, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_read_disjoint_images_every_epoch(nchw, tmp_path):
-    """2 gloo processes: in every epoch the ranks' images are disjoint, cover the training split (minus the
+    """The shuffle-buffer stream, 2 gloo processes: in every epoch the ranks' images are disjoint, cover the training split (minus the
     few samples an equal batch count drops) and both ranks step the same number of batches."""
     import socket
 
@@ -269,7 +266,7 @@ def test_timesteps_pooled_and_mixed_in_batches(multi_t):
     proportions (chi-square), independently of the position; an epoch visits every (image, t, position)
     at most once; a resumed pass is the exact tail; validation covers the held-out images at every t."""
     dm = StoreDataModule(str(multi_t), HOOK, list(TS), samples="tokens", batch_size=192, val_fraction=0.25,
-                         chunk_images=4, buffer_chunks=6, check_finite=True)
+                         chunk_images=4, buffer_chunks=6, check_finite=True, token_cache=False)
     dm.setup()
     assert dm.with_t and dm.timesteps == list(TS) and dm.timestep == 25
     ds = dm.loader(dm.train_rows, shuffle=True).dataset
@@ -316,30 +313,120 @@ def test_timesteps_pooled_and_mixed_in_batches(multi_t):
         StoreDataModule(str(multi_t), HOOK, [25, 25])
 
 
-def test_timesteps_token_cache_and_workers_give_the_same_stream(multi_t):
-    """The token cache (one per timestep) yields the same batches as the mapped store; 2 workers yield
-    correctly labelled samples and resume exactly."""
-    kw = dict(samples="tokens", batch_size=100, val_fraction=0.1, chunk_images=8, buffer_chunks=2,
-              check_finite=False)
-    runs = {}
-    for cache in (False, True):
-        dm = StoreDataModule(str(multi_t), HOOK, list(TS), token_cache=cache, **kw)
-        dm.setup()
-        runs[cache] = epoch_t(dm)
-    assert len(runs[True]) == len(runs[False]) > 0
-    for a, b in zip(runs[False], runs[True]):
-        for u, v in zip(a, b):
-            np.testing.assert_array_equal(u, v)
-    assert all(token_cache_path(multi_t, HOOK, t).exists() for t in TS)
-    two, two_tail = epoch_t(dm, workers=2), epoch_t(dm, start=3, workers=2)
-    assert len(two_tail) == len(two) - 3 > 0
-    for a, b in zip(two[3:], two_tail):
-        for u, v in zip(a, b):
-            np.testing.assert_array_equal(u, v)
-    for x, r, ti in two:
-        rows, tix, _ = decode(x)
+def test_token_cache_batches_mix_images_positions_and_timesteps(multi_t):
+    """The default tokens path reads the pre-shuffled cache: each sample is labelled right (values encode
+    row, t, position), no held-out image is in it, an epoch visits every training (image, t, position)
+    exactly once, batches draw images, positions and timesteps evenly and independently (chi-square),
+    epochs recombine the runs into new batches, resume is exact and 2 reader threads give the same stream."""
+    dm = StoreDataModule(str(multi_t), HOOK, list(TS), samples="tokens", batch_size=192, val_fraction=0.25,
+                         check_finite=False)
+    dm.setup()
+    loader = dm.loader(dm.train_rows, shuffle=True)
+    assert isinstance(loader.dataset, CacheStream) and loader.dataset.R == 8 and loader.dataset.L == 24
+    batches = epoch_t(dm)
+    n_train = len(dm.train_rows)
+    assert n_train == 72 and len(batches) == 72 * 3 * 16 // 192
+    keys = []
+    for x, r, ti in batches:
+        rows, tix, pos = decode(x)
         np.testing.assert_array_equal(rows, r)
         np.testing.assert_array_equal(tix, ti)
+        assert not np.isin(r, dm.val_rows).any()
+        assert len(np.unique(r)) >= 55  # 192 draws from 72 images touch about 67 of them
+        keys.append(rows * 10000 + tix * 100 + pos)
+    allk = np.concatenate(keys)
+    assert len(np.unique(allk)) == len(allk) == n_train * 3 * 16  # every training sample once
+    x = np.concatenate([b[0] for b in batches[:6]])  # 1152 samples: 16 per image, 72 per position, 384 per t
+    rows, tix, pos = decode(x)
+    assert stats.chisquare(np.bincount(np.searchsorted(dm.train_rows, rows), minlength=n_train)).pvalue > 1e-3
+    assert stats.chisquare(np.bincount(pos, minlength=16)).pvalue > 1e-3
+    assert stats.chisquare(np.bincount(tix, minlength=3)).pvalue > 1e-3
+    assert stats.chi2_contingency(np.stack([np.bincount(pos[tix == i] // 4, minlength=4) for i in range(3)])
+                                  ).pvalue > 1e-3
+    half = np.isin(rows, dm.train_rows[:36])
+    assert stats.chi2_contingency(np.stack([np.bincount(pos[half] // 4, minlength=4),
+                                            np.bincount(pos[~half] // 4, minlength=4)])).pvalue > 1e-3
+    other = epoch_t(dm, epoch=1)
+    sets0 = {frozenset(k.tolist()) for k in keys}
+    assert not sets0 & {frozenset((decode(x)[0] * 10000 + decode(x)[1] * 100 + decode(x)[2]).tolist())
+                        for x, _, _ in other}
+    tail = epoch_t(dm, start=5)
+    assert len(tail) == len(batches) - 5
+    for a, b in zip(batches[5:], tail):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    for start in (0, 3):
+        two = epoch_t(dm, start=start, workers=2)
+        assert len(two) == len(batches) - start
+        for a, b in zip(batches[start:], two):
+            for u, v in zip(a, b):
+                np.testing.assert_array_equal(u, v)
+    val = [tuple(a.numpy() for a in b) for b in dm.val_dataloader()]  # validation reads the store, in order
+    assert set(np.concatenate([v[1] for v in val])) == set(dm.val_rows)
+
+
+def test_token_cache_follows_the_store_and_the_split_and_survives_bad_folders(tmp_path, caplog):
+    """The cache is built once; a rewritten store or another split gets a new one (the old is removed); a small
+    bucket budget (many buckets, the external shuffle's two passes) writes the same bytes; the cache holds
+    exactly the training tokens; where it cannot be written, training reads the store's shuffle buffers."""
+    store = make_store(tmp_path / "s.h5", 40, (8, 4, 4), "NCHW")
+    dm = StoreDataModule(str(store), HOOK, 25, samples="tokens", batch_size=32, check_finite=False)
+    dm.setup()
+    data, meta, info = dm._cache
+    assert info["n"] == len(dm.train_rows) * 16 and info["C"] == 8 and info["dtype"] == "float32"
+    tok, m = np.load(data), np.load(meta)
+    with open_store(store) as st:
+        want, want_rows = st.tokens(HOOK, 25, dm.train_rows)
+    order = np.lexsort(tok.T[::-1])
+    worder = np.lexsort(want.T[::-1])
+    np.testing.assert_array_equal(tok[order], want[worder])  # the same tokens, shuffled
+    np.testing.assert_array_equal(m[order], want_rows[worder])  # each with its store row
+    assert not np.array_equal(tok, want)
+    again, _, _ = _tc.build(store, HOOK, [25], dm.train_rows, 0, bucket_bytes=8 * 4 * 50, block_images=4)
+    assert again == data  # already there: not rebuilt
+    data.unlink()
+    small, small_meta, _ = _tc.build(store, HOOK, [25], dm.train_rows, 0, bucket_bytes=8 * 4 * 50, block_images=4,
+                                     progress=False)
+    np.testing.assert_array_equal(np.load(small), tok)  # 13 buckets of 50 tokens: the same permutation
+    np.testing.assert_array_equal(np.load(small_meta), m)
+    dm1 = StoreDataModule(str(store), HOOK, 25, samples="tokens", batch_size=32, check_finite=False, seed=1)
+    dm1.setup()
+    assert dm1._cache[0] != data and not data.exists()  # another split: its own cache, the old one removed
+    os.utime(store, ns=(1, 1))
+    dm1b = StoreDataModule(str(store), HOOK, 25, samples="tokens", batch_size=32, check_finite=False, seed=1)
+    dm1b.setup()
+    assert dm1b._cache[0] != dm1._cache[0]  # the store changed: rebuilt
+    assert [p.name for p in data.parent.glob("*.json")] == [dm1b._cache[0].name[:-4] + ".json"]  # one cache left
+    blocked = make_store(tmp_path / "b.h5", 40, (8, 4, 4), "NCHW")
+    (tmp_path / "b.h5.tokens").write_text("not a folder")
+    dmb = StoreDataModule(str(blocked), HOOK, 25, samples="tokens", batch_size=32, check_finite=False)
+    with caplog.at_level("WARNING"):
+        dmb.setup()
+    assert dmb._cache is None and "cannot write the token cache" in caplog.text
+    assert len(list(dmb.train_dataloader())) == len(dmb.train_rows) * 16 // 32
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_token_cache_memory_is_one_batch_on_a_large_store(tmp_path):
+    """A 72 MiB store read through the cache: no page of the cache is mapped into this process and resident
+    memory grows by a few batches (393 KiB each) at most, with and without reader threads."""
+    import psutil
+
+    store = make_store(tmp_path / "big.h5", 1536, (192, 8, 8), "NCHW")
+    dm = StoreDataModule(str(store), HOOK, 25, samples="tokens", batch_size=512, val_fraction=0.1, check_finite=False)
+    dm.setup()
+    proc = psutil.Process()
+    for workers in (0, 2):
+        dm.num_workers = workers
+        before = peak = proc.memory_info().rss
+        n = 0
+        for x, _ in dm.loader(dm.train_rows, shuffle=True):
+            peak = max(peak, proc.memory_info().rss)
+            n += len(x)
+            assert _mapping_rss(dm._cache[0]) == 0
+        assert n == len(dm.train_rows) * 64 // 512 * 512
+        assert peak - before < 16 << 20, (workers, peak - before)
+    assert store.stat().st_size > 64 << 20
 
 
 def _ddp_rank_t(rank: int, world: int, store: str, port: int, out: str) -> None:

@@ -38,7 +38,7 @@ def test_stream_splits_by_image_shuffles_and_resumes(sd_store, monkeypatch):
     real_block = sae.data._Source.block
     monkeypatch.setattr(sae.data._Source, "block", lambda self, rows, out=None: reads.append(len(rows)) or real_block(self, rows, out))
     dm = StoreDataModule(str(sd_store), "up_blocks.1", 25, samples="tokens", batch_size=100, val_fraction=0.2,
-                         chunk_images=2, buffer_chunks=3, seed=0)
+                         chunk_images=2, buffer_chunks=3, seed=0, token_cache=False)  # the shuffle-buffer stream
     dm.setup()
     assert dm.d_in == 64 and dm.per_image == 256
     assert len(np.intersect1d(dm.train_rows, dm.val_rows)) == 0 and len(dm.val_rows) == 5
@@ -168,11 +168,16 @@ def test_fit_cli_yaml_logs_checkpoints_and_eval(sd_store, tmp_path, capsys, one_
         run(["sae", "fit", "--config", str(YAML), "--model.kk", "3"])
 
 
-def test_resume_is_exact(sd_store, tmp_path, one_torch_thread):
-    """12 steps straight == 6 steps, checkpoint, resume for 6 more (crossing an epoch end mid-way)."""
+@pytest.mark.parametrize("samples", ["pooled", "tokens"])
+def test_resume_is_exact(sd_store, tmp_path, one_torch_thread, samples):
+    """12 steps straight == 6 steps, checkpoint, resume for 6 more (crossing an epoch end mid-way); tokens
+    read the pre-shuffled token cache (mid_block: 22 training images x 4 x 4 positions, 6 batches of 58), so
+    their step-6 checkpoint falls on the last batch of epoch 0 (Lightning then counts an extra epoch)."""
+    data = ({"samples": "pooled", "batch_size": 4, "chunk_images": 4, "buffer_chunks": 2} if samples == "pooled"
+            else {"samples": "tokens", "batch_size": 58})
     kw = dict(model={"expansion": 2, "k": 4, "lr": 3e-3, "warmup_steps": 4, "hist_every": 0, "dead_after": 40,
                      "init_samples": 256, "b_dec_init": "mean"},
-              data={"samples": "pooled", "batch_size": 4, "chunk_images": 4, "buffer_chunks": 2},
+              data=data,
               checkpoint_every_n_steps=6, wandb_mode="disabled", csv=False)
     tr = {"enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1}
     fit(sd_store, "mid_block", 25, tmp_path / "a", trainer={"max_steps": 12, **tr}, **kw)
@@ -181,7 +186,8 @@ def test_resume_is_exact(sd_store, tmp_path, one_torch_thread):
     a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 12
-    assert a["StoreDataModule"] == b["StoreDataModule"] == {"epoch": 2, "batches": 2}  # 5 batches per epoch
+    assert a["StoreDataModule"] == b["StoreDataModule"] == (
+        {"epoch": 2, "batches": 2} if samples == "pooled" else {"epoch": 1, "batches": 6})  # 5 / 6 batches an epoch
     for key, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], v, atol=1e-6, rtol=1e-5, msg=key)
     assert int(a["state_dict"]["sae.since_fired"].max()) > 0

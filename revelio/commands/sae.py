@@ -116,10 +116,13 @@ class SAEDataConfig:
     val_fraction: float = field(0.1, min=0, below=1, help="share of images held out (split by image)")
     chunk_images: int = field(64, min=1, help="images per read chunk")
     buffer_chunks: int = field(16, min=1, help="chunks per shuffle buffer (memory: chunk_images*buffer_chunks images)")
-    num_workers: int = field(0, min=0, help="DataLoader worker processes")
+    num_workers: int = field(0, min=0, help="DataLoader worker processes (reader threads on the token cache)")
     pin_memory: bool | None = field(None, help="pin host memory (null: when training on a GPU)")
     check_finite: bool = field(True, help="scan the store once for NaN/inf before training")
     nonfinite: Literal["fail", "skip"] = field("fail", help="on NaN/inf images: fail (listing ids) or skip them")
+    token_cache: bool = field(True, help="tokens: read training batches from a pre-shuffled token-major copy written "
+                                         "once next to the store (<store>.tokens/); false: the store's shuffle buffers")
+    runs_per_batch: int = field(8, min=1, help="token cache: contiguous runs per batch")
 
 
 @dataclass
