@@ -265,17 +265,19 @@ class CacheStream(IterableDataset):
                 for b in mine:
                     yield self._batch(fds, offset, order[b * self.R:(b + 1) * self.R], shared)
                 return
-            # reader threads (preadv releases the GIL): batches are read ahead in order, 2 per thread at most
+            # reader threads (preadv releases the GIL): batches are read ahead in order, in tasks of about 1 MiB
+            # (small batches one at a time would cost more in hand-offs than in reading)
+            per = max(1, -(-(1 << 20) // (self.batch_size * self.row_bytes)))
+            tasks = [mine[i:i + per] for i in range(0, len(mine), per)]
             with ThreadPoolExecutor(self.threads, thread_name_prefix="token-cache") as pool:
                 ahead: deque = deque()
-                it = iter(mine)
                 try:
-                    for b in it:
-                        ahead.append(pool.submit(self._batch, fds, offset, order[b * self.R:(b + 1) * self.R], False))
+                    for group in tasks:
+                        ahead.append(pool.submit(self._batches, fds, offset, order, group))
                         if len(ahead) >= 2 * self.threads:
-                            yield ahead.popleft().result()
+                            yield from ahead.popleft().result()
                     while ahead:
-                        yield ahead.popleft().result()
+                        yield from ahead.popleft().result()
                 finally:
                     for f in ahead:
                         f.cancel()
@@ -299,6 +301,9 @@ class CacheStream(IterableDataset):
                         raise OSError(f"token cache {self.data}: short read at row {lo}")
                     got += more
             at += k
+
+    def _batches(self, fds, offset: int, order: np.ndarray, group: np.ndarray) -> list[tuple]:
+        return [self._batch(fds, offset, order[b * self.R:(b + 1) * self.R], False) for b in group]
 
     def _batch(self, fds, offset: int, runs: np.ndarray, shared: bool) -> tuple:
         B, L = self.batch_size, self.L
