@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vae", default="", help="only judge real images after a round trip through this VAE folder "
                                                "(e.g. zoo_checkpoints/vae-seed0), then stop")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--ckpt", default="", help="judge the EMA weights of a training checkpoint of the (one) model "
+                                                "named by --models, assembled with --train-config's VAE")
+    ap.add_argument("--train-config", default="configs/zoo/train.yaml", help="the training config of --ckpt")
     args = ap.parse_args(argv)
+    if args.ckpt and len(args.models) != 1:
+        ap.error("--ckpt judges one model: name it with --models tiny-sd (or tiny-flux)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -108,8 +113,21 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     print(f"{'model':<10} {'pairs':<8} {'n':>4} {'colour':>7} {'shape':>7} {'both':>7} {'s/img':>6}")
     for model in args.models:
-        pipe = load_pipeline(model, random_init=args.random_init)
-        held = holdout_of(model)
+        if args.ckpt:
+            import yaml
+
+            from revelio.config import from_dict
+            from revelio.zoo.config import ZooTrainConfig
+            from revelio.zoo.train import pipeline_from_checkpoint
+
+            tcfg = from_dict(ZooTrainConfig, yaml.safe_load(Path(args.train_config).read_text()))
+            pipe, step = pipeline_from_checkpoint(model, tcfg, args.ckpt)
+            held = list(tcfg.holdout)
+            print(f"{model}: EMA weights of {args.ckpt} at step {step}")
+            report[f"{model}/step"] = step
+        else:
+            pipe = load_pipeline(model, random_init=args.random_init)
+            held = holdout_of(model)
         groups = {"heldout": held, "seen": [p for p in all_pairs() if p not in held]}
         steps = args.steps or DEFAULTS[model]["steps"]
         guidance = args.guidance or DEFAULTS[model]["guidance"]

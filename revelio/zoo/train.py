@@ -473,11 +473,9 @@ def _trained_vae(cfg: ZooTrainConfig):
     return AutoencoderKL.from_pretrained(path)
 
 
-def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str]) -> Path:
-    """Train ``tiny-sd`` or ``tiny-flux`` on the trained VAE's latents and save the whole pipeline to ``out/name``.
-
-    The VAE's scaling factor is 1/std of its latents; the Flux copy also gets the latent mean as shift factor.
-    """
+def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
+    """The untrained pipeline of ``name`` on the trained VAE (scaling / shift factors set from its latents):
+    (pipe, module class, stage config, shift, scale, (latent means, stds))."""
     vae = _trained_vae(cfg)
     mean, std = cached_latents(cfg, vae, images)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
@@ -490,6 +488,31 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
                                 "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
     pipe = build(cfg.seed)
     pipe.register_modules(vae=vae.cpu())
+    return pipe, module_cls, stage, shift, scale, (mean, std)
+
+
+def pipeline_from_checkpoint(name: str, cfg: ZooTrainConfig, ckpt: str | Path | None = None):
+    """The pipeline of ``name`` with the EMA weights of a training checkpoint (default: this config's
+    resumable checkpoint of that stage), float32, eval mode: for judging a run before it finishes."""
+    images, _ = render_cache(cfg)
+    pipe, _, _, _, _, _ = _assemble(name, cfg, images)
+    ckpt = Path(ckpt) if ckpt else stage_checkpoint(cfg, name)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    prefix = "ema.module."
+    ema = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    nets = torch.nn.ModuleDict({key: getattr(pipe, key) for key in {k.split(".")[0] for k in ema}})
+    nets.load_state_dict(ema, strict=True)
+    for net in nets.values():
+        net.eval()
+    return pipe, int(state["global_step"])
+
+
+def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str]) -> Path:
+    """Train ``tiny-sd`` or ``tiny-flux`` on the trained VAE's latents and save the whole pipeline to ``out/name``.
+
+    The VAE's scaling factor is 1/std of its latents; the Flux copy also gets the latent mean as shift factor.
+    """
+    pipe, module_cls, stage, shift, scale, (mean, std) = _assemble(name, cfg, images)
     module = module_cls(pipe, stage, cfg, shift, scale)
     ema, done = _fit(module, LatentCaptions(mean, std, captions), stage, cfg)
     if not done:
