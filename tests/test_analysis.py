@@ -311,10 +311,12 @@ def test_steering_adds_and_removes_the_decoder_direction_where_and_when_asked(sd
 def test_steering_counts_denoising_steps_and_steers_both_cfg_passes_on_flux_true_cfg(tiny_flux):
     """tiny-flux under true CFG calls its transformer twice a step (conditional, then unconditional): steps=(1, 3)
     steers exactly scheduler steps 1 and 2, both passes of each, and nothing else."""
+    from extraction.adapters import get_adapter
     from revelio.analysis.steering import generate
-    from revelio.zoo import generation_kwargs
 
-    assert "true_cfg_scale" in generation_kwargs(tiny_flux, 4.0)  # tiny-flux has no guidance embedding
+    ad = get_adapter(tiny_flux)  # tiny-flux has no guidance embedding: true CFG, two calls a step
+    assert ad.guidance == "true_cfg" and ad.denoiser_calls_per_step(ad.generation_kwargs(4.0)) == 2
+    assert ad.denoiser_calls_per_step(ad.generation_kwargs(1.0)) == 1
     hook = "transformer_blocks.1"
     model = sae.SparseAutoencoder(64, 32, 4, seed=0)
     module = dict(tiny_flux.transformer.named_modules())[hook]
