@@ -92,7 +92,8 @@ class Adapter:
     ``n_tokens()``, ``pack()``/``unpack()``. Noise: ``flow``, ``add_noise()``, ``noise()``,
     ``training_target()``, ``model_time()``. Calls: ``denoise()``, ``forward()``.
     Generation: ``guidance`` (cfg | true_cfg | distilled), ``generation_kwargs()``,
-    ``batched_cfg()``, ``denoiser_calls_per_step()``.
+    ``batched_cfg()``, ``denoiser_calls_per_step()``. Hooks: ``hook_names()``, ``block_names()``,
+    ``image_part()``, ``module_depth`` (``hook_depth_key``).
     """
 
     family: str = ""
@@ -110,6 +111,9 @@ class Adapter:
     default_text_length: int | None = None
     #: the pipeline attribute holding the denoiser
     denoiser_key: str = "transformer"
+    #: the denoiser's top-level modules by the order the input passes them (0: embeddings, 4: output
+    #: layers); what ``hook_depth_key`` sorts hooks by, from their names alone (stores keep no pipeline)
+    module_depth: dict[str, int] = {}
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -392,6 +396,8 @@ class UNetAdapter(Adapter):
         return type(denoiser).__name__ == "UNet2DConditionModel"
 
     denoiser_key = "unet"
+    module_depth = {"conv_in": 0, "time_embedding": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3,
+                    "conv_out": 4}
 
     @property
     def guidance(self) -> str:  # type: ignore[override]
@@ -453,6 +459,8 @@ class MMDiTAdapter(Adapter):
     flow = True
     cross_attention = "joint"
     text_first: bool = False  # order of the two token groups in the joint attention sequence
+    module_depth = {"x_embedder": 0, "pos_embed": 0, "transformer_blocks": 1, "single_transformer_blocks": 2,
+                    "norm_out": 4, "proj_out": 4}
 
     def joint_blocks(self) -> list[torch.nn.Module]:
         """The double-stream (joint image/text) blocks, in depth order."""
@@ -576,6 +584,7 @@ class PixArtAdapter(Adapter):
     family, kind = "dit", "pixart"
     flow = False
     default_text_length = 120
+    module_depth = {"pos_embed": 0, "transformer_blocks": 1, "norm_out": 4, "proj_out": 4}
 
     @classmethod
     def accepts(cls, denoiser: torch.nn.Module) -> bool:
@@ -613,6 +622,7 @@ class DiTAdapter(Adapter):
     family = kind = "dit"
     flow = False
     cross_attention = None
+    module_depth = {"pos_embed": 0, "transformer_blocks": 1, "norm_out": 4, "proj_out": 4}
 
     @classmethod
     def accepts(cls, denoiser: torch.nn.Module) -> bool:
@@ -668,6 +678,19 @@ def get_adapter(pipe: Any) -> Adapter:
     raise ValueError(f"unsupported pipeline {type(pipe).__name__} (denoiser {name}); supported denoisers: "
                      "UNet2DConditionModel (SD 1.x/2.x/SDXL), SD3Transformer2DModel, FluxTransformer2DModel, "
                      "PixArtTransformer2DModel, DiTTransformer2DModel/Transformer2DModel (DiT)")
+
+
+def hook_depth_key(hook: str) -> tuple:
+    """Sort key putting hook names in the order the input passes them, whatever the family (UNet: down < mid <
+    up; MM-DiT: double-stream < single-stream blocks); numbers compared as numbers, not as text.
+
+    Families' ``module_depth`` tables agree where they share a name; a name none knows sorts between the
+    blocks and the output layers."""
+    depth: dict[str, int] = {}
+    for cls in ADAPTERS:
+        depth.update(cls.module_depth)
+    parts = hook.split(".")
+    return (depth.get(parts[0], 3),) + tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
 def grid_for_tokens(n_tokens: int, lat_h: int, lat_w: int) -> tuple[int, int]:

@@ -195,6 +195,31 @@ def test_generation_kwargs_guidance_and_calls_per_step_match_real_runs(pipes):
     assert ad["unet"].batched_cfg({}) is True  # the pipeline's default guidance_scale (7.5) is > 1
 
 
+def test_hook_depth_key_is_the_order_a_call_passes_the_blocks(pipes):
+    """Sorting a family's block hooks by ``hook_depth_key`` (names only, as probe reports do from a store) gives the
+    order one real denoiser call runs them in; the families' depth tables agree on the names they share."""
+    from extraction.adapters import hook_depth_key
+
+    shared: dict[str, int] = {}
+    for cls in ADAPTERS:
+        for name, depth in cls.module_depth.items():
+            assert shared.setdefault(name, depth) == depth, (cls.__name__, name)
+    lat = torch.randn(1, 4, SIZE // 4, SIZE // 4)
+    for name, pipe in pipes.items():
+        ad = get_adapter(pipe)
+        modules = dict(ad.denoiser.named_modules())
+        fired: list[str] = []
+        handles = [modules[b].register_forward_hook(lambda m, a, o, b=b: fired.append(b)) for b in ad.block_names()]
+        try:
+            ad.forward(ad.noise(lat, 500, torch.Generator().manual_seed(0)), 500,
+                       ad.encode_prompts(["1"] if name == "dit" else ["a"]))
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(fired) == len(ad.block_names()) > 1, name
+        assert sorted(ad.block_names(), key=hook_depth_key) == fired, name
+
+
 def test_daam_on_pixart_reads_its_t5_cross_attention(pipes):
     """DAAM asks the adapter for the cross-attention modules and word encoder, so PixArt (T5 ``attn2``) works;
     the T5 padding keys the pipeline masks get no attention."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from extraction.adapters import MMDiTAdapter, get_adapter
+from extraction.adapters import MMDiTAdapter, call_input, get_adapter
 
 from ..config import RevelioError
 
@@ -29,13 +29,12 @@ def joint_adapter(pipe) -> MMDiTAdapter:
 
 
 def denoiser_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The latent input of a denoiser call (``sample`` for UNets, ``hidden_states`` for transformers)."""
-    if args:
-        return args[0]
-    for key in ("hidden_states", "sample"):
-        if key in kwargs:
-            return kwargs[key]
-    raise RevelioError("cannot find the latent input of the denoiser call")
+    """The latent input of a denoiser call (``sample`` for UNets, ``hidden_states`` for transformers): the adapters'
+    ``call_input``, failing as a RevelioError."""
+    try:
+        return call_input(args, kwargs)
+    except TypeError as e:
+        raise RevelioError(str(e)) from None
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

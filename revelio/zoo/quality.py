@@ -226,8 +226,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
         p, sd = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(s) for s in sd]
         kw = dict(height=64, width=64, num_inference_steps=steps, generator=gens, output_type="np")
-        kw.update(ad.generation_kwargs(guidance, batch=len(p)))
-        kw.setdefault("negative_prompt", [""] * len(p))
+        kw.update(ad.generation_kwargs(guidance, batch=len(p), negative=""))  # CFG against the empty prompt
         imgs = pipe(prompt=p, **kw).images
         out += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in imgs]
     return out
