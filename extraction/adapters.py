@@ -107,8 +107,9 @@ class Adapter:
     #: "separate" (image queries attend to text keys in their own module), "joint" (one attention
     #: over [text, image] tokens) or None (no text conditioning)
     cross_attention: str | None = "separate"
-    #: the pipeline's own default T5 length (``max_sequence_length``); None: no such argument
-    default_text_length: int | None = None
+    #: the family's usual default T5 length (``max_sequence_length``), used when the pipeline's own
+    #: ``__call__`` declares none; None: the family encodes no T5 text
+    text_length_fallback: int | None = None
     #: the pipeline attribute holding the denoiser
     denoiser_key: str = "transformer"
     #: the denoiser's top-level modules by the order the input passes them (0: embeddings, 4: output
@@ -234,6 +235,15 @@ class Adapter:
     def text_key_offset(self, n_keys: int, n_ids: int) -> int:
         """Position of the word encoder's first token among ``n_keys`` text keys (``n_ids`` tokens of it)."""
         return 0
+
+    @property
+    def default_text_length(self) -> int | None:
+        """The pipeline's own default T5 length (its ``max_sequence_length`` default: PixArt-alpha 120,
+        PixArt-sigma 300, SD3 256, Flux 512); None for families without T5 text."""
+        if self.text_length_fallback is None:
+            return None
+        own = self._call_default("max_sequence_length")
+        return int(own) if isinstance(own, int) and not isinstance(own, bool) else self.text_length_fallback
 
     def text_length(self) -> int | None:
         """The T5 length prompts are encoded with: the tokenizer's own when shorter than the pipeline's default."""
@@ -489,7 +499,7 @@ class SD3Adapter(MMDiTAdapter):
     """SD3 / 3.5: joint blocks over [image, text]; CLIP-L | CLIP-G | T5 text; timestep = 1000 s."""
 
     kind = "sd3"
-    default_text_length = 256
+    text_length_fallback = 256
 
     @classmethod
     def accepts(cls, denoiser: torch.nn.Module) -> bool:
@@ -517,7 +527,7 @@ class FluxAdapter(MMDiTAdapter):
 
     kind = "flux"
     text_first = True
-    default_text_length = 512
+    text_length_fallback = 512
 
     @classmethod
     def accepts(cls, denoiser: torch.nn.Module) -> bool:
@@ -583,7 +593,7 @@ class PixArtAdapter(Adapter):
 
     family, kind = "dit", "pixart"
     flow = False
-    default_text_length = 120
+    text_length_fallback = 120
     module_depth = {"pos_embed": 0, "transformer_blocks": 1, "norm_out": 4, "proj_out": 4}
 
     @classmethod

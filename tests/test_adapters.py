@@ -84,6 +84,27 @@ def test_text_encoders_word_encoder_and_length(pipes):
     assert ad["sd3"].text_key_offset(109, 32) == 77 and ad["flux"].text_key_offset(32, 32) == 0
 
 
+def test_t5_length_defaults_to_the_pipelines_own(pipes):
+    """The T5 length is the pipeline's own ``max_sequence_length`` default (PixArt-alpha 120, PixArt-sigma 300,
+    SD3 256, Flux 512) capped by the tokenizer: extraction encodes prompts as generation does."""
+    from diffusers import PixArtSigmaPipeline
+
+    alpha = pipes["pixart"]
+    sigma = PixArtSigmaPipeline(**alpha.components)  # the same tiny parts under the sigma pipeline
+    a, s = get_adapter(alpha), get_adapter(sigma)
+    assert type(s).__name__ == "PixArtAdapter" and (a.default_text_length, s.default_text_length) == (120, 300)
+    assert get_adapter(pipes["sd3"]).default_text_length == 256 and get_adapter(pipes["flux"]).default_text_length == 512
+    assert get_adapter(pipes["unet"]).default_text_length is None and get_adapter(pipes["dit"]).text_length() is None
+    tok, old = alpha.tokenizer, alpha.tokenizer.model_max_length
+    try:
+        tok.model_max_length = 512  # a real T5 tokenizer's length: the pipeline's default wins
+        assert (a.text_length(), s.text_length()) == (120, 300)
+        assert a.generation_kwargs() == s.generation_kwargs() == {}  # the pipelines' defaults: nothing to pass
+        assert s.encode_prompts(["a red circle"])["encoder_hidden_states"].shape[1] == 300
+    finally:
+        tok.model_max_length = old
+
+
 def test_encode_prompts_is_what_the_pipeline_generates_with(pipes):
     """The adapter's conditioning equals the pipeline's own encoding under the adapter's generation arguments
     (PixArt included: both use the tokenizer's 16 T5 tokens, not the pipeline's default 120)."""
