@@ -151,6 +151,7 @@ def main() -> None:
     if args._child:
         child(args._child, args)
         return
+    from extraction.adapters import get_adapter
     from revelio.zoo import load_pipeline
 
     print(f"device={args.device} size={args.size}px steps={args.steps} repeats={args.repeats} "
@@ -165,8 +166,8 @@ def main() -> None:
             pipes[model] = load_pipeline(model, device=args.device)
             _prepare(pipes[model], args)
         pipe = pipes[model]
-        limit = getattr(getattr(pipe, "transformer", None), "config", {}).get("pos_embed_max_size")
-        if limit and args.size // pipe.vae_scale_factor // pipe.transformer.config.patch_size > limit:
+        limit = get_adapter(pipe).max_image_size()  # the position embedding's grid, in pixels (None: any)
+        if limit and args.size > limit:
             print(f"{name:<32} {model:<10} (skipped: {args.size}px exceeds its position-embedding grid)")
             continue
         for kind in ("generate", "denoise"):

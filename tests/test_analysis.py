@@ -311,10 +311,12 @@ def test_steering_adds_and_removes_the_decoder_direction_where_and_when_asked(sd
 def test_steering_counts_denoising_steps_and_steers_both_cfg_passes_on_flux_true_cfg(tiny_flux):
     """tiny-flux under true CFG calls its transformer twice a step (conditional, then unconditional): steps=(1, 3)
     steers exactly scheduler steps 1 and 2, both passes of each, and nothing else."""
+    from extraction.adapters import get_adapter
     from revelio.analysis.steering import generate
-    from revelio.zoo import generation_kwargs
 
-    assert "true_cfg_scale" in generation_kwargs(tiny_flux, 4.0)  # tiny-flux has no guidance embedding
+    ad = get_adapter(tiny_flux)  # tiny-flux has no guidance embedding: true CFG, two calls a step
+    assert ad.guidance == "true_cfg" and ad.denoiser_calls_per_step(ad.generation_kwargs(4.0)) == 2
+    assert ad.denoiser_calls_per_step(ad.generation_kwargs(1.0)) == 1
     hook = "transformer_blocks.1"
     model = sae.SparseAutoencoder(64, 32, 4, seed=0)
     module = dict(tiny_flux.transformer.named_modules())[hook]
@@ -343,6 +345,23 @@ def test_steering_counts_denoising_steps_and_steers_both_cfg_passes_on_flux_true
                                    atol=1e-4)
     single, _ = run(3.0, guidance=1.0)  # no CFG: one call a step, the same steps steered
     assert dict(single.calls_per_step) == {0: 1, 1: 1, 2: 1, 3: 1} and dict(single.steered_per_step) == {1: 1, 2: 1}
+
+
+def test_steer_command_steers_exactly_the_steps_it_is_told_on_flux_true_cfg(flux_store, tmp_path, capsys):
+    """`revelio steer --steps '[1,3]'` on tiny-flux under true CFG (two transformer calls a step): of 4 denoising
+    steps exactly 1 and 2 are steered, both passes of each; a window after the last step is refused."""
+    from revelio.cli import run
+    from revelio.config import ConfigError
+
+    path = make_sae(flux_store, "transformer_blocks.3", 250, tmp_path / "flux_sae", d_sae=64, k=4)
+    base = ["steer", "--source.sae", str(path), "--latent", "2", "--scale", "8", "--inference_steps", "4",
+            "--guidance_scale", "4", "--size", "64", "--prompt", "a red circle"]
+    res = run(base + ["--steps", "[1, 3]", "--out", str(tmp_path / "s.png")])
+    assert res["calls_per_step"] == {0: 2, 1: 2, 2: 2, 3: 2}  # true CFG: conditional + unconditional a step
+    assert res["steered_per_step"] == {1: 2, 2: 2}  # denoising steps 1 and 2, both passes, nothing else
+    assert res["mean_abs_diff"] > 0 and "denoising steps [1, 2] of 4" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="start after the generation's last denoising step"):
+        run(base + ["--steps", "[4, 6]", "--out", str(tmp_path / "t.png")])
 
 
 def test_steer_command_before_after(sd_sae, tmp_path):

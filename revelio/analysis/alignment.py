@@ -47,9 +47,9 @@ class SaliencyMaps:
     """Saliency maps of real images: noise to ``t``, ONE denoiser call with the caption, traced
     (``revelio.saliency.real_image``).
 
-    ``method``: ``daam`` (UNets; also DiT cross-attention for MM-DiTs), ``concept_attention`` or
+    ``method``: ``daam`` (UNets and PixArt; also DiT cross-attention for MM-DiTs), ``concept_attention`` or
     ``cross_attention`` (the ConceptAttention paper's baseline; both MM-DiT only) or ``auto``
-    (DAAM for UNets, ConceptAttention for MM-DiTs). DAAM maps exist only for words of the
+    (ConceptAttention for MM-DiTs, whose adapter answers joint attention; DAAM otherwise). DAAM maps exist only for words of the
     caption; ConceptAttention scores a fixed ``vocabulary`` of free words (softmax across it).
     """
 
@@ -61,7 +61,7 @@ class SaliencyMaps:
             valid = ", ".join(m for m in SALIENCY_METHODS if m != "none")
             raise ValueError(f"saliency method {method!r} is not one of {valid}")
         if method == "auto":
-            method = "daam" if get_adapter(pipe).family == "unet" else "concept_attention"
+            method = "concept_attention" if get_adapter(pipe).cross_attention == "joint" else "daam"
         if method in ("concept_attention", "cross_attention") and not vocabulary:
             raise ValueError(f"saliency method {method!r} needs a concept vocabulary (e.g. ['circle', 'square', "
                              "'background'])")

@@ -215,16 +215,15 @@ def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], ste
 
     As ``revelio.zoo.quality.generate`` (tiny-flux: true CFG), with the negative prompt exposed.
     """
-    from ..zoo import generation_kwargs
+    from extraction.adapters import get_adapter
 
+    ad = get_adapter(pipe)
     out: list[np.ndarray] = []
     for i in range(0, len(prompts), batch_size):
         p, sd = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
         kw = dict(height=size, width=size, num_inference_steps=steps, output_type="np",
                   generator=[torch.Generator("cpu").manual_seed(int(s)) for s in sd])
-        kw.update(generation_kwargs(pipe, guidance_scale, batch=len(p)))
-        if "guidance_scale" in kw or "true_cfg_scale" in kw:
-            kw["negative_prompt"] = [negative] * len(p)
+        kw.update(ad.generation_kwargs(guidance_scale, batch=len(p), negative=negative))
         imgs = pipe(prompt=p, **kw).images
         out += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in imgs]
     return out

@@ -164,21 +164,10 @@ class Steering:
             vars(sched).pop("step", None)  # the class's own method again
 
     def _on_call(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Count the step's denoiser calls and note the image-token grid of MM-DiT/DiT calls."""
-        from ..saliency.mmdit import denoiser_input, mmdit_kind, token_grid
-
+        """Count the step's denoiser calls and note the image-token grid of the call (the adapter's answer)."""
         self.calls_per_step[self.step] += 1
-        if self.adapter.family == "unet":
-            self.n_img = None
-            return
-        kind = mmdit_kind(self.adapter.pipe) if self.adapter.family == "mmdit" else "dit"
-        if kind == "dit":
-            x = denoiser_input(args, kwargs)
-            p = self.adapter.patch()
-            self.grid = (x.shape[-2] // p, x.shape[-1] // p)
-        else:
-            self.grid = token_grid(kind, module, args, kwargs)
-        self.n_img = self.grid[0] * self.grid[1]
+        self.grid = self.adapter.token_grid(args, kwargs)
+        self.n_img = self.adapter.n_tokens(self.grid)  # None for UNets: their maps are (B, C, H, W)
 
     @torch.no_grad()
     def _on_output(self, module: Any, args: tuple, output: Any) -> None:
@@ -209,10 +198,10 @@ class Steering:
 def generate(pipe: Any, prompt: str, seed: int = 0, steps: int = 20, guidance_scale: float = 5.0,
              size: int | None = None) -> Image.Image:
     """One image from ``pipe`` with a seeded generator (the same call is made before and after steering)."""
-    from ..zoo import generation_kwargs
+    from extraction.adapters import get_adapter
 
     kw: dict[str, Any] = {"num_inference_steps": steps, "generator": torch.Generator("cpu").manual_seed(seed),
-                          **generation_kwargs(pipe, guidance_scale)}
+                          **get_adapter(pipe).generation_kwargs(guidance_scale)}
     if size is not None:
         kw["height"] = kw["width"] = size
     return pipe(prompt, **kw).images[0]

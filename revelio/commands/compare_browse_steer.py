@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..cli import command
-from ..config import field, to_dict
+from ..config import ConfigError, field, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def steer_cmd(cfg: SteerConfig) -> dict[str, Any]:
     """Generate with and without an SAE latent's direction added/removed at its hook; saves a before/after PNG."""
     import matplotlib.pyplot as plt
 
-    from ..analysis.steering import SteeringSpec, box_mask, steer
+    from ..analysis.steering import Steering, SteeringSpec, box_mask, generate
     from ..viz import save_figure
 
     model, store = open_sources(cfg.source)
@@ -237,10 +237,18 @@ def steer_cmd(cfg: SteerConfig) -> dict[str, Any]:
                         mask=box_mask(cfg.box) if cfg.box is not None else None,
                         steps=tuple(cfg.steps) if cfg.steps is not None else None)
     spec.check(model.d_sae)  # bad input fails before the pipeline loads
+    if spec.steps is not None and spec.steps[0] >= cfg.inference_steps:
+        raise ConfigError(f"steps {list(spec.steps)} start after the generation's last denoising step "
+                          f"(inference_steps {cfg.inference_steps}: steps 0..{cfg.inference_steps - 1}); nothing "
+                          f"would be steered")
     with store:
         pipe = load_model_pipeline(cfg.source, store)
-    before, after = steer(pipe, model, cfg.prompt, [spec], seed=cfg.seed, steps=cfg.inference_steps,
-                          guidance_scale=cfg.guidance_scale, size=cfg.size)
+    steering = Steering(pipe, model, [spec])  # what steer() does, keeping the steering's counts to report
+    before = generate(pipe, cfg.prompt, cfg.seed, cfg.inference_steps, cfg.guidance_scale, cfg.size)
+    with steering:
+        after = generate(pipe, cfg.prompt, cfg.seed, cfg.inference_steps, cfg.guidance_scale, cfg.size)
+    steered = dict(sorted(steering.steered_per_step.items()))
+    calls = dict(sorted(steering.calls_per_step.items()))
     fig, axes = plt.subplots(1, 2, figsize=(6, 3.3))
     for ax, img, title in zip(axes, (before, after), ("before", f"{cfg.mode} latent {cfg.latent} x {cfg.scale:g}")):
         ax.imshow(img)
@@ -249,6 +257,9 @@ def steer_cmd(cfg: SteerConfig) -> dict[str, Any]:
     fig.suptitle(cfg.prompt, fontsize=9)
     out = save_figure(fig, cfg.out)
     diff = float(np.abs(np.asarray(before, dtype=np.float32) - np.asarray(after, dtype=np.float32)).mean())
-    print(f"steer: latent {cfg.latent} ({cfg.mode}, scale {cfg.scale:g}) changed pixels by {diff:.2f}/255 on "
-          f"average; wrote {out}")
-    return {"before": before, "after": after, "path": out, "mean_abs_diff": diff}
+    per_step = sorted(set(calls.values()))
+    print(f"steer: latent {cfg.latent} ({cfg.mode}, scale {cfg.scale:g}) at denoising steps {list(steered)} of "
+          f"{len(calls)} ({'/'.join(map(str, per_step))} denoiser call(s) a step, every one of a steered step "
+          f"steered) changed pixels by {diff:.2f}/255 on average; wrote {out}")
+    return {"before": before, "after": after, "path": out, "mean_abs_diff": diff, "steered_per_step": steered,
+            "calls_per_step": calls}

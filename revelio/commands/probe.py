@@ -231,16 +231,11 @@ def _keys(store: Any, hooks: list[str] | None, timesteps: list[int] | None) -> l
     return keys
 
 
-# Depth of a hook's family in a denoiser (UNet: down < mid < up; MM-DiT: double-stream < single-stream blocks).
-_FAMILY_DEPTH = {"conv_in": 0, "x_embedder": 0, "pos_embed": 0, "time_embedding": 0, "down_blocks": 1, "mid_block": 2,
-                 "up_blocks": 3, "transformer_blocks": 1, "single_transformer_blocks": 2, "norm_out": 4, "conv_out": 4,
-                 "proj_out": 4}
-
-
 def depth_key(hook: str) -> tuple:
-    """Sort key putting hooks in the order the input passes them (numbers compared as numbers, not as text)."""
-    parts = hook.split(".")
-    return (_FAMILY_DEPTH.get(parts[0], 3),) + tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+    """Sort key putting hooks in the order the input passes them: the adapters' answer, from the name alone."""
+    from extraction.adapters import hook_depth_key  # torch: only when a command runs
+
+    return hook_depth_key(hook)
 
 
 def data_label(store: Any) -> str:

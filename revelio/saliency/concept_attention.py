@@ -34,8 +34,7 @@ from torch import nn
 
 from ..config import RevelioError
 from .hooks import ConditionalRows, HookSession, captured, hooked, swapped_processors
-from .mmdit import (denoiser_input, double_blocks, encode_concepts, image_heads, mmdit_kind, resolve_concept_options,
-                    text_heads, token_grid)
+from .mmdit import denoiser_input, encode_concepts, image_heads, joint_adapter, resolve_concept_options, text_heads
 
 
 def check_concepts(concepts: Sequence[str]) -> list[str]:
@@ -87,11 +86,12 @@ class ConceptAttention(HookSession):
                  steps: Sequence[int] | None = None, cfg: bool | None = None, baseline: bool = False,
                  encoding: Literal["reference", "first_token", "joined", "mean"] = "reference",
                  modulation: Literal["reference", "zero_pooled", "prompt"] = "reference"):
-        self.kind = mmdit_kind(pipe)
+        self.adapter = joint_adapter(pipe)
+        self.kind = self.adapter.kind
         self.concepts = check_concepts(concepts)
         self.encoding, self.modulation = resolve_concept_options(self.kind, encoding, modulation)
         self.pipe = pipe
-        self.blocks = double_blocks(pipe)
+        self.blocks = self.adapter.joint_blocks()
         n = len(self.blocks)
         if layers is not None:
             bad = [i for i in layers if not -n <= i < n]
@@ -117,7 +117,7 @@ class ConceptAttention(HookSession):
 
     # -- context manager --------------------------------------------------------------------
     def _install(self, stack: ExitStack) -> None:
-        den = self.pipe.transformer
+        den = self.adapter.denoiser
         embeds, self._lead = encode_concepts(self.pipe, self.kind, self.concepts, self.encoding)
         self._embeds = embeds.to(den.dtype)
         stack.enter_context(hooked(den, pre=self._on_call, with_kwargs=True))
@@ -136,7 +136,7 @@ class ConceptAttention(HookSession):
         if self._rows is None:  # classifier-free guidance's unconditional call: no concept stream
             return
         b = len(range(*self._rows.indices(x.shape[0])))
-        self.grid = token_grid(self.kind, module, args, kwargs)
+        self.grid = self.adapter.token_grid(args, kwargs)
         self._active = self.steps is None or self.calls in self.steps
         self.calls += 1
         with torch.no_grad():
@@ -175,7 +175,7 @@ class ConceptAttention(HookSession):
         temb = (self._temb[i] if self.modulation == "prompt" else self._zero_temb)[rows]
         scoring = i in self.layers
         names = ("q", "k", "v") if scoring and self.baseline else ("k", "v")
-        img = image_heads(attn, {k: cap[k][rows] for k in names}, self.kind, rotary, text_len, names=names)
+        img = image_heads(attn, {k: cap[k][rows] for k in names}, self.adapter, rotary, text_len, names=names)
         c = self._stream
         pre_only = getattr(block, "context_pre_only", False)
         if pre_only:

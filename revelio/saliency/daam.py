@@ -11,6 +11,9 @@ calls at its own resolution (memory does not grow with steps); ``maps()`` upsamp
 layers and calls. ``order="clamp_each_step"`` instead upsamples and clamps every call's map
 before adding it to one running sum per token at latent size (slightly different maps).
 
+PixArt: the same on the T5 cross-attention (``attn2``) of every transformer block, on the
+image-token grid; the padding keys the pipeline masks are masked here too.
+
 MM-DiT pipelines (Flux, SD3): the same idea inside joint attention: the probabilities of
 image queries over the whole joint key set, read at the prompt's (T5) text keys, on the
 image-token grid.
@@ -30,19 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extraction.adapters import grid_for_tokens
+from extraction.adapters import get_adapter, grid_for_tokens
 
 from ..config import RevelioError
 from .hooks import ConditionalRows, HookSession, captured, hooked, swapped_processors
-from .mmdit import denoiser_input, image_heads, mmdit_kind, rotate, split_heads, token_grid
+from .mmdit import denoiser_input, image_heads, rotate, split_heads
 from .words import positions_of, word_positions
-
-
-def unet_cross_attention(unet: nn.Module, include_mid: bool = False) -> dict[str, nn.Module]:
-    """The UNet's text cross-attention modules (``...transformer_blocks.N.attn2``) by module path."""
-    keep = ("down_blocks", "up_blocks") + (("mid_block",) if include_mid else ())
-    return {n: m for n, m in unet.named_modules()
-            if n.endswith(".attn2") and n.startswith(keep) and hasattr(m, "set_processor")}
 
 
 ORDERS = ("reference", "clamp_each_step")
@@ -58,14 +54,14 @@ class _Processor:
                  **kwargs):
         extra = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
         layers = dict(q=attn.to_q, k=attn.to_k)
-        if self.tracer.family != "unet":
+        if self.tracer.joint:
             layers["tk"] = attn.add_k_proj
         with captured(**layers) as cap:
             out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
         if self.tracer._active:  # a counted, conditional call
             with torch.no_grad():
-                if self.tracer.family == "unet":
-                    self.tracer._unet_layer(self.name, attn, cap)
+                if not self.tracer.joint:
+                    self.tracer._cross_layer(self.name, attn, cap, attention_mask)
                 else:
                     self.tracer._dit_layer(self.name, attn, cap, image_rotary_emb, encoder_hidden_states.shape[1])
         return out
@@ -86,19 +82,15 @@ class DAAMTrace(HookSession):
             raise RevelioError(f"DAAM order {order!r} is not one of {list(ORDERS)}")
         self.order = order
         self.pipe = pipe
-        if getattr(pipe, "unet", None) is not None:
-            self.family = "unet"
-            self.denoiser = pipe.unet
-            self.modules = unet_cross_attention(pipe.unet, include_mid)
-            self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
-        else:
-            self.family = mmdit_kind(pipe)
-            self.denoiser = pipe.transformer
-            self.modules = {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(pipe.transformer.transformer_blocks)}
-            n = "2" if self.family == "flux" else "3"
-            self.text_encoder, self.tokenizer = getattr(pipe, f"text_encoder_{n}"), getattr(pipe, f"tokenizer_{n}")
+        self.adapter = ad = get_adapter(pipe)
+        self.family = ad.kind  # unet | sd3 | flux | pixart
+        self.joint = ad.cross_attention == "joint"  # MM-DiT joint attention, else separate cross-attention
+        self.denoiser = ad.denoiser
+        self.modules = ad.cross_attention_modules(include_mid)
+        self.tokenizer, self.text_encoder = ad.word_encoder()
         if not self.modules:
-            raise RevelioError(f"{type(pipe).__name__}: no cross-attention modules to trace")
+            raise RevelioError(f"{type(pipe).__name__}: no cross-attention modules to trace (DAAM needs text "
+                               f"cross-attention; {ad.kind} has none)")
         self.steps = None if steps is None else set(steps)
         self._conditional = ConditionalRows(cfg)
         self.reset()
@@ -132,20 +124,23 @@ class DAAMTrace(HookSession):
         if self._rows is None:  # classifier-free guidance's unconditional call
             self._active = False
             return
-        self.latent = tuple(x.shape[-2:]) if self.family == "unet" else token_grid(self.family, module, args, kwargs)
+        self.latent = self.adapter.token_grid(args, kwargs)
         self._active = self.steps is None or self.calls in self.steps
         self.calls += 1
 
     # -- the method ---------------------------------------------------------------------------
-    def _unet_layer(self, name: str, attn: nn.Module, cap: dict) -> None:
+    def _cross_layer(self, name: str, attn: nn.Module, cap: dict, mask: torch.Tensor | None = None) -> None:
         q = split_heads(cap["q"][self._rows], attn.heads)
         k = split_heads(cap["k"][self._rows], attn.heads)
-        probs = torch.einsum("bnhd,bthd->bhnt", q.float(), k.float()).mul(attn.scale).softmax(-1)
+        logits = torch.einsum("bnhd,bthd->bhnt", q.float(), k.float()).mul(attn.scale)
+        if mask is not None:  # PixArt: padding keys of the T5 text are masked (additive bias, (B, 1, T))
+            logits = logits + mask[self._rows].float().reshape(logits.shape[0], 1, 1, -1)
+        probs = logits.softmax(-1)
         self._accumulate(name, probs)
 
     def _dit_layer(self, name: str, attn: nn.Module, cap: dict, rotary, text_len: int) -> None:
         rows = self._rows
-        img = image_heads(attn, {k: v[rows] for k, v in cap.items() if k in ("q", "k")}, self.family, rotary,
+        img = image_heads(attn, {k: v[rows] for k, v in cap.items() if k in ("q", "k")}, self.adapter, rotary,
                           text_len, names=("q", "k"))
         tk = split_heads(cap["tk"][rows], attn.heads)
         if attn.norm_added_k is not None:
@@ -214,9 +209,7 @@ class DAAMTrace(HookSession):
     def words(self, index: int = 0) -> list[tuple[str, list[int]]]:
         """(word, key positions) of image ``index``'s prompt; positions index ``maps()``'s token axis."""
         ids = self.input_ids[self._prompt_index(index)]
-        offset = 0
-        if self.family == "sd3":  # SD3's text sequence is [CLIP (tokenizer_max_length) | T5]
-            offset = self.maps().shape[1] - len(ids)
+        offset = self.adapter.text_key_offset(self.maps().shape[1], len(ids))
         return [(w, [p + offset for p in pos]) for w, pos in word_positions(self.tokenizer, ids)]
 
     def word_map(self, word: str, index: int = 0) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from extraction.adapters import MMDiTAdapter, call_input, get_adapter
+
 from ..config import RevelioError
 
 
@@ -12,47 +14,27 @@ class UnsupportedPipeline(RevelioError, TypeError):
     """The pipeline's denoiser does not fit the method; the message names the method that does."""
 
 
-def mmdit_kind(pipe) -> str:
-    """``"flux"`` or ``"sd3"`` for MM-DiT pipelines; a clear error naming the right method otherwise."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    den = getattr(pipe, "transformer", None)
-    if isinstance(den, FluxTransformer2DModel):
-        return "flux"
-    if isinstance(den, SD3Transformer2DModel):
-        return "sd3"
-    if getattr(pipe, "unet", None) is not None:
+def joint_adapter(pipe) -> MMDiTAdapter:
+    """The pipeline's adapter when it is an MM-DiT (Flux, SD3); a clear error naming the right method otherwise."""
+    ad = get_adapter(pipe)
+    if isinstance(ad, MMDiTAdapter):
+        return ad
+    if ad.cross_attention == "separate":
         raise UnsupportedPipeline(
-            f"{type(pipe).__name__} has a UNet (cross-attention between image and text), not MM-DiT double-stream "
-            f"blocks: use DAAM (revelio.saliency.trace, method 'daam') for it. ConceptAttention needs Flux or SD3.")
+            f"{type(pipe).__name__} has separate cross-attention between image and text ({ad.kind}), not MM-DiT "
+            f"double-stream blocks: use DAAM (revelio.saliency.trace, method 'daam') for it. ConceptAttention "
+            f"needs Flux or SD3.")
     raise UnsupportedPipeline(f"{type(pipe).__name__}: ConceptAttention and DiT cross-attention need an MM-DiT "
                               f"pipeline (FluxPipeline, StableDiffusion3Pipeline)")
 
 
-def double_blocks(pipe) -> list[nn.Module]:
-    """The double-stream (joint image/text) blocks, in depth order."""
-    return list(pipe.transformer.transformer_blocks)
-
-
 def denoiser_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The latent input of a denoiser call (``sample`` for UNets, ``hidden_states`` for transformers)."""
-    if args:
-        return args[0]
-    for key in ("hidden_states", "sample"):
-        if key in kwargs:
-            return kwargs[key]
-    raise RevelioError("cannot find the latent input of the denoiser call")
-
-
-def token_grid(kind: str, transformer: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
-    """(h, w) of the image-token grid of one transformer call (any resolution)."""
-    if kind == "flux":
-        ids = kwargs["img_ids"]
-        ids = ids[0] if ids.ndim == 3 else ids
-        return int(ids[:, 1].max().item()) + 1, int(ids[:, 2].max().item()) + 1
-    x = denoiser_input(args, kwargs)
-    p = transformer.config.patch_size
-    return x.shape[-2] // p, x.shape[-1] // p
+    """The latent input of a denoiser call (``sample`` for UNets, ``hidden_states`` for transformers): the adapters'
+    ``call_input``, failing as a RevelioError."""
+    try:
+        return call_input(args, kwargs)
+    except TypeError as e:
+        raise RevelioError(str(e)) from None
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -73,12 +55,7 @@ def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, ro
     return apply_rotary_emb(x, (cos, sin), sequence_dim=1)
 
 
-def image_rows(kind: str, text_len: int, n_image: int) -> slice:
-    """Rows of the image tokens in the joint sequence: Flux puts text first, SD3 image first."""
-    return slice(text_len, text_len + n_image) if kind == "flux" else slice(0, n_image)
-
-
-def image_heads(attn: nn.Module, cap: dict[str, torch.Tensor], kind: str, rotary, text_len: int,
+def image_heads(attn: nn.Module, cap: dict[str, torch.Tensor], ad: MMDiTAdapter, rotary, text_len: int,
                 names: tuple[str, ...] = ("q", "k", "v")) -> dict[str, torch.Tensor]:
     """Image-token q/k/v of one joint attention call from captured projections: (B, N, H, d), q/k normed and rotated."""
     missing = [n for n in names if n not in cap]
@@ -93,7 +70,7 @@ def image_heads(attn: nn.Module, cap: dict[str, torch.Tensor], kind: str, rotary
             norm = attn.norm_q if n == "q" else attn.norm_k
             if norm is not None:
                 x = norm(x)
-            x = rotate(x, rotary, image_rows(kind, text_len, x.shape[1]))
+            x = rotate(x, rotary, ad.image_rows(text_len, x.shape[1]))
         out[n] = x
     return out
 
@@ -146,12 +123,11 @@ def resolve_concept_options(kind: str, encoding: str, modulation: str) -> tuple[
     return encoding, modulation
 
 
-def _t5(pipe, kind: str):
-    n = "2" if kind == "flux" else "3"
-    tok, encoder = getattr(pipe, f"tokenizer_{n}", None), getattr(pipe, f"text_encoder_{n}", None)
+def _t5(pipe):
+    tok, encoder = get_adapter(pipe).word_encoder()
     if encoder is None:
-        raise RevelioError(f"ConceptAttention encodes concepts with the pipeline's T5 encoder (text_encoder_{n}), "
-                           f"which this pipeline was loaded without")
+        raise RevelioError("ConceptAttention encodes concepts with the pipeline's T5 encoder, which this pipeline "
+                           "was loaded without")
     return tok, encoder
 
 
@@ -178,10 +154,9 @@ def encode_concepts(pipe, kind: str, concepts: list[str], encoding: str = "mean"
         if len(concepts) + 1 > n_clip:
             raise RevelioError(f"concept encoding 'joined' keeps the first C + 1 = {len(concepts) + 1} CLIP tokens, "
                                f"more than CLIP's {n_clip}")
-        embeds = pipe.encode_prompt(prompt=" ".join(concepts), prompt_2=None, prompt_3=None,
-                                    device=pipe.transformer.device, do_classifier_free_guidance=False)[0]
+        embeds = get_adapter(pipe).encode_prompts([" ".join(concepts)])["encoder_hidden_states"]
         return embeds[0, : len(concepts) + 1], 1
-    tok, encoder = _t5(pipe, kind)
+    tok, encoder = _t5(pipe)
     if encoding == "first_token":
         length = min(int(tok.model_max_length), 512)
         ids = tok(concepts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids

@@ -129,26 +129,13 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str | torch.dtype = "f
 
 
 def generation_kwargs(pipe, guidance_scale: float | None = None, batch: int = 1) -> dict:
-    """Keyword arguments for ``pipe(prompts, **kw)`` that fit the pipeline family.
+    """Keyword arguments for ``pipe(prompts, **kw)`` that fit the pipeline family: the adapter's answer.
 
-    * MM-DiT pipelines (Flux, SD3) get the T5 text length their tokenizer declares when it is
-      shorter than the pipeline's default (the zoo models were trained on 32 tokens; padding to
-      512 would show them a text sequence they never saw);
-    * ``guidance_scale`` > 1 means classifier-free guidance against the empty prompt: Flux
-      models without a guidance embedding (tiny-flux, FLUX.1-schnell) get diffusers' true CFG
-      (``true_cfg_scale`` + an empty negative prompt), every other pipeline ``guidance_scale``.
+    See ``extraction.adapters.Adapter.generation_kwargs``: the T5 length the model's tokenizer
+    declares when shorter than the pipeline's default (the zoo models were trained on 32 tokens),
+    and ``guidance_scale`` > 1 as classifier-free guidance against the empty prompt (Flux models
+    without a guidance embedding, e.g. tiny-flux and FLUX.1-schnell: diffusers' true CFG).
     """
-    kw: dict = {}
-    family = type(pipe).__name__
-    t5 = getattr(pipe, "tokenizer_2", None) if "Flux" in family else getattr(pipe, "tokenizer_3", None)
-    n = getattr(t5, "model_max_length", None) if ("Flux" in family or "StableDiffusion3" in family) else None
-    if n and n < 256:
-        kw["max_sequence_length"] = int(n)
-    if guidance_scale is not None:
-        embeds = bool(getattr(getattr(getattr(pipe, "transformer", None), "config", None), "guidance_embeds", False))
-        if "Flux" in family and not embeds:
-            if guidance_scale > 1:
-                kw.update(true_cfg_scale=float(guidance_scale), negative_prompt=[""] * batch if batch > 1 else "")
-        else:
-            kw["guidance_scale"] = float(guidance_scale)
-    return kw
+    from extraction.adapters import get_adapter
+
+    return get_adapter(pipe).generation_kwargs(guidance_scale, batch=batch)

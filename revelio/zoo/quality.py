@@ -218,15 +218,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     ``tiny-sd`` (StableDiffusionPipeline) uses ``guidance_scale``; ``tiny-flux`` (FluxPipeline, no guidance
     embedding) uses true CFG against the empty prompt and the 32-token text length it was trained with.
     """
-    from . import generation_kwargs
+    from extraction.adapters import get_adapter
 
+    ad = get_adapter(pipe)
     out: list[np.ndarray] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
         p, sd = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(s) for s in sd]
         kw = dict(height=64, width=64, num_inference_steps=steps, generator=gens, output_type="np")
-        kw.update(generation_kwargs(pipe, guidance, batch=len(p)))
-        kw.setdefault("negative_prompt", [""] * len(p))
+        kw.update(ad.generation_kwargs(guidance, batch=len(p), negative=""))  # CFG against the empty prompt
         imgs = pipe(prompt=p, **kw).images
         out += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in imgs]
     return out

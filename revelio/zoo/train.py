@@ -4,8 +4,9 @@ Order: a tiny AutoencoderKL first (64x64 RGB -> 4x16x16 latents), then ``tiny-sd
 epsilon prediction on the DDPM schedule) and ``tiny-flux`` (MM-DiT, rectified flow) on its
 latents. Both denoisers are trained jointly with their small text encoders, with ~10% of
 captions dropped to "" so classifier-free guidance works. The architectures are the zoo
-builders' (``builders.py``); the pipelines' own ``encode_prompt`` encodes captions, so
-training and generation see identical conditioning. Shapes images are rendered once into a
+builders' (``builders.py``); the extraction adapters noise the latents, encode the captions (the
+pipelines' own ``encode_prompt``) and make the denoiser call, so training, extraction and
+generation see identical conditioning. Shapes images are rendered once into a
 tensor cache.
 
 Every step's randomness is a function of (seed, stage, global step): the batch indices come
@@ -39,12 +40,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from extraction.adapters import get_adapter
 from extraction.files import make_tmp
 
 from ..config import to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
-from .builders import IMAGE_SIZE, MAX_TOKENS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae
+from .builders import IMAGE_SIZE, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae
 from .config import ALL_STAGES, DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
 
 
@@ -255,21 +257,21 @@ class SDModule(_EMAModule):
     name = "tiny-sd"
 
     def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
-        super().__init__(torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder}), stage,
-                         cfg.caption_dropout, cfg.seed)
+        adapter = get_adapter(pipe)  # what is trained, noising, prompt encoding and the denoiser call
+        super().__init__(torch.nn.ModuleDict(adapter.trainable()), stage, cfg.caption_dropout, cfg.seed)
         self.pipe, self.shift, self.scale, self.min_snr_gamma = pipe, shift, scale, cfg.min_snr_gamma
+        self.adapter = adapter
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        gen = self.generator()
+        ad, gen = self.adapter, self.generator()
         x0 = (batch["mean"] + batch["std"] * self.randn(batch["mean"].shape, gen) - self.shift) * self.scale
         noise = self.randn(x0.shape, gen)
         t = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         captions = self.drop_captions(batch["caption"], gen)
         t = t.to(x0.device)
-        xt = self.pipe.scheduler.add_noise(x0, noise, t)
-        emb = self.pipe.encode_prompt(captions, x0.device, 1, False)[0]
-        pred = self.net["unet"](xt, t, encoder_hidden_states=emb).sample
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        xt = ad.add_noise(x0, noise, t)
+        pred = ad.denoise(xt, t, ad.encode_prompts(captions, grad=True))
+        per = (pred - ad.training_target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         if self.min_snr_gamma:  # Hang et al. 2023, epsilon target: weight min(SNR, gamma) / SNR
             abar = self.pipe.scheduler.alphas_cumprod.to(x0.device)[t]
             snr = abar / (1 - abar)
@@ -279,32 +281,32 @@ class SDModule(_EMAModule):
         return loss
 
 
+def flow_loss(module: "_EMAModule", batch: dict) -> torch.Tensor:
+    """Rectified-flow loss of one batch (Flux, SD3): logit-normal times s, x_s = (1-s) x0 + s eps, velocity
+    target eps - x0, compared in the denoiser's own (for Flux: packed) token layout. The adapter noises,
+    encodes the captions and makes the call."""
+    ad, gen = module.adapter, module.generator()
+    x0 = (batch["mean"] + batch["std"] * module.randn(batch["mean"].shape, gen) - module.shift) * module.scale
+    noise = module.randn(x0.shape, gen)
+    s = torch.sigmoid(module.randn(x0.shape[0], gen))  # logit-normal times: most weight mid-trajectory
+    xt = ad.add_noise(x0, noise, s)
+    cond = ad.encode_prompts(module.drop_captions(batch["caption"], gen), grad=True)
+    v = ad.denoiser(**ad.denoiser_inputs(xt, s, cond), return_dict=False)[0]
+    return F.mse_loss(v, ad.pack(ad.training_target(x0, noise)))
+
+
 class FluxModule(_EMAModule):
     """Flux transformer + CLIP + T5: rectified flow, x_s = (1-s) x0 + s eps, velocity target eps - x0."""
 
     name = "tiny-flux"
 
     def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
-        net = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
-                                   "text_encoder_2": pipe.text_encoder_2})
-        super().__init__(net, stage, cfg.caption_dropout, cfg.seed)
-        self.pipe, self.shift, self.scale = pipe, shift, scale
+        adapter = get_adapter(pipe)
+        super().__init__(torch.nn.ModuleDict(adapter.trainable()), stage, cfg.caption_dropout, cfg.seed)
+        self.pipe, self.shift, self.scale, self.adapter = pipe, shift, scale, adapter
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        gen = self.generator()
-        x0 = (batch["mean"] + batch["std"] * self.randn(batch["mean"].shape, gen) - self.shift) * self.scale
-        b, c, h, w = x0.shape
-        noise = self.randn(x0.shape, gen)
-        s = torch.sigmoid(self.randn(b, gen))  # logit-normal times: most weight mid-trajectory
-        xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
-        prompt, pooled, text_ids = self.pipe.encode_prompt(self.drop_captions(batch["caption"], gen), device=x0.device,
-                                                           max_sequence_length=MAX_TOKENS)
-        pack = self.pipe._pack_latents
-        v = self.net["transformer"](
-            hidden_states=pack(xt, b, c, h, w), timestep=s, pooled_projections=pooled, encoder_hidden_states=prompt,
-            txt_ids=text_ids, img_ids=self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype),
-            return_dict=False)[0]
-        loss = F.mse_loss(v, pack(noise - x0, b, c, h, w))
+        loss = flow_loss(self, batch)
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -315,24 +317,12 @@ class SD3Module(_EMAModule):
     name = "tiny-sd3"
 
     def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
-        net = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
-                                   "text_encoder_2": pipe.text_encoder_2, "text_encoder_3": pipe.text_encoder_3})
-        super().__init__(net, stage, cfg.caption_dropout, cfg.seed)
-        self.pipe, self.shift, self.scale = pipe, shift, scale
+        adapter = get_adapter(pipe)
+        super().__init__(torch.nn.ModuleDict(adapter.trainable()), stage, cfg.caption_dropout, cfg.seed)
+        self.pipe, self.shift, self.scale, self.adapter = pipe, shift, scale, adapter
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        gen = self.generator()
-        x0 = (batch["mean"] + batch["std"] * self.randn(batch["mean"].shape, gen) - self.shift) * self.scale
-        noise = self.randn(x0.shape, gen)
-        s = torch.sigmoid(self.randn(x0.shape[0], gen))
-        xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
-        captions = self.drop_captions(batch["caption"], gen)
-        prompt, _, pooled, _ = self.pipe.encode_prompt(captions, captions, captions, device=x0.device,
-                                                       do_classifier_free_guidance=False,
-                                                       max_sequence_length=MAX_TOKENS)
-        v = self.net["transformer"](hidden_states=xt, encoder_hidden_states=prompt, pooled_projections=pooled,
-                                    timestep=s * 1000, return_dict=False)[0]
-        loss = F.mse_loss(v, noise - x0)
+        loss = flow_loss(self, batch)
         self.log("loss", loss, prog_bar=True)
         return loss
 
