@@ -218,13 +218,24 @@ def check_free_space(path: str | Path, need: int, what: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under ``folder`` (deepest first), then ``folder`` itself."""
+def _seal_tree(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the umask's permissions and fsync it (deepest first, then ``folder``).
+
+    Writers that make their own files (``save_pretrained``, safetensors' ``save_file``) may create them 0600;
+    a finished output gets what the umask gives a new file (``fix_mode``). Links are left as they are.
+    """
     for root, dirs, files in os.walk(folder, topdown=False):
         for name in files:
-            fsync_path(os.path.join(root, name))
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                fix_mode(p)
+                fsync_path(p)
         for name in dirs:
-            fsync_path(os.path.join(root, name))
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                fix_mode(p, folder=True)
+                fsync_path(p)
+    fix_mode(folder, folder=True)
     fsync_path(folder)
 
 
@@ -247,7 +258,9 @@ def atomic_path(path: str | Path, *, folder: bool = False, ext: str = "") -> Ite
     umask's permissions; ``ext`` ends its name (for writers that pick the format from the suffix: ``.png``,
     ``.npz``). When the body returns, the temporary is fsynced (a folder: everything in it) and renamed onto
     ``path`` with ``os.replace``, then the folder holding ``path`` is fsynced. A folder replaces an existing
-    ``path`` folder: the old one is moved aside to ``.<name>.old`` first and removed after the swap. When
+    ``path`` folder: the old one is moved aside to ``.<name>.old`` first and removed after the swap. Every
+    file and folder of the new output gets the umask's permissions (``fix_mode``: writers such as
+    ``save_pretrained`` or safetensors may create 0600 files). When
     the body (or the commit) raises, also on KeyboardInterrupt, the temporary is removed and ``path`` stays
     as it was; the exception is passed on unchanged (callers name the file, e.g. with ``write_failed``).
     """
@@ -256,16 +269,22 @@ def atomic_path(path: str | Path, *, folder: bool = False, ext: str = "") -> Ite
     try:
         yield tmp
         if folder:
-            _fsync_tree(tmp)
+            _seal_tree(tmp)
             if path.is_dir() and not path.is_symlink():
                 old = path.with_name(f".{path.name}.old")
                 _discard(old)
                 os.replace(path, old)
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)  # put the old folder back
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, path)
         else:
+            if not tmp.is_symlink():
+                fix_mode(tmp)  # the writer may have replaced make_tmp's file with a 0600 one of its own
             fsync_path(tmp)
             os.replace(tmp, path)
         fsync_path(path.parent)

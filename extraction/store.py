@@ -542,6 +542,25 @@ def _grid_pool(x: np.ndarray, grid: int) -> np.ndarray:
     return out.reshape(n, -1)
 
 
+def store_state(path: str | Path) -> tuple[Any, bool, int]:
+    """(identity, complete, rows done) of an existing store file, for a run deciding whether to resume it.
+
+    ``identity`` is the stored JSON (None for a file without one). A file another process holds open for
+    writing, or one that is not a readable store, is a ``StoreError`` that says so.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            identity = json.loads(f.attrs.get("identity", "null"))
+            complete = bool(f.attrs.get("complete", False))
+            done = int(f["images/done"][...].sum())
+    except OSError as e:
+        owner = lock_owner(path)
+        if owner is not None:
+            raise StoreError(locked_message(path, owner)) from e
+        raise StoreError(f"{path} exists but is not a readable store ({e}); delete it or choose another output")
+    return identity, complete, done
+
+
 def open_store(path: str | Path, allow_incomplete: bool = False) -> ActivationStore:
     """Open an activation store read-only (use as ``with open_store(p) as st:``)."""
     return ActivationStore(path, allow_incomplete=allow_incomplete)

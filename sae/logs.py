@@ -15,11 +15,11 @@ from __future__ import annotations
 import csv
 import os
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from extraction.files import atomic_write
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
