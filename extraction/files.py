@@ -14,7 +14,8 @@ depend on ``extraction``; no stage imports ``revelio``); ``revelio.files`` re-ex
 * ``atomic_path(path)``: THE atomic write every stage uses (``atomic_write`` opens it as a file object):
   the body fills a ``make_tmp`` temporary (file or folder) beside ``path``; a clean exit fsyncs it and
   renames it onto ``path``, an error removes it, so a kill or a full disk never leaves a half-written output
-  and no temporary outlives its writer.
+  and no temporary outlives its writer. ``scratch_path(path)``: a temporary beside ``path`` for work space
+  only (never renamed), removed when the body ends.
 * ``WriteFailed``: an ``OSError`` whose message names the cause and the file, e.g.
   "no space left on device while writing batch rows 4-6 of runs/a.h5".
 """
@@ -293,6 +294,16 @@ def atomic_path(path: str | Path, *, folder: bool = False, ext: str = "") -> Ite
 
 
 @contextmanager
+def scratch_path(path: str | Path, *, ext: str = "") -> Iterator[Path]:
+    """A ``make_tmp`` scratch file beside ``path`` for the body (work space that is never an output), removed after."""
+    tmp = make_tmp(path, ext=ext)
+    try:
+        yield tmp
+    finally:
+        _discard(tmp)
+
+
+@contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """``atomic_path`` with the temporary opened in ``mode`` (text: utf-8, newlines as written).
 
@@ -488,7 +499,7 @@ def hold_output(path: str | Path | None) -> Iterator[Path | None]:
             release_output(path)
 
 
-__all__ = ["OutputError", "OutputLocked", "WriteFailed", "atomic_path", "atomic_write", "write_text_atomic", "write_json_atomic",
+__all__ = ["OutputError", "OutputLocked", "WriteFailed", "atomic_path", "scratch_path", "atomic_write", "write_text_atomic", "write_json_atomic",
            "hold_output", "acquire_output", "release_output", "lock_owner", "lock_path", "locked_message",
            "make_tmp", "fix_mode", "clean_stale_tmps", "current_umask", "check_free_space", "write_failed",
            "error_cause", "fsync_path"]
