@@ -11,6 +11,11 @@ depend on ``extraction``; no stage imports ``revelio``); ``revelio.files`` re-ex
 * ``make_tmp(path)``: the hidden temporary ``.<name>.<pid>-<random>.tmp`` beside ``path``, with the
   permissions the umask gives a new file (``mkstemp`` alone makes it 0600). ``clean_stale_tmps`` removes
   the ones whose process is dead (run when an output's lock is taken).
+* ``atomic_path(path)``: THE atomic write every stage uses (``atomic_write`` opens it as a file object):
+  the body fills a ``make_tmp`` temporary (file or folder) beside ``path``; a clean exit fsyncs it and
+  renames it onto ``path``, an error removes it, so a kill or a full disk never leaves a half-written output
+  and no temporary outlives its writer. ``scratch_path(path)``: a temporary beside ``path`` for work space
+  only (never renamed), removed when the body ends.
 * ``WriteFailed``: an ``OSError`` whose message names the cause and the file, e.g.
   "no space left on device while writing batch rows 4-6 of runs/a.h5".
 """
@@ -214,28 +219,108 @@ def check_free_space(path: str | Path, need: int, what: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _seal_tree(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the umask's permissions and fsync it (deepest first, then ``folder``).
+
+    Writers that make their own files (``save_pretrained``, safetensors' ``save_file``) may create them 0600;
+    a finished output gets what the umask gives a new file (``fix_mode``). Links are left as they are.
+    """
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                fix_mode(p)
+                fsync_path(p)
+        for name in dirs:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                fix_mode(p, folder=True)
+                fsync_path(p)
+    fix_mode(folder, folder=True)
+    fsync_path(folder)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file or folder if it is still there (never follows a link)."""
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, folder: bool = False, ext: str = "") -> Iterator[Path]:
+    """The one atomic write of the project: yield a new temporary beside ``path`` for the body to fill.
+
+    The temporary is a file (``folder=True``: a folder) made by ``make_tmp`` in ``path``'s folder, with the
+    umask's permissions; ``ext`` ends its name (for writers that pick the format from the suffix: ``.png``,
+    ``.npz``). When the body returns, the temporary is fsynced (a folder: everything in it) and renamed onto
+    ``path`` with ``os.replace``, then the folder holding ``path`` is fsynced. A folder replaces an existing
+    ``path`` folder: the old one is moved aside to ``.<name>.old`` first and removed after the swap. Every
+    file and folder of the new output gets the umask's permissions (``fix_mode``: writers such as
+    ``save_pretrained`` or safetensors may create 0600 files). When
+    the body (or the commit) raises, also on KeyboardInterrupt, the temporary is removed and ``path`` stays
+    as it was; the exception is passed on unchanged (callers name the file, e.g. with ``write_failed``).
+    """
+    path = Path(path)
+    tmp = make_tmp(path, folder=folder, ext=ext)
+    try:
+        yield tmp
+        if folder:
+            _seal_tree(tmp)
+            if path.is_dir() and not path.is_symlink():
+                old = path.with_name(f".{path.name}.old")
+                _discard(old)
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)  # put the old folder back
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        else:
+            if not tmp.is_symlink():
+                fix_mode(tmp)  # the writer may have replaced make_tmp's file with a 0600 one of its own
+            fsync_path(tmp)
+            os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        _discard(tmp)
+
+
+@contextmanager
+def scratch_path(path: str | Path, *, ext: str = "") -> Iterator[Path]:
+    """A ``make_tmp`` scratch file beside ``path`` for the body (work space that is never an output), removed after."""
+    tmp = make_tmp(path, ext=ext)
+    try:
+        yield tmp
+    finally:
+        _discard(tmp)
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temp file next to ``path``; on a clean exit fsync and rename it onto ``path``, on an error remove it.
+    """``atomic_path`` with the temporary opened in ``mode`` (text: utf-8, newlines as written).
 
     Write errors (disk full, I/O error) become ``WriteFailed`` naming ``path``.
     """
     path = Path(path)
-    tmp = make_tmp(path)
+    kw = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    made = False  # an error creating the temporary (e.g. an unwritable folder) is passed on as it is
     try:
-        kw = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-        with open(tmp, mode, **kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            made = True
+            with open(tmp, mode, **kw) as f:
+                yield f
     except OSError as e:
-        if isinstance(e, OutputError) or isinstance(e, (FileNotFoundError, IsADirectoryError)):
+        if not made or isinstance(e, OutputError) or isinstance(e, (FileNotFoundError, IsADirectoryError)):
             raise
         raise write_failed(e, "writing", path) from e
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -414,7 +499,7 @@ def hold_output(path: str | Path | None) -> Iterator[Path | None]:
             release_output(path)
 
 
-__all__ = ["OutputError", "OutputLocked", "WriteFailed", "atomic_write", "write_text_atomic", "write_json_atomic",
+__all__ = ["OutputError", "OutputLocked", "WriteFailed", "atomic_path", "scratch_path", "atomic_write", "write_text_atomic", "write_json_atomic",
            "hold_output", "acquire_output", "release_output", "lock_owner", "lock_path", "locked_message",
            "make_tmp", "fix_mode", "clean_stale_tmps", "current_umask", "check_free_space", "write_failed",
            "error_cause", "fsync_path"]

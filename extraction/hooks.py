@@ -1,16 +1,95 @@
-"""Forward hooks on named denoiser modules, as a context manager that always removes them."""
+"""Every hook the project installs goes through ``Hooks``; ``ActivationCapture`` collects activations with it.
+
+``Hooks(root)`` installs forward hooks, forward pre-hooks and attention-processor swaps on modules named
+by their ``root.named_modules()`` path (or given as modules), and removes every one of them on exit, also
+when the body raises; a wrong name is a ``KeyError`` with the close matches and the valid names. The
+extraction hooks, the saliency tracers (``revelio.saliency.hooks``) and steering all use it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-from .adapters import Adapter
+from .adapters import Adapter, close_match_error
 
 CAPTURES = ("output", "input", "delta")
 POOLINGS = ("none", "mean")
+
+
+class Hooks:
+    """Hooks and processor swaps on modules of ``root``, all undone by ``remove()`` (or on leaving ``with``).
+
+    ``forward(target, fn)`` / ``pre(target, fn)`` register a forward hook / forward pre-hook
+    (``with_kwargs`` as in torch); ``processor(target, proc)`` gives a diffusers attention module another
+    processor and puts the original back on removal. ``target`` is a module or its dotted name under
+    ``root``; ``shown`` are the names an error lists first (default: all). Removal runs in reverse order of
+    installation, runs every step even when one fails, and may be called any number of times.
+    """
+
+    def __init__(self, root: nn.Module | None = None, shown: Sequence[str] | None = None):
+        self.root, self.shown = root, shown
+        self._modules: dict[str, nn.Module] | None = None
+        self._undo: list[Callable[[], Any]] = []
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __len__(self) -> int:
+        return len(self._undo)
+
+    def module(self, target: str | nn.Module) -> nn.Module:
+        """``target`` itself, or the submodule of ``root`` it names (KeyError with close matches otherwise)."""
+        if isinstance(target, nn.Module):
+            return target
+        if self.root is None:
+            raise TypeError(f"module name {target!r} given, but these hooks have no root module to look it up in")
+        if self._modules is None:
+            self._modules = dict(self.root.named_modules())
+        if target not in self._modules:
+            valid = [n for n in self._modules if n]
+            raise close_match_error("module", str(target), valid, self.shown)
+        return self._modules[target]
+
+    def forward(self, target: str | nn.Module, fn: Callable, *, with_kwargs: bool = False) -> Any:
+        """Register ``fn`` as a forward hook of ``target``; returns torch's handle."""
+        handle = self.module(target).register_forward_hook(fn, with_kwargs=with_kwargs)
+        self._undo.append(handle.remove)
+        return handle
+
+    def pre(self, target: str | nn.Module, fn: Callable, *, with_kwargs: bool = False) -> Any:
+        """Register ``fn`` as a forward pre-hook of ``target``; returns torch's handle."""
+        handle = self.module(target).register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+        self._undo.append(handle.remove)
+        return handle
+
+    def processor(self, target: str | nn.Module, proc: Any) -> Any:
+        """Give the attention module ``target`` the processor ``proc``; returns the original (restored on removal)."""
+        m = self.module(target)
+        if not hasattr(m, "set_processor"):
+            raise TypeError(f"{type(m).__name__} has no attention processor to swap (no set_processor)")
+        original = m.processor
+        m.set_processor(proc)
+        self._undo.append(lambda: m.set_processor(original))
+        return original
+
+    def remove(self) -> None:
+        """Undo everything installed, newest first; every step runs even if one raises (the first error is raised)."""
+        error: BaseException | None = None
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+            except BaseException as e:  # noqa: BLE001 - finish removing, then report
+                error = error or e
+        if error is not None:
+            raise error
 
 
 class ActivationCapture:
@@ -33,13 +112,12 @@ class ActivationCapture:
         self.dtype, self.device = dtype, device
         self.n_img: int | None = None
         self.acts: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
+        self._hooks = Hooks(adapter.denoiser, shown=adapter.block_names())
 
     def __enter__(self) -> ActivationCapture:
-        modules = dict(self.adapter.denoiser.named_modules())
         try:
             for name in self.hooks:
-                self._handles.append(modules[name].register_forward_hook(self._hook(name), with_kwargs=True))
+                self._hooks.forward(name, self._hook(name), with_kwargs=True)
         except BaseException:
             self.remove()
             raise
@@ -49,9 +127,7 @@ class ActivationCapture:
         self.remove()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def reset(self, n_img: int | None) -> None:
         """Prepare for the next call; ``n_img`` is the number of image tokens (None for UNets)."""

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter, grid_for_tokens, sample_generators
 from .config import ExtractionPlan
-from .files import hold_output, lock_owner, locked_message
+from .files import hold_output
 from .hooks import ActivationCapture
-from .store import ActSpec, AsyncWriter, Batch, StoreError, StoreWriter, create_store, join_shards
+from .store import (ActSpec, AsyncWriter, Batch, StoreError, StoreWriter, create_store, join_shards, open_store,
+                    store_state)
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +165,7 @@ class Extractor:
 
     def _check_identity(self, path: Path) -> tuple[bool, int]:
         """(complete, rows done) of an existing store, refusing one written with a different config."""
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as f:
-                stored = json.loads(f.attrs.get("identity", "null"))
-                complete = bool(f.attrs.get("complete", False))
-                done = int(f["images/done"][...].sum())
-        except OSError as e:
-            owner = lock_owner(path)
-            if owner is not None:
-                raise StoreError(locked_message(path, owner)) from e
-            raise StoreError(f"{path} exists but is not a readable store ({e}); delete it or choose another output")
+        stored, complete, done = store_state(path)
         ours = self.plan.identity()
         if stored != ours:
             keys = sorted(set(stored or {}) | set(ours))
@@ -302,10 +292,8 @@ def _run_ranks(ex: Extractor, dataset: Any, out: Path, rank: int, world: int) ->
             shards = [shard_path(out, r, world) for r in range(world)]
             join_shards(shards, out)
             print(f"extract: joined {world} shards into {out} (HDF5 virtual datasets)")
-            import h5py
-
-            with h5py.File(out, "r") as f:
-                summ = Summary(str(out), int(f.attrs["n_images"]), json.loads(f.attrs["skipped"]),
+            with open_store(out) as st:
+                summ = Summary(str(out), int(st.attrs["n_images"]), json.loads(st.attrs["skipped"]),
                                out.stat().st_size, summ.seconds)
         dist.barrier()
         return summ

@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 import yaml
 
-from .files import OutputError, check_free_space, fsync_path, lock_owner, locked_message, make_tmp, write_failed
+from .files import OutputError, atomic_path, check_free_space, fsync_path, lock_owner, locked_message, write_failed
 
 FORMAT_VERSION = 1
 CAPTION_BYTES = 512
@@ -107,49 +107,46 @@ def create_store(path: str | Path, *, source_index: list[int], source_ids: list[
     path.parent.mkdir(parents=True, exist_ok=True)
     m = len(source_index)
     id_bytes = max(1, max((len(s.encode()) for s in source_ids), default=1))
-    tmp = make_tmp(path)
+    made = False  # an error creating the temporary is passed on as it is (as for atomic_write)
     try:
-        with h5py.File(tmp, "w") as f:
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["complete"] = False
-            f.attrs["n_images"] = 0
-            f.attrs["storage_dtype"] = storage_dtype
-            img = f.create_group("images")
-            rows = max(1, batch_size)
-            _new(img, "id", (m,), f"S{id_bytes}", rows, None)
-            _new(img, "label", (m,), "int64", rows, None)
-            _new(img, "caption", (m,), f"S{CAPTION_BYTES}", rows, None)
-            _new(img, "source", (m,), "int64", rows, None)
-            done = _new(img, "done", (m,), "bool", rows, None)
-            done[...] = False
-            src = f.create_group("source")
-            src.create_dataset("index", data=np.asarray(source_index, dtype=np.int64))
-            src.create_dataset("id", data=_enc(list(source_ids), id_bytes))
-            src.create_dataset("skipped", data=np.zeros(m, dtype=bool))
-            for s in specs:
-                if s.layout not in LAYOUTS:
-                    raise ValueError(f"layout {s.layout!r} is not one of {LAYOUTS}")
-                row_bytes = int(np.prod(s.row_shape)) * np.dtype(storage_dtype).itemsize
-                chunk_rows = max(1, min(batch_size, CHUNK_BYTES // max(1, row_bytes)))
-                d = _new(f, act_name(s.hook, s.timestep), (m, *s.row_shape), storage_dtype, chunk_rows, compression)
-                d.attrs.update(layout=s.layout, hook=s.hook, timestep=int(s.timestep), capture=s.capture,
-                               spatial=np.asarray(s.spatial, dtype=np.int64))
-        if compression in (None, "none"):
-            _reserve(tmp, path)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        with atomic_path(path) as tmp:
+            made = True
+            with h5py.File(tmp, "w") as f:
+                for k, v in attrs.items():
+                    f.attrs[k] = v
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["complete"] = False
+                f.attrs["n_images"] = 0
+                f.attrs["storage_dtype"] = storage_dtype
+                img = f.create_group("images")
+                rows = max(1, batch_size)
+                _new(img, "id", (m,), f"S{id_bytes}", rows, None)
+                _new(img, "label", (m,), "int64", rows, None)
+                _new(img, "caption", (m,), f"S{CAPTION_BYTES}", rows, None)
+                _new(img, "source", (m,), "int64", rows, None)
+                done = _new(img, "done", (m,), "bool", rows, None)
+                done[...] = False
+                src = f.create_group("source")
+                src.create_dataset("index", data=np.asarray(source_index, dtype=np.int64))
+                src.create_dataset("id", data=_enc(list(source_ids), id_bytes))
+                src.create_dataset("skipped", data=np.zeros(m, dtype=bool))
+                for s in specs:
+                    if s.layout not in LAYOUTS:
+                        raise ValueError(f"layout {s.layout!r} is not one of {LAYOUTS}")
+                    row_bytes = int(np.prod(s.row_shape)) * np.dtype(storage_dtype).itemsize
+                    chunk_rows = max(1, min(batch_size, CHUNK_BYTES // max(1, row_bytes)))
+                    d = _new(f, act_name(s.hook, s.timestep), (m, *s.row_shape), storage_dtype, chunk_rows,
+                             compression)
+                    d.attrs.update(layout=s.layout, hook=s.hook, timestep=int(s.timestep), capture=s.capture,
+                                   spatial=np.asarray(s.spatial, dtype=np.int64))
+            if compression in (None, "none"):
+                _reserve(tmp, path)
     except (ValueError, TypeError):
         raise
     except Exception as e:  # h5py reports a full disk as OSError or RuntimeError; name the cause and the file
-        if isinstance(e, OutputError):
+        if isinstance(e, OutputError) or not made:
             raise
         raise write_failed(e, "creating", path) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -545,6 +542,25 @@ def _grid_pool(x: np.ndarray, grid: int) -> np.ndarray:
     return out.reshape(n, -1)
 
 
+def store_state(path: str | Path) -> tuple[Any, bool, int]:
+    """(identity, complete, rows done) of an existing store file, for a run deciding whether to resume it.
+
+    ``identity`` is the stored JSON (None for a file without one). A file another process holds open for
+    writing, or one that is not a readable store, is a ``StoreError`` that says so.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            identity = json.loads(f.attrs.get("identity", "null"))
+            complete = bool(f.attrs.get("complete", False))
+            done = int(f["images/done"][...].sum())
+    except OSError as e:
+        owner = lock_owner(path)
+        if owner is not None:
+            raise StoreError(locked_message(path, owner)) from e
+        raise StoreError(f"{path} exists but is not a readable store ({e}); delete it or choose another output")
+    return identity, complete, done
+
+
 def open_store(path: str | Path, allow_incomplete: bool = False) -> ActivationStore:
     """Open an activation store read-only (use as ``with open_store(p) as st:``)."""
     return ActivationStore(path, allow_incomplete=allow_incomplete)
@@ -569,8 +585,7 @@ def join_shards(shards: list[str | Path], out: str | Path) -> Path:
                 raise StoreError(f"shard {s} is not finished; cannot join")
         ns = [int(f["images/done"].shape[0]) for f in files]
         total = sum(ns)
-        tmp = make_tmp(out)
-        try:
+        with atomic_path(out) as tmp:
             with h5py.File(tmp, "w") as g:
                 for k, v in files[0].attrs.items():
                     g.attrs[k] = v
@@ -594,11 +609,6 @@ def join_shards(shards: list[str | Path], out: str | Path) -> Path:
                     v = g.create_virtual_dataset(name, layout)
                     v.attrs.update(dict(d0.attrs))
                 g.attrs["complete"] = True
-            fsync_path(tmp)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     finally:
         for f in files:
             f.close()

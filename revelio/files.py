@@ -7,8 +7,8 @@ when the disk is full.
 
 from __future__ import annotations
 
-from extraction.files import (OutputError, OutputLocked, WriteFailed, atomic_write, hold_output, lock_owner,
-                              write_json_atomic, write_text_atomic)
+from extraction.files import (OutputError, OutputLocked, WriteFailed, atomic_path, atomic_write, hold_output,
+                              lock_owner, write_json_atomic, write_text_atomic)
 
-__all__ = ["OutputError", "OutputLocked", "WriteFailed", "atomic_write", "hold_output", "lock_owner",
+__all__ = ["OutputError", "OutputLocked", "WriteFailed", "atomic_path", "atomic_write", "hold_output", "lock_owner",
            "write_json_atomic", "write_text_atomic"]

@@ -16,12 +16,13 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` atomically (temp file, then rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from extraction.files import make_tmp
+    from extraction.files import atomic_path
 
-    tmp = make_tmp(path, ext=path.suffix)  # savefig picks the format from the suffix
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path, ext=path.suffix) as tmp:  # savefig picks the format from the suffix
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -24,15 +24,13 @@ unexpected tensors); ``load`` applies the modulation.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from extraction.files import OutputError, fix_mode, make_tmp, write_failed
+from extraction.files import OutputError, atomic_path, fix_mode, write_failed
 from safetensors.torch import load_file, save_file
 
 from .config import ARCHITECTURES, SAEConfig
@@ -124,22 +122,15 @@ def save(model: SparseAutoencoder, folder: str | Path, extra: dict[str, Any] | N
                                "t_bias[i] (tensors t_scale, t_bias [T, d_sae] in the safetensors, timesteps in "
                                "'timesteps'); SAELens applies none of it (its load_from_disk refuses the extra "
                                "tensors) and the base tensors alone are not this SAE. Load it with sae.load.")
-    tmp = make_tmp(folder, folder=True)  # the umask's permissions, not mkdtemp's 0700
+    made = False  # an error creating the temporary folder is passed on as it is
     try:
-        save_file(tensors, str(tmp / WEIGHTS))
-        fix_mode(tmp / WEIGHTS)  # safetensors creates it 0600 whatever the umask
-        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and not isinstance(e, (OutputError, ValueError, TypeError)):
+        with atomic_path(folder, folder=True) as tmp:  # swapped in whole; the old folder goes after
+            made = True
+            save_file(tensors, str(tmp / WEIGHTS))
+            fix_mode(tmp / WEIGHTS)  # safetensors creates it 0600 whatever the umask
+            (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+    except Exception as e:
+        if made and not isinstance(e, (OutputError, ValueError, TypeError)):
             raise write_failed(e, "writing", folder / WEIGHTS) from e  # a full disk, an I/O error: name the file
         raise
     return folder

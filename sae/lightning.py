@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from extraction.files import make_tmp
+from extraction.files import atomic_path
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
@@ -184,10 +183,11 @@ class SAEModule(L.LightningModule):
         axes[0].set_title(f"feature density, step {self.global_step}")
         fig.tight_layout()
         out = root / f"step_{self.global_step:08d}.png"
-        tmp = make_tmp(out, ext=".png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, out)
+        try:
+            with atomic_path(out, ext=".png") as tmp:  # savefig picks the format from the suffix
+                fig.savefig(tmp)
+        finally:
+            plt.close(fig)
         return out
 
     # ---- BatchTopK threshold ----------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from __future__ import annotations
 import csv
 import os
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from extraction.files import atomic_write
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -61,16 +61,10 @@ class _ResumedWriter(ExperimentWriter):
             return
         kept = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < self.keep_before]
         if len(kept) != len(rows):
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.csv.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                    writer = csv.DictWriter(f, fieldnames=keys)
-                    writer.writeheader()
-                    writer.writerows(kept)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            with atomic_write(path) as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(kept)
         self.metrics_keys = keys  # the file's header; later rows are appended under it (or it is rewritten)
 
 

@@ -35,14 +35,15 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
+from extraction.files import atomic_path, scratch_path, write_text_atomic
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
@@ -124,15 +125,12 @@ def build(store: str | Path, hook: str, timesteps: list[int], train_rows: np.nda
 def _build(open_store, _Source, store, hook, timesteps, rows, seed, data, meta, stamp, bucket_bytes, block_images,
            progress) -> dict:
     nt, n_img = len(timesteps), len(rows)
-    tmps: list[str] = []
-
-    def tmp(suffix: str) -> str:
-        fd, p = tempfile.mkstemp(dir=data.parent, prefix=f".{data.name}.", suffix=suffix)
-        os.close(fd)
-        tmps.append(p)
-        return p
-
-    try:
+    # the data and meta files are committed (fsync + rename) when the block ends, data first; the slot file is
+    # scratch; an error removes all three and leaves the old files. The stamp, written last, marks a valid cache.
+    with ExitStack() as files:
+        meta_tmp = files.enter_context(atomic_path(meta, ext=".npy"))
+        data_tmp = files.enter_context(atomic_path(data, ext=".npy"))
+        slot_tmp = files.enter_context(scratch_path(data, ext=".npy"))
         with open_store(store) as st:
             srcs = [_Source(st, hook, int(t), "tokens") for t in timesteps]
             try:
@@ -142,8 +140,8 @@ def _build(open_store, _Source, store, hook, timesteps, rows, seed, data, meta, 
                 dest = _rng(seed, 17, N).permutation(N)
                 S = max(1, min(N, bucket_bytes // (C * dtype.itemsize)))  # tokens per bucket
                 K = -(-N // S)
-                out = np.lib.format.open_memmap(tmp(".npy"), mode="w+", dtype=dtype, shape=(N, C))
-                slot = np.lib.format.open_memmap(tmp(".slot.npy"), mode="w+", dtype=np.int64, shape=(N,))
+                out = np.lib.format.open_memmap(data_tmp, mode="w+", dtype=dtype, shape=(N, C))
+                slot = np.lib.format.open_memmap(slot_tmp, mode="w+", dtype=np.int64, shape=(N,))
                 fill = np.arange(K, dtype=np.int64) * S  # next free slot of each bucket
                 blocks = [(j, lo) for j in range(nt) for lo in range(0, n_img, block_images)]
                 buf = np.empty(min(block_images, n_img) * P * C, dtype)
@@ -174,30 +172,15 @@ def _build(open_store, _Source, store, hook, timesteps, rows, seed, data, meta, 
                 tok_row = np.repeat(rows.astype(np.int64), P)
                 for j in range(nt):
                     key[dest[j * n_img * P:(j + 1) * n_img * P]] = tok_row * nt + j
-                mpath = tmp(".meta.npy")
-                np.save(mpath, key)
+                np.save(meta_tmp, key)
             finally:
                 for s in srcs:
                     s.close()
-        for p in tmps[:1] + tmps[2:]:
-            with open(p, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmps[0], data)
-        os.replace(mpath, meta)
-        info = {"format": FORMAT, "store": str(Path(store).resolve()), "hook": hook,
-                "timesteps": [int(t) for t in timesteps], "seed": int(seed), "images": n_img, "positions": P,
-                "n": int(N), "C": int(C), "dtype": str(dtype)}
-        sp = tmp(".json")
-        with open(sp, "w") as fh:
-            json.dump(info, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(sp, stamp)
-        return info
-    finally:
-        for p in tmps:
-            if os.path.exists(p):
-                os.remove(p)
+    info = {"format": FORMAT, "store": str(Path(store).resolve()), "hook": hook,
+            "timesteps": [int(t) for t in timesteps], "seed": int(seed), "images": n_img, "positions": P,
+            "n": int(N), "C": int(C), "dtype": str(dtype)}
+    write_text_atomic(stamp, json.dumps(info))
+    return info
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:

@@ -14,7 +14,6 @@ half, so the selection among thousands of latents does not flatter the latent.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,11 +269,10 @@ class AlignmentTable:
                 -1, len(METRICS), self.d_sae)
             arrays[f"c{i}_paired_saliency"] = np.array([p[1] for p in rec.paired]).reshape(-1, len(METRICS))
         path.parent.mkdir(parents=True, exist_ok=True)
-        from extraction.files import make_tmp
+        from extraction.files import atomic_path
 
-        tmp = make_tmp(path, ext=".npz")
-        np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
+        with atomic_path(path, ext=".npz") as tmp:  # numpy adds .npz to a name without it
+            np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
         return path
 
     @classmethod

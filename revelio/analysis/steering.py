@@ -109,28 +109,31 @@ class Steering:
         self.steered_per_step: Counter[int] = Counter()
         self.grid: tuple[int, int] | None = None
         self.n_img: int | None = None
-        self._handles: list[Any] = []
+        self._hooks: Any = None
 
     def __enter__(self) -> Steering:
+        from extraction.hooks import Hooks
+
         den = self.adapter.denoiser
-        module = dict(den.named_modules())[self.hook]
+        self._hooks = Hooks(den, shown=self.adapter.block_names())
         self.step = 0
         self.calls_per_step.clear()
         self.steered_per_step.clear()
         try:
             self._wrap_scheduler()
-            self._handles.append(den.register_forward_pre_hook(self._on_call, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._on_output))
+            self._hooks.pre(den, self._on_call, with_kwargs=True)
+            self._hooks.forward(self.hook, self._on_output)
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._unwrap_scheduler()
+        try:
+            if self._hooks is not None:
+                self._hooks.remove()
+        finally:
+            self._unwrap_scheduler()
 
     _scheduler: Any = None
     _own_step: Any = None  # an instance attribute 'step' the scheduler had before (restored on exit)

@@ -1,5 +1,7 @@
 """The seam every saliency method uses: swap diffusers attention processors inside a context manager.
 
+Every install and removal goes through ``extraction.hooks.Hooks`` (the one hook helper of the project).
+
 A method wraps each chosen attention module's processor with its own: the wrapper runs the
 ORIGINAL processor unchanged (so the model's outputs are bit-identical) while forward hooks
 on the projection layers (``to_q``, ``to_k``, ``to_out.0``, ...) record the tensors the method
@@ -16,18 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from extraction.hooks import Hooks
+
 
 @contextmanager
 def swapped_processors(modules: dict[str, nn.Module], make: Callable[[str, nn.Module, Any], Any]) -> Iterator[None]:
     """Give each attention module ``make(name, module, original_processor)`` as processor; restore on exit."""
-    originals = {name: m.processor for name, m in modules.items()}
-    try:
+    with Hooks() as hooks:
         for name, m in modules.items():
-            m.set_processor(make(name, m, originals[name]))
+            hooks.processor(m, make(name, m, m.processor))
         yield
-    finally:
-        for name, m in modules.items():
-            m.set_processor(originals[name])
 
 
 @contextmanager
@@ -39,7 +39,6 @@ def captured(**layers: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     (a forward pre-hook). Only the first call of each layer in the body is kept.
     """
     out: dict[str, torch.Tensor] = {}
-    handles = []
 
     def post(name):
         def hook(_m, _args, result):
@@ -51,30 +50,25 @@ def captured(**layers: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
             out.setdefault(name, args[0])
         return hook
 
-    try:
+    with Hooks() as hooks:
         for name, layer in layers.items():
-            handles.append(layer.register_forward_pre_hook(pre(name)) if name.startswith("in_")
-                           else layer.register_forward_hook(post(name)))
+            if name.startswith("in_"):
+                hooks.pre(layer, pre(name))
+            else:
+                hooks.forward(layer, post(name))
         yield out
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
 def hooked(module: nn.Module, pre: Callable | None = None, post: Callable | None = None,
            with_kwargs: bool = False) -> Iterator[None]:
     """Attach a forward pre-hook and/or forward hook to ``module`` for the body only."""
-    handles = []
-    try:
+    with Hooks() as hooks:
         if pre is not None:
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=with_kwargs))
+            hooks.pre(module, pre, with_kwargs=with_kwargs)
         if post is not None:
-            handles.append(module.register_forward_hook(post, with_kwargs=with_kwargs))
+            hooks.forward(module, post, with_kwargs=with_kwargs)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class ConditionalRows:

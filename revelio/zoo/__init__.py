@@ -10,7 +10,6 @@ pipeline is built once, saved with ``save_pretrained`` under the cache folder
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,16 +70,10 @@ def zoo_path(name: str, random_init: bool = False, seed: int = 0) -> Path:
     target = cache_dir() / "zoo" / f"{name}-random-seed{seed}"
     if not (target / "model_index.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        from extraction.files import make_tmp
+        from extraction.files import atomic_path
 
-        tmp = make_tmp(target, folder=True)
-        try:
+        with atomic_path(target, folder=True) as tmp:  # a crash never leaves a half-written model folder
             build(name, seed).save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)  # atomic: a crash never leaves a half-written model folder
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from extraction.adapters import get_adapter
-from extraction.files import make_tmp
+from extraction.files import atomic_path
 
 from ..config import to_dict
 from ..datasets.shapes import Shapes
@@ -113,9 +111,8 @@ def render_cache(cfg: ZooTrainConfig) -> tuple[torch.Tensor, list[str]]:
                 want -= 1
                 bar.update()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"images": images, "captions": captions}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"images": images, "captions": captions}, tmp)
     return images, captions
 
 
@@ -339,9 +336,8 @@ class StepCheckpoints(Callback):
 
     def save(self, trainer: L.Trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            trainer.save_checkpoint(tmp)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -395,15 +391,9 @@ def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainCon
 def _save_atomic(obj, target: Path, cfg: ZooTrainConfig) -> Path:
     """``save_pretrained`` (plus the training config) into a temporary sibling folder, then rename it onto ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_tmp(target, folder=True)
-    try:
+    with atomic_path(target, folder=True) as tmp:
         obj.save_pretrained(tmp)
         (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -444,9 +434,8 @@ def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor) -> tuple[torc
         return blob["mean"], blob["std"]
     mean, std = encode_latents(vae, images, cfg.device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"mean": mean, "std": std}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"mean": mean, "std": std}, tmp)
     return mean, std
 
 
