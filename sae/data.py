@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from . import token_cache as _tc
-from .token_cache import _alloc
+from .token_cache import _alloc, _rng
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ def read_samples(st, hook: str, t: int, rows: np.ndarray, samples: str) -> tuple
     if samples == "pooled":
         return st.pooled(hook, t, rows), np.asarray(rows)
     return st.tokens(hook, t, rows)
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) for k in key])
 
 
 def _map_dataset(path: str, ds) -> tuple[list[tuple[int, int, int]], mmap.mmap] | None:
