@@ -248,9 +248,9 @@ class CacheStream(IterableDataset):
                 for b in mine:
                     yield self._batch(fds, offset, order[b * self.R:(b + 1) * self.R], shared)
                 return
-            # reader threads (preadv releases the GIL): batches are read ahead in order, in tasks of about 1 MiB
+            # reader threads (preadv releases the GIL): batches are read ahead in order, in tasks of about 4 MiB
             # (small batches one at a time would cost more in hand-offs than in reading)
-            per = max(1, -(-(1 << 20) // (self.batch_size * self.row_bytes)))
+            per = max(1, -(-(4 << 20) // (self.batch_size * self.row_bytes)))
             tasks = [mine[i:i + per] for i in range(0, len(mine), per)]
             with ThreadPoolExecutor(self.threads, thread_name_prefix="token-cache") as pool:
                 ahead: deque = deque()
