@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 
+# Reader threads pay off only for batches of at least this many bytes: below it a batch is a few ``preadv``
+# calls of tens of KiB, each shorter than the GIL hand-offs threads add, and reading in the training loop's
+# own thread is faster (measured in benchmarks/sae_data.py: d_in 64 batches of 0.5-1 MiB read at 0.77-0.87 of
+# raw h5py without threads, 0.40-0.55 with 2; d_in 1280 batches of 10-20 MiB at 1.2-1.5 without, 1.7-1.8 with).
+THREAD_MIN_BATCH_BYTES = 2 << 20
+
 
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
@@ -205,7 +211,9 @@ class CacheStream(IterableDataset):
 
     ``threads`` > 0: that many reader threads in this process read batches ahead (what ``data.num_workers``
     means on this path: worker processes would have to pass every batch through shared memory, which costs
-    more than the read itself). Inside a DataLoader worker the stream reads in that worker.
+    more than the read itself), for batches of at least ``THREAD_MIN_BATCH_BYTES``; smaller batches are read
+    in the consuming thread, which is faster for them (``reader_threads`` says which). Inside a DataLoader
+    worker the stream reads in that worker. The stream is the same either way.
     """
 
     def __init__(self, data: str | Path, meta: str | Path, info: dict, batch_size: int, runs_per_batch: int,
@@ -221,6 +229,11 @@ class CacheStream(IterableDataset):
         self.epoch, self.start = 0, 0
         self.row_bytes = self.C * self.np_dtype.itemsize
         self._offsets = (_npy_offset(Path(data))[2], _npy_offset(Path(meta))[2])
+
+    @property
+    def reader_threads(self) -> int:
+        """The reader threads this stream uses: ``threads``, or 0 for batches under ``THREAD_MIN_BATCH_BYTES``."""
+        return self.threads if self.batch_size * self.row_bytes >= THREAD_MIN_BATCH_BYTES else 0
 
     def batches_per_shard(self, epoch: int, n_shards: int) -> int:
         """Batches each DDP rank yields per epoch (``n_shards``: the world size; workers share a rank's)."""
@@ -244,7 +257,8 @@ class CacheStream(IterableDataset):
         fds = os.open(self.data, os.O_RDONLY), os.open(self.meta, os.O_RDONLY)
         shared = info is not None
         try:
-            if self.threads <= 0 or shared:
+            threads = self.reader_threads
+            if threads <= 0 or shared:
                 for b in mine:
                     yield self._batch(fds, offset, order[b * self.R:(b + 1) * self.R], shared)
                 return
@@ -252,12 +266,12 @@ class CacheStream(IterableDataset):
             # (small batches one at a time would cost more in hand-offs than in reading)
             per = max(1, -(-(4 << 20) // (self.batch_size * self.row_bytes)))
             tasks = [mine[i:i + per] for i in range(0, len(mine), per)]
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="token-cache") as pool:
+            with ThreadPoolExecutor(threads, thread_name_prefix="token-cache") as pool:
                 ahead: deque = deque()
                 try:
                     for group in tasks:
                         ahead.append(pool.submit(self._batches, fds, offset, order, group))
-                        if len(ahead) >= 2 * self.threads:
+                        if len(ahead) >= 2 * threads:
                             yield from ahead.popleft().result()
                     while ahead:
                         yield from ahead.popleft().result()

@@ -313,11 +313,12 @@ def test_timesteps_pooled_and_mixed_in_batches(multi_t):
         StoreDataModule(str(multi_t), HOOK, [25, 25])
 
 
-def test_token_cache_batches_mix_images_positions_and_timesteps(multi_t):
+def test_token_cache_batches_mix_images_positions_and_timesteps(multi_t, monkeypatch):
     """The default tokens path reads the pre-shuffled cache: each sample is labelled right (values encode
     row, t, position), no held-out image is in it, an epoch visits every training (image, t, position)
     exactly once, batches draw images, positions and timesteps evenly and independently (chi-square),
-    epochs recombine the runs into new batches, resume is exact and 2 reader threads give the same stream."""
+    epochs recombine the runs into new batches, resume is exact and 2 reader threads give the same stream
+    (forced on: batches this small are read without threads by default)."""
     dm = StoreDataModule(str(multi_t), HOOK, list(TS), samples="tokens", batch_size=192, val_fraction=0.25,
                          check_finite=False)
     dm.setup()
@@ -355,6 +356,10 @@ def test_token_cache_batches_mix_images_positions_and_timesteps(multi_t):
     for a, b in zip(batches[5:], tail):
         for u, v in zip(a, b):
             np.testing.assert_array_equal(u, v)
+    dm.num_workers = 2
+    assert dm.loader(dm.train_rows, shuffle=True).dataset.reader_threads == 0  # 192 x 4 x 4 bytes: under the bar
+    monkeypatch.setattr(_tc, "THREAD_MIN_BATCH_BYTES", 0)
+    assert dm.loader(dm.train_rows, shuffle=True).dataset.reader_threads == 2
     for start in (0, 3):
         two = epoch_t(dm, start=start, workers=2)
         assert len(two) == len(batches) - start
@@ -407,11 +412,13 @@ def test_token_cache_follows_the_store_and_the_split_and_survives_bad_folders(tm
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
-def test_token_cache_memory_is_one_batch_on_a_large_store(tmp_path):
+def test_token_cache_memory_is_one_batch_on_a_large_store(tmp_path, monkeypatch):
     """A 72 MiB store read through the cache: no page of the cache is mapped into this process and resident
-    memory grows by far less than the store (batches are 393 KiB), with and without reader threads."""
+    memory grows by far less than the store (batches are 393 KiB), with and without reader threads (forced on
+    for these small batches)."""
     import psutil
 
+    monkeypatch.setattr(_tc, "THREAD_MIN_BATCH_BYTES", 0)
     store = make_store(tmp_path / "big.h5", 1536, (192, 8, 8), "NCHW")
     dm = StoreDataModule(str(store), HOOK, 25, samples="tokens", batch_size=512, val_fraction=0.1, check_finite=False)
     dm.setup()
