@@ -127,11 +127,13 @@ def _ckpt_state(path: Path) -> dict:
     return state
 
 
-@pytest.mark.parametrize("model", ["vae", "tiny-sd"])
-def test_resume_after_a_stop_is_bit_identical(tmp_path, model, capsys):
-    """K steps in one go == a max_minutes stop after step 1, then --resume to K: weights, EMA and Adam equal."""
+@pytest.mark.parametrize("model, multi_from", [("vae", 0), ("tiny-sd", 0), ("tiny-sd", 2)])
+def test_resume_after_a_stop_is_bit_identical(tmp_path, model, multi_from, capsys):
+    """K steps in one go == a max_minutes stop after step 1, then --resume to K: weights, EMA and Adam equal
+    (multi_from 2: the resumed part crosses into the curriculum's second image set)."""
     def cfg(run: str, minutes: float, resume: bool, stage_name: str = model) -> ZooTrainConfig:
         c = _tiny_cfg(tmp_path / run, stage_name)
+        c.multi_from_step, c.multi_images = multi_from, 6
         c.workdir = str(tmp_path / "work")  # shared image and latent caches; checkpoints are per run
         c.checkpoint_dir = str(tmp_path / run / "ckpt")
         c.checkpoint_every, c.resume, c.min_snr_gamma, c.edge_weight, c.vae_full_from = 2, resume, 5.0, 0.5, 0.5
@@ -171,3 +173,19 @@ def test_step_batches_enter_at_any_step():
     assert [next(later) for _ in range(2)] == first[5:7]
     assert all(len(set(sum(first[e * 3:e * 3 + 3], []))) == 9 for e in range(2))  # no repeats within an epoch
     assert first[:3] != [next(iter(StepBatches(10, 3, seed=5))) for _ in range(1)] * 3
+
+
+def test_step_batches_switch_to_the_second_set():
+    """The curriculum: steps before ``from_step`` are unchanged, later ones draw only from the appended set,
+    epoch by epoch without repeats, and entering at any step gives the same batches."""
+    from revelio.zoo.train import StepBatches
+
+    plain, cur = StepBatches(10, 3, seed=4), StepBatches(10, 3, seed=4, second=(4, 7))
+    assert [plain.batch(s) for s in range(4)] == [cur.batch(s) for s in range(4)]
+    later = [cur.batch(s) for s in range(4, 8)]  # 7 // 3 = 2 batches per epoch of the second set
+    assert all(10 <= i < 17 for b in later for i in b)
+    assert len(set(later[0] + later[1])) == 6 and later[:2] != later[2:]
+    it = iter(StepBatches(10, 3, seed=4, start=5, second=(4, 7)))
+    assert [next(it) for _ in range(3)] == later[1:]
+    with pytest.raises(ValueError, match="larger than the 2 training images"):
+        StepBatches(10, 3, seed=4, second=(4, 2))

@@ -35,6 +35,10 @@ class ZooTrainConfig:
     seed: int = field(0, help="seed of data, initialisation, noise and batching")
     images: int = field(10000, min=1, help="training images rendered into the tensor cache")
     single_fraction: float = field(0.5, help="share of training images holding one object (the rest 1-3)")
+    multi_from_step: int = field(0, min=0, help="denoisers: from this optimizer step on, batches come from a second "
+                                               "image set of multi_images images with 1-3 objects each (one third "
+                                               "each): a curriculum from mostly one object to several (0: never)")
+    multi_images: int = field(20000, min=1, help="images of that second set (their own seed stream, holdout kept)")
     holdout: list[str] = field(default_factory=lambda: list(DEFAULT_HOLDOUT),
                                help="'colour shape' pairs kept out of every training image")
     caption_dropout: float = field(0.1, help="probability of training on the empty caption (classifier-free guidance)")

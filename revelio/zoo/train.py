@@ -76,29 +76,36 @@ def workdir(cfg: ZooTrainConfig) -> Path:
     return Path(cfg.workdir) if cfg.workdir else cache_dir() / "zoo-train"
 
 
-def data_key(cfg: ZooTrainConfig) -> str:
-    """A name that changes whenever the rendered training images would."""
+def data_key(cfg: ZooTrainConfig, multi: bool = False) -> str:
+    """A name that changes whenever the rendered training images would (``multi``: the second set)."""
     hold = "_".join(sorted(cfg.holdout)).replace(" ", "-")
+    if multi:
+        return f"shapes{IMAGE_SIZE}-multi-n{cfg.multi_images}-seed{cfg.seed}-hold{hold}"
     return f"shapes{IMAGE_SIZE}-n{cfg.images}-single{cfg.single_fraction}-seed{cfg.seed}-hold{hold}"
 
 
-def render_cache(cfg: ZooTrainConfig) -> tuple[torch.Tensor, list[str]]:
+def render_cache(cfg: ZooTrainConfig, multi: bool = False) -> tuple[torch.Tensor, list[str]]:
     """The training images (N, 3, 64, 64) uint8 and captions, rendered once and cached on disk.
 
-    Single-object and 1-3-object images come from two seed streams of the shapes world;
-    any image containing a held-out pair is skipped.
+    The first set: single-object and 1-3-object images from two seed streams of the shapes world
+    (``single_fraction`` of them single). ``multi``: the curriculum's second set, ``multi_images`` images of
+    1-3 objects from a third stream. Any image containing a held-out pair is skipped.
     """
     root = workdir(cfg)
-    path = root / f"{data_key(cfg)}.pt"
+    path = root / f"{data_key(cfg, multi)}.pt"
     if path.exists():
         blob = torch.load(path)
         return blob["images"], blob["captions"]
-    n_single = round(cfg.images * cfg.single_fraction)
-    streams = [(Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed, max_objects=1), n_single),
-               (Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed + 1, max_objects=3), cfg.images - n_single)]
-    images = torch.empty(cfg.images, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    if multi:
+        total = cfg.multi_images
+        streams = [(Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed + 2, max_objects=3), total)]
+    else:
+        total, n_single = cfg.images, round(cfg.images * cfg.single_fraction)
+        streams = [(Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed, max_objects=1), n_single),
+                   (Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed + 1, max_objects=3), cfg.images - n_single)]
+    images = torch.empty(total, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     captions: list[str] = []
-    with tqdm(total=cfg.images, desc="render shapes") as bar:
+    with tqdm(total=total, desc="render shapes" + (" (multi-object set)" if multi else "")) as bar:
         for ds, want in streams:
             i = 0
             while want > 0:
@@ -144,18 +151,29 @@ class LatentCaptions(Dataset):
 
 class StepBatches(Sampler[list[int]]):
     """Batches of indices as a function of (seed, step): epoch e is a permutation seeded by (seed, e),
-    cut into ``n // batch_size`` batches; iteration starts at step ``start`` and never ends."""
+    cut into ``n // batch_size`` batches; iteration starts at step ``start`` and never ends.
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
-        if n < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the {n} training images")
+    ``second`` = (from_step, m): from that step on, batches are drawn the same way from indices n .. n+m-1
+    (the curriculum's second image set, appended to the dataset), with epochs counted from ``from_step``;
+    steps before it are the same as without ``second``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, second: tuple[int, int] | None = None):
+        if n < batch_size or (second and second[1] < batch_size):
+            raise ValueError(f"batch_size {batch_size} is larger than the {n if n < batch_size else second[1]} "
+                             "training images")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.second = second if second and second[0] > 0 else None
         self.per_epoch = n // batch_size
 
     def batch(self, step: int) -> list[int]:
-        epoch, k = divmod(step, self.per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        return perm[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        n, base, per, seed = self.n, 0, self.per_epoch, self.seed * 100_003
+        if self.second and step >= self.second[0]:
+            n, base, step = self.second[1], self.n, step - self.second[0]
+            per, seed = n // self.batch_size, seed + 50_000
+        epoch, k = divmod(step, per)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        return (perm[k * self.batch_size:(k + 1) * self.batch_size] + base).tolist()
 
     def __iter__(self):
         step = self.start
@@ -170,8 +188,10 @@ def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
-def _loader(ds: Dataset, batch_size: int, seed: int, start: int = 0) -> DataLoader:
-    return DataLoader(ds, batch_sampler=StepBatches(len(ds), batch_size, seed, start), num_workers=0)
+def _loader(ds: Dataset, batch_size: int, seed: int, start: int = 0, second: tuple[int, int] | None = None
+            ) -> DataLoader:
+    n = len(ds) - (second[1] if second else 0)
+    return DataLoader(ds, batch_sampler=StepBatches(n, batch_size, seed, start, second), num_workers=0)
 
 
 # ---------------------------------------------------------------- Lightning modules
@@ -370,8 +390,10 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
-def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainConfig) -> tuple[torch.nn.ModuleDict, bool]:
-    """Run Lightning up to ``stage.steps`` steps (from the stage checkpoint when ``cfg.resume``).
+def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainConfig,
+         second: tuple[int, int] | None = None) -> tuple[torch.nn.ModuleDict, bool]:
+    """Run Lightning up to ``stage.steps`` steps (from the stage checkpoint when ``cfg.resume``); ``second``:
+    see ``StepBatches``.
 
     Returns the EMA weights and whether every step was run (False after a ``max_minutes`` stop).
     """
@@ -384,7 +406,7 @@ def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainCon
                         enable_checkpointing=False, enable_model_summary=False, gradient_clip_val=1.0,
                         callbacks=[TQDMProgressBar(refresh_rate=10), saver], deterministic=True,
                         num_sanity_val_steps=0)
-    trainer.fit(module, _loader(data, stage.batch_size, cfg.seed, start), ckpt_path=ckpt if start else None)
+    trainer.fit(module, _loader(data, stage.batch_size, cfg.seed, start, second), ckpt_path=ckpt if start else None)
     return module.ema_net(), trainer.global_step >= stage.steps
 
 
@@ -425,10 +447,12 @@ def encode_latents(vae, images: torch.Tensor, device: str, batch_size: int = 256
     return torch.cat(means), torch.cat(stds)
 
 
-def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``encode_latents`` of the cached images, computed once per trained VAE and kept beside it."""
+def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_latents`` of the cached images (``multi``: of the second set), computed once per trained VAE
+    and kept beside it."""
     weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(vae_path(cfg).glob("*.safetensors"))))
-    path = workdir(cfg) / f"latents-{data_key(cfg)}-vae{weights.hexdigest()[:12]}.pt"  # a new VAE, a new cache
+    path = workdir(cfg) / f"latents-{data_key(cfg, multi)}-vae{weights.hexdigest()[:12]}.pt"  # new VAE, new cache
     if path.exists():
         blob = torch.load(path)
         return blob["mean"], blob["std"]
@@ -493,7 +517,13 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     """
     pipe, module_cls, stage, shift, scale, (mean, std) = _assemble(name, cfg, images)
     module = module_cls(pipe, stage, cfg, shift, scale)
-    ema, done = _fit(module, LatentCaptions(mean, std, captions), stage, cfg)
+    second = None
+    if 0 < cfg.multi_from_step < stage.steps:  # the curriculum's second set, appended (its own latents)
+        images2, captions2 = render_cache(cfg, multi=True)
+        mean2, std2 = cached_latents(cfg, pipe.vae, images2, multi=True)
+        mean, std, captions = torch.cat([mean, mean2]), torch.cat([std, std2]), list(captions) + list(captions2)
+        second = (cfg.multi_from_step, len(captions2))
+    ema, done = _fit(module, LatentCaptions(mean, std, captions), stage, cfg, second)
     if not done:
         print(f"[{name}] stopped early: saving the EMA weights so far to {Path(cfg.out) / name}", flush=True)
     pipe.register_modules(**{key: copy.deepcopy(net).cpu().eval() for key, net in ema.items()})
