@@ -263,54 +263,78 @@ class CacheStream(IterableDataset):
                     yield self._batch(fds, offset, order[b * self.R:(b + 1) * self.R], shared)
                 return
             # reader threads (preadv releases the GIL): batches are read ahead in order, in tasks of about 4 MiB
-            # (small batches one at a time would cost more in hand-offs than in reading)
+            # (small batches one at a time would cost more in hand-offs than in reading). The batch tensors are
+            # allocated here, in the consuming thread that also frees them: allocated in a reader thread, each
+            # batch would come from that thread's malloc arena and be unmapped when freed, and every batch would
+            # then pay its page faults again.
             per = max(1, -(-(4 << 20) // (self.batch_size * self.row_bytes)))
             tasks = [mine[i:i + per] for i in range(0, len(mine), per)]
             with ThreadPoolExecutor(threads, thread_name_prefix="token-cache") as pool:
                 ahead: deque = deque()
                 try:
                     for group in tasks:
-                        ahead.append(pool.submit(self._batches, fds, offset, order, group))
+                        bufs = [self._alloc_batch(False) for _ in group]
+                        ahead.append((pool.submit(self._fill_group, fds, offset, order, group, bufs), bufs))
                         if len(ahead) >= 2 * threads:
-                            yield from ahead.popleft().result()
+                            fut, done = ahead.popleft()
+                            fut.result()
+                            yield from (self._finish(*b) for b in done)
                     while ahead:
-                        yield from ahead.popleft().result()
+                        fut, done = ahead.popleft()
+                        fut.result()
+                        yield from (self._finish(*b) for b in done)
                 finally:
-                    for f in ahead:
+                    for f, _ in ahead:
                         f.cancel()
-                    wait(list(ahead))
+                    wait([f for f, _ in ahead])
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _read(self, fd: int, base: int, item: int, dst: np.ndarray, first: int) -> None:
-        """dst (rows) = cache rows first, first+1, ... (circular), one ``preadv`` per contiguous piece."""
-        n, at = len(dst), 0
+    def _read(self, fd: int, base: int, item: int, dst: memoryview, first: int) -> None:
+        """dst (bytes of whole rows) = cache rows first, first+1, ... (circular): one ``preadv`` per contiguous
+        piece, short reads (a signal, a truncated file) finished or failed loudly."""
+        n, at = len(dst) // item, 0
         while at < n:
             lo = (first + at) % self.N
             k = min(n - at, self.N - lo)
-            view = memoryview(dst[at:at + k]).cast("B")
+            view = dst[at * item:(at + k) * item]
             got = os.preadv(fd, [view], base + lo * item)
-            if got != len(view):  # short read (a signal, a truncated file): finish it or fail loudly
-                while got < len(view):
-                    more = os.preadv(fd, [view[got:]], base + lo * item + got)
-                    if more <= 0:
-                        raise OSError(f"token cache {self.data}: short read at row {lo}")
-                    got += more
+            while got < len(view):
+                more = os.preadv(fd, [view[got:]], base + lo * item + got)
+                if more <= 0:
+                    raise OSError(f"token cache {self.data}: short read at row {lo}")
+                got += more
             at += k
 
-    def _batches(self, fds, offset: int, order: np.ndarray, group: np.ndarray) -> list[tuple]:
-        return [self._batch(fds, offset, order[b * self.R:(b + 1) * self.R], False) for b in group]
+    def _alloc_batch(self, shared: bool) -> tuple[torch.Tensor, np.ndarray]:
+        return _alloc((self.batch_size, self.C), self.dtype, shared), np.empty(self.batch_size, np.int64)
 
-    def _batch(self, fds, offset: int, runs: np.ndarray, shared: bool) -> tuple:
-        B, L = self.batch_size, self.L
-        x = _alloc((B, self.C), self.dtype, shared)
-        xn = x.numpy()
-        key = np.empty(B, np.int64)
+    def _fill(self, fds, offset: int, runs: np.ndarray, x: torch.Tensor, key: np.ndarray) -> None:
+        """Read the R runs of one batch into (x, key)."""
+        L, row = self.L, self.row_bytes
+        xb, kb = memoryview(x.numpy()).cast("B"), memoryview(key).cast("B")
+        (bx, bk), N = self._offsets, self.N
         for j, run in enumerate(runs):
-            first = offset + int(run) * L
-            self._read(fds[0], self._offsets[0], self.row_bytes, xn[j * L:(j + 1) * L], first)
-            self._read(fds[1], self._offsets[1], 8, key[j * L:(j + 1) * L], first)
+            first = (offset + int(run) * L) % N
+            dx, dk = xb[j * L * row:(j + 1) * L * row], kb[j * L * 8:(j + 1) * L * 8]
+            if first + L <= N:  # the common case: one read each, no wrap
+                if os.preadv(fds[0], [dx], bx + first * row) == len(dx) and \
+                        os.preadv(fds[1], [dk], bk + first * 8) == len(dk):
+                    continue
+            self._read(fds[0], bx, row, dx, first)
+            self._read(fds[1], bk, 8, dk, first)
+
+    def _fill_group(self, fds, offset: int, order: np.ndarray, group: np.ndarray, bufs: list) -> None:
+        for b, (x, key) in zip(group, bufs):
+            self._fill(fds, offset, order[b * self.R:(b + 1) * self.R], x, key)
+
+    def _finish(self, x: torch.Tensor, key: np.ndarray) -> tuple:
         if not self.with_t:
             return x, torch.from_numpy(key)
         return x, torch.from_numpy(key // self.nt), torch.from_numpy(key % self.nt)
+
+    def _batch(self, fds, offset: int, runs: np.ndarray, shared: bool) -> tuple:
+        x, key = self._alloc_batch(shared)
+        self._fill(fds, offset, runs, x, key)
+        return self._finish(x, key)
