@@ -133,11 +133,12 @@ def test_resume_after_a_stop_is_bit_identical(tmp_path, model, multi_from, capsy
     (multi_from 2: the resumed part crosses into the curriculum's second image set)."""
     def cfg(run: str, minutes: float, resume: bool, stage_name: str = model) -> ZooTrainConfig:
         c = _tiny_cfg(tmp_path / run, stage_name)
-        c.multi_from_step, c.multi_images = multi_from, 6
+        c.multi_images = 6
         c.workdir = str(tmp_path / "work")  # shared image and latent caches; checkpoints are per run
         c.checkpoint_dir = str(tmp_path / run / "ckpt")
         c.checkpoint_every, c.resume, c.min_snr_gamma, c.edge_weight, c.vae_full_from = 2, resume, 5.0, 0.5, 0.5
-        c.vae = c.sd = StageConfig(steps=4, batch_size=2, lr=1e-3, ema_decay=0.5, max_minutes=minutes)
+        c.vae = c.sd = StageConfig(steps=4, batch_size=2, lr=1e-3, ema_decay=0.5, max_minutes=minutes,
+                                   multi_from_step=multi_from)
         return c
 
     if model == "tiny-sd":  # each run gets the same trained VAE
@@ -187,5 +188,8 @@ def test_step_batches_switch_to_the_second_set():
     assert len(set(later[0] + later[1])) == 6 and later[:2] != later[2:]
     it = iter(StepBatches(10, 3, seed=4, start=5, second=(4, 7)))
     assert [next(it) for _ in range(3)] == later[1:]
+    shifted = StepBatches(10, 3, seed=4, second=(6, 7, 4))  # switched later, epochs counted from step 4
+    assert [shifted.batch(s) for s in range(6)] == [plain.batch(s) for s in range(6)]
+    assert [shifted.batch(s) for s in range(6, 8)] == later[2:]
     with pytest.raises(ValueError, match="larger than the 2 training images"):
         StepBatches(10, 3, seed=4, second=(4, 2))

@@ -19,7 +19,14 @@ class StageConfig:
 
     steps: int = field(2000, min=1, help="optimizer steps")
     batch_size: int = field(32, min=1, help="images per step")
-    lr: float = field(5e-4, above=0, help="AdamW learning rate (linear warm-up over the first 5% of steps)")
+    lr: float = field(5e-4, above=0, help="AdamW learning rate (linear warm-up, then constant)")
+    warmup_steps: int = field(0, min=0, help="steps of the linear learning-rate warm-up (0: 5% of steps); set it "
+                                             "to extend a run's steps without changing its first steps")
+    multi_from_step: int = field(0, min=0, help="denoisers: from this optimizer step on, batches come from the "
+                                                "second image set (multi_images): a curriculum from mostly one "
+                                                "object to several (0: never)")
+    multi_origin_step: int = field(0, min=0, help="the step the second set's batch order counts its epochs from "
+                                                  "(0: multi_from_step)")
     ema_decay: float = field(0.995, help="decay of the exponential moving average whose weights are saved")
     max_minutes: float = field(0.0, help="stop after this many minutes of this process (0: none), writing a checkpoint "
                                          "that resume continues from")
@@ -35,10 +42,8 @@ class ZooTrainConfig:
     seed: int = field(0, help="seed of data, initialisation, noise and batching")
     images: int = field(10000, min=1, help="training images rendered into the tensor cache")
     single_fraction: float = field(0.5, help="share of training images holding one object (the rest 1-3)")
-    multi_from_step: int = field(0, min=0, help="denoisers: from this optimizer step on, batches come from a second "
-                                               "image set of multi_images images with 1-3 objects each (one third "
-                                               "each): a curriculum from mostly one object to several (0: never)")
-    multi_images: int = field(20000, min=1, help="images of that second set (their own seed stream, holdout kept)")
+    multi_images: int = field(20000, min=1, help="images of the curriculum's second set (1-3 objects each, a third "
+                                                 "each; their own seed stream, holdout kept); see <stage>.multi_from_step")
     holdout: list[str] = field(default_factory=lambda: list(DEFAULT_HOLDOUT),
                                help="'colour shape' pairs kept out of every training image")
     caption_dropout: float = field(0.1, help="probability of training on the empty caption (classifier-free guidance)")

@@ -153,12 +153,12 @@ class StepBatches(Sampler[list[int]]):
     """Batches of indices as a function of (seed, step): epoch e is a permutation seeded by (seed, e),
     cut into ``n // batch_size`` batches; iteration starts at step ``start`` and never ends.
 
-    ``second`` = (from_step, m): from that step on, batches are drawn the same way from indices n .. n+m-1
-    (the curriculum's second image set, appended to the dataset), with epochs counted from ``from_step``;
-    steps before it are the same as without ``second``.
+    ``second`` = (from_step, m[, origin]): from that step on, batches are drawn the same way from indices
+    n .. n+m-1 (the curriculum's second image set, appended to the dataset), with epochs counted from
+    ``origin`` (default ``from_step``); steps before it are the same as without ``second``.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, second: tuple[int, int] | None = None):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, second: tuple[int, ...] | None = None):
         if n < batch_size or (second and second[1] < batch_size):
             raise ValueError(f"batch_size {batch_size} is larger than the {n if n < batch_size else second[1]} "
                              "training images")
@@ -169,7 +169,7 @@ class StepBatches(Sampler[list[int]]):
     def batch(self, step: int) -> list[int]:
         n, base, per, seed = self.n, 0, self.per_epoch, self.seed * 100_003
         if self.second and step >= self.second[0]:
-            n, base, step = self.second[1], self.n, step - self.second[0]
+            n, base, step = self.second[1], self.n, step - (self.second[2] if len(self.second) > 2 else self.second[0])
             per, seed = n // self.batch_size, seed + 50_000
         epoch, k = divmod(step, per)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
@@ -188,7 +188,7 @@ def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
-def _loader(ds: Dataset, batch_size: int, seed: int, start: int = 0, second: tuple[int, int] | None = None
+def _loader(ds: Dataset, batch_size: int, seed: int, start: int = 0, second: tuple[int, ...] | None = None
             ) -> DataLoader:
     n = len(ds) - (second[1] if second else 0)
     return DataLoader(ds, batch_sampler=StepBatches(n, batch_size, seed, start, second), num_workers=0)
@@ -209,7 +209,7 @@ class _EMAModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.stage.lr, weight_decay=0.0)
-        warm = max(1, self.stage.steps // 20)
+        warm = self.stage.warmup_steps or max(1, self.stage.steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -391,7 +391,7 @@ def checkpoint_step(path: Path) -> int:
 
 
 def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainConfig,
-         second: tuple[int, int] | None = None) -> tuple[torch.nn.ModuleDict, bool]:
+         second: tuple[int, ...] | None = None) -> tuple[torch.nn.ModuleDict, bool]:
     """Run Lightning up to ``stage.steps`` steps (from the stage checkpoint when ``cfg.resume``); ``second``:
     see ``StepBatches``.
 
@@ -518,11 +518,13 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     pipe, module_cls, stage, shift, scale, (mean, std) = _assemble(name, cfg, images)
     module = module_cls(pipe, stage, cfg, shift, scale)
     second = None
-    if 0 < cfg.multi_from_step < stage.steps:  # the curriculum's second set, appended (its own latents)
+    if stage.multi_origin_step > stage.multi_from_step:
+        raise ValueError(f"{name}: multi_origin_step ({stage.multi_origin_step}) must not be after multi_from_step")
+    if 0 < stage.multi_from_step < stage.steps:  # the curriculum's second set, appended (its own latents)
         images2, captions2 = render_cache(cfg, multi=True)
         mean2, std2 = cached_latents(cfg, pipe.vae, images2, multi=True)
         mean, std, captions = torch.cat([mean, mean2]), torch.cat([std, std2]), list(captions) + list(captions2)
-        second = (cfg.multi_from_step, len(captions2))
+        second = (stage.multi_from_step, len(captions2), stage.multi_origin_step or stage.multi_from_step)
     ema, done = _fit(module, LatentCaptions(mean, std, captions), stage, cfg, second)
     if not done:
         print(f"[{name}] stopped early: saving the EMA weights so far to {Path(cfg.out) / name}", flush=True)
