@@ -26,7 +26,8 @@ import torch
 from revelio.datasets.shapes import COLORS, SHAPES
 from revelio.zoo import load_pipeline, shipped_path
 from revelio.zoo.quality import (ShapesJudge, all_pairs, caption, format_confusion, generate, real_images,
-                                 reconstruct, two_object_accuracy, two_object_prompts)
+                                 real_two_object_images, reconstruct, two_object_accuracy,
+                                 two_object_prompts)
 from revelio.zoo.train import DEFAULT_HOLDOUT, TRAIN_CONFIG_FILE
 
 DEFAULTS = {"tiny-sd": {"steps": 50, "guidance": 4.0}, "tiny-flux": {"steps": 28, "guidance": 4.0}}
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
             first[0].extend(pairs[i] for i in picked)
             first[1].extend(images[i * args.seeds] for i in picked)
         if args.two:
+            real2, wanted2 = real_two_object_images(min(args.two, 200), seed=1)
+            s = two_object_accuracy(judge, reconstruct(pipe.vae, real2), wanted2)
+            report[f"{model}/two-vae-ceiling"] = s
+            print(f"{model:<10} real two-object images through the VAE n={s['n']}: both colours {s['colours']:.1%}, "
+                  f"both shapes {s['shapes']:.1%}, colour+shape bound {s['bound']:.1%}")
             prompts, wanted = two_object_prompts(args.two, seed=0)
             images = generate(pipe, prompts, [2000 + i for i in range(args.two)], steps, guidance)
             s = two_object_accuracy(judge, images, wanted)

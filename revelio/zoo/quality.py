@@ -25,17 +25,26 @@ PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 N_FEATURES = 12
 
 
-def largest_blobs(image: np.ndarray, k: int) -> list[np.ndarray]:
-    """Boolean masks of the ``k`` largest connected regions of vivid pixels (at least 12 pixels each), largest first."""
+def largest_blobs(image: np.ndarray, k: int, by_colour: bool = False) -> list[np.ndarray]:
+    """Boolean masks of the ``k`` largest connected regions of vivid pixels (at least 12 pixels each), largest first.
+
+    ``by_colour``: vivid pixels are first split by their nearest palette colour, so two touching objects of
+    different colours are two regions (a plain vivid mask merges them into one)."""
     img = image.astype(np.float32)
     vivid = (img.max(axis=2) - img.min(axis=2)) > CHROMA_MIN
-    vivid = ndimage.binary_opening(vivid)
-    labels, n = ndimage.label(vivid)
-    if n == 0:
-        return []
-    sizes = ndimage.sum_labels(vivid, labels, index=np.arange(1, n + 1))
-    order = np.argsort(-sizes, kind="stable")[:k]
-    return [labels == (int(i) + 1) for i in order if sizes[i] >= 12]
+    if by_colour:
+        nearest = ((img[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
+        masks = [ndimage.binary_opening(vivid & (nearest == c)) for c in range(len(PALETTE))]
+    else:
+        masks = [ndimage.binary_opening(vivid)]
+    blobs: list[tuple[float, np.ndarray]] = []
+    for mask in masks:
+        labels, n = ndimage.label(mask)
+        if n:
+            sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+            blobs += [(float(sizes[i]), labels == i + 1) for i in range(n) if sizes[i] >= 12]
+    order = sorted(range(len(blobs)), key=lambda i: -blobs[i][0])[:k]  # stable: ties keep palette order
+    return [blobs[i][1] for i in order]
 
 
 def largest_blob(image: np.ndarray) -> np.ndarray | None:
@@ -147,9 +156,10 @@ def format_confusion(conf: dict[str, dict[str, int]]) -> str:
 
 
 def judge_objects(judge: "ShapesJudge", image: np.ndarray, k: int = 2) -> list[tuple[str, str]]:
-    """(colour, shape) of each of the ``k`` largest vivid objects of an image (fewer when fewer are found)."""
+    """(colour, shape) of each of the ``k`` largest vivid objects of an image (fewer when fewer are found); for
+    ``k`` > 1 the objects are single-colour regions, so objects that touch are still told apart by colour."""
     return [(blob_colour(image, b), str(judge.classifier.predict(shape_features(b)[None])[0]))
-            for b in largest_blobs(image, k)]
+            for b in largest_blobs(image, k, by_colour=k > 1)]
 
 
 def two_object_accuracy(judge: "ShapesJudge", images: list[np.ndarray],
@@ -190,6 +200,21 @@ def real_images(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str], lis
         colours.append(obj["color"])
         shapes.append(obj["shape"])
     return images, colours, shapes
+
+
+def real_two_object_images(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[tuple[tuple[str, str], ...]]]:
+    """``n`` real shapes images with exactly two objects of different colours and shapes (as the prompts of
+    ``two_object_prompts`` ask), with their ((colour, shape), (colour, shape))."""
+    ds = Shapes(64, count=20 * n, seed=20_000 + seed, max_objects=3, split="test")
+    images, wanted = [], []
+    for i in range(len(ds)):
+        objs = ds.layout(i)
+        if len(objs) == 2 and objs[0]["color"] != objs[1]["color"] and objs[0]["shape"] != objs[1]["shape"]:
+            images.append(np.array(ds[i].image))
+            wanted.append(tuple((o["color"], o["shape"]) for o in objs))
+            if len(images) == n:
+                break
+    return images, wanted
 
 
 @torch.no_grad()
