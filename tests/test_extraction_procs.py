@@ -73,7 +73,11 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(x.labels, y.labels)
         assert x.keys() == y.keys()
         for h, t in x.keys():
-            np.testing.assert_allclose(x.read(h, t, slice(None)), y.read(h, t, slice(None)), rtol=1e-4, atol=1e-5)
+            got, want = x.read(h, t, slice(None)), y.read(h, t, slice(None))
+            # batch 1 vs the reference's batches: float32 sums in another order, so the noise scales with the
+            # activations' size (a wrong or shifted row differs by O(1) of it)
+            scale = max(1.0, float(np.abs(want).max()))
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path):
