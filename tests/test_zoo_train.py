@@ -193,3 +193,21 @@ def test_step_batches_switch_to_the_second_set():
     assert [shifted.batch(s) for s in range(6, 8)] == later[2:]
     with pytest.raises(ValueError, match="larger than the 2 training images"):
         StepBatches(10, 3, seed=4, second=(4, 2))
+
+
+def test_flow_times_switch_from_logit_normal_to_uniform_at_the_configured_step():
+    from revelio.zoo.config import StageConfig
+    from revelio.zoo.train import flow_times
+
+    stage = StageConfig(uniform_times_from_step=100)
+    before = flow_times(stage, 99, 20000, torch.Generator().manual_seed(3))
+    # the logit-normal branch draws exactly what the runs before the key existed drew: sigmoid of one randn
+    torch.testing.assert_close(before, torch.sigmoid(torch.randn(20000, generator=torch.Generator().manual_seed(3))))
+    after = flow_times(stage, 100, 20000, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(after, torch.rand(20000, generator=torch.Generator().manual_seed(3)))
+    # uniform puts 10% of the steps above s = 0.9, the logit-normal about 1.4% (P(z > logit 0.9 = 2.197))
+    assert abs(float((after > 0.9).float().mean()) - 0.10) < 0.01
+    assert abs(float((before > 0.9).float().mean()) - 0.014) < 0.004
+    never = StageConfig()  # 0: never uniform
+    torch.testing.assert_close(flow_times(never, 10**6, 5, torch.Generator().manual_seed(0)),
+                               torch.sigmoid(torch.randn(5, generator=torch.Generator().manual_seed(0))))

@@ -27,6 +27,10 @@ class StageConfig:
                                                 "object to several (0: never)")
     multi_origin_step: int = field(0, min=0, help="the step the second set's batch order counts its epochs from "
                                                   "(0: multi_from_step)")
+    uniform_times_from_step: int = field(0, min=0, help="rectified-flow denoisers (tiny-flux, tiny-sd3): from this "
+                                                        "step on, noise levels s are uniform in [0, 1] instead of "
+                                                        "logit-normal (more weight on nearly clean and pure-noise "
+                                                        "inputs; 0: never)")
     ema_decay: float = field(0.995, help="decay of the exponential moving average whose weights are saved")
     max_minutes: float = field(0.0, help="stop after this many minutes of this process (0: none), writing a checkpoint "
                                          "that resume continues from")

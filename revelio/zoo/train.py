@@ -298,6 +298,14 @@ class SDModule(_EMAModule):
         return loss
 
 
+def flow_times(stage: StageConfig, step: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The ``n`` noise levels s of a rectified-flow step: logit-normal (sigmoid of a standard normal, most weight
+    mid-trajectory, as SD3 trains), or uniform in [0, 1] from ``stage.uniform_times_from_step`` on."""
+    if stage.uniform_times_from_step and step >= stage.uniform_times_from_step:
+        return torch.rand(n, generator=gen)
+    return torch.sigmoid(torch.randn(n, generator=gen))
+
+
 def flow_loss(module: "_EMAModule", batch: dict) -> torch.Tensor:
     """Rectified-flow loss of one batch (Flux, SD3): logit-normal times s, x_s = (1-s) x0 + s eps, velocity
     target eps - x0, compared in the denoiser's own (for Flux: packed) token layout. The adapter noises,
@@ -305,7 +313,7 @@ def flow_loss(module: "_EMAModule", batch: dict) -> torch.Tensor:
     ad, gen = module.adapter, module.generator()
     x0 = (batch["mean"] + batch["std"] * module.randn(batch["mean"].shape, gen) - module.shift) * module.scale
     noise = module.randn(x0.shape, gen)
-    s = torch.sigmoid(module.randn(x0.shape[0], gen))  # logit-normal times: most weight mid-trajectory
+    s = flow_times(module.stage, module.global_step, x0.shape[0], gen).to(x0.device)
     xt = ad.add_noise(x0, noise, s)
     cond = ad.encode_prompts(module.drop_captions(batch["caption"], gen), grad=True)
     v = ad.denoiser(**ad.denoiser_inputs(xt, s, cond), return_dict=False)[0]
