@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N pairs of each group (0: all)")
     ap.add_argument("--steps", type=int, default=0, help="sampling steps (0: the model's default)")
     ap.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0: default)")
+    ap.add_argument("--shift", type=float, default=0.0,
+                    help="flow models: the sampler's time shift (FlowMatchEulerDiscreteScheduler shift; 0: the model's)")
     ap.add_argument("--random-init", action="store_true", help="score the untrained builds instead (a baseline)")
     ap.add_argument("--grid", default="", help="write a PNG grid of generations here")
     ap.add_argument("--json", default="", help="write the scores as JSON here")
@@ -129,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             pipe = load_pipeline(model, random_init=args.random_init)
             held = holdout_of(model)
+        if args.shift:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=args.shift)
         groups = {"heldout": held, "seen": [p for p in all_pairs() if p not in held]}
         steps = args.steps or DEFAULTS[model]["steps"]
         guidance = args.guidance or DEFAULTS[model]["guidance"]

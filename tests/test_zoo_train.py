@@ -107,6 +107,19 @@ def test_training_is_seeded_and_saves_loadable_pipelines(tmp_path):
     again = train_zoo(_tiny_cfg(tmp_path, "vae"))["vae"]
     for k, v in AutoencoderKL.from_pretrained(again).state_dict().items():
         assert torch.equal(v, first_vae[k]), k
+    # flux.heads widens the transformer (32 dims a head); a checkpoint of the 2-head run is refused by name
+    wide = _tiny_cfg(tmp_path, "tiny-flux")
+    wide.flux = StageConfig(steps=2, batch_size=4, lr=1e-3, ema_decay=0.5, heads=4)
+    wide.resume = True
+    with pytest.raises(ValueError, match="another architecture.*transformer"):
+        train_zoo(wide)
+    wide.resume = False
+    pipe = load_pipeline(str(train_zoo(wide)["tiny-flux"]))
+    assert pipe.transformer.config.num_attention_heads == 4 and pipe.transformer.inner_dim == 128
+    sd = _tiny_cfg(tmp_path, "tiny-sd")
+    sd.sd = StageConfig(steps=1, heads=4)
+    with pytest.raises(ValueError, match="tiny-flux's attention heads only"):
+        train_zoo(sd)
 
 
 def test_zoo_train_command_is_registered(capsys):

@@ -72,19 +72,24 @@ def build_tiny_sd(seed: int = 0) -> StableDiffusionPipeline:
                                    requires_safety_checker=False)
 
 
-def build_tiny_flux(seed: int = 0) -> FluxPipeline:
+def build_tiny_flux(seed: int = 0, heads: int = 2) -> FluxPipeline:
     """FluxTransformer2DModel with 4 double-stream (MM-DiT) and 2 single-stream blocks; rectified flow.
 
     2 heads of 32 dims with rotary axes (4, 14, 14): Flux's only positional signal is RoPE (theta 10000), and
     with 4 heads of 16 dims (axes 4, 6, 6) the one useful frequency per axis turns 1 rad per token, so on the
     8 x 8 token grid offsets 0 and 6 look alike. Trained that way for 48000 steps, the image tokens attended
     to offset 7 as much as to offset 2-3 and single-object shapes stayed at 31% (docs/zoo.md). With 14 dims
-    per axis the lowest useful frequency (0.27 rad per token) spans the grid without wrapping."""
+    per axis the lowest useful frequency (0.27 rad per token) spans the grid without wrapping.
+
+    ``heads``: attention heads of 32 dims each, so the width is 32 x heads (2: the random-init default and the
+    shipped v2 weights, 0.77M parameters; ``flux.heads`` in the training config)."""
+    if heads < 1:
+        raise ValueError(f"build_tiny_flux: heads must be >= 1, got {heads}")
     torch.manual_seed(seed)
     tok, tok2 = build_clip_tokenizer(MAX_TOKENS), build_t5_tokenizer(MAX_TOKENS)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=4, num_single_layers=2, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=False,
+        num_attention_heads=heads, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=False,
         axes_dims_rope=(4, 14, 14),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

@@ -31,6 +31,8 @@ class StageConfig:
                                                         "step on, noise levels s are uniform in [0, 1] instead of "
                                                         "logit-normal (more weight on nearly clean and pure-noise "
                                                         "inputs; 0: never)")
+    heads: int = field(0, min=0, help="tiny-flux: attention heads of 32 dims (width 32 x heads; 0: the builder's "
+                                      "default, 2)")
     ema_decay: float = field(0.995, help="decay of the exponential moving average whose weights are saved")
     max_minutes: float = field(0.0, help="stop after this many minutes of this process (0: none), writing a checkpoint "
                                          "that resume continues from")

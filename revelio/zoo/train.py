@@ -398,6 +398,21 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
+def check_checkpoint_fits(module: torch.nn.Module, ckpt: Path) -> None:
+    """Refuse to resume from a checkpoint of another architecture (e.g. written before ``flux.heads`` changed),
+    naming the first tensors that differ, instead of Lightning's long size-mismatch trace half-way into fit."""
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    own = module.state_dict()
+    wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in saved] + [k for k in saved if k not in own]
+    if wrong or missing:
+        raise ValueError(
+            f"{ckpt} was written by another architecture than this config builds ({len(wrong)} tensors differ "
+            f"in shape, {len(missing)} exist on one side only; first: {(wrong + missing)[:3]}). Move it away (or set "
+            f"checkpoint_dir / resume: false) to start this run from step 0, or restore the config it was written with.")
+
+
 def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainConfig,
          second: tuple[int, ...] | None = None) -> tuple[torch.nn.ModuleDict, bool]:
     """Run Lightning up to ``stage.steps`` steps (from the stage checkpoint when ``cfg.resume``); ``second``:
@@ -408,6 +423,7 @@ def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainCon
     ckpt = stage_checkpoint(cfg, module.name)
     start = checkpoint_step(ckpt) if cfg.resume and ckpt.exists() else 0
     if start:
+        check_checkpoint_fits(module, ckpt)
         print(f"[{module.name}] resuming from {ckpt} at step {start}", flush=True)
     saver = StepCheckpoints(ckpt, cfg.checkpoint_every, stage.max_minutes, cfg.log_every)
     trainer = L.Trainer(max_steps=stage.steps, max_epochs=-1, accelerator=cfg.device, devices=1, logger=False,
@@ -497,7 +513,9 @@ def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
     build, module_cls, stage = {"tiny-sd": (build_tiny_sd, SDModule, cfg.sd),
                                 "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux),
                                 "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
-    pipe = build(cfg.seed)
+    if stage.heads and name != "tiny-flux":
+        raise ValueError(f"{name}: <stage>.heads sets tiny-flux's attention heads only; leave it 0 for {name}")
+    pipe = build(cfg.seed, heads=stage.heads) if stage.heads else build(cfg.seed)
     pipe.register_modules(vae=vae.cpu())
     return pipe, module_cls, stage, shift, scale, (mean, std)
 
