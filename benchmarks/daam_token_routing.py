@@ -87,7 +87,7 @@ def figure(pipe, path: str, t: int, seeds: list[int], count: int = 3) -> None:
         tc = daam_on_images(pipe, [s.image], [s.caption], t=t, seeds=seeds, size=64)
         maps = tc.maps()[0].float()
         ids = tc.input_ids[tc._prompt_index(0)]
-        toks = [tok.replace("</w>", "") for tok in pipe.tokenizer.convert_ids_to_tokens(list(ids))]
+        toks = [tok.replace("</w>", "") for tok in tc.tokenizer.convert_ids_to_tokens(list(ids))]
         offset = tc.adapter.text_key_offset(maps.shape[0], len(ids))
         ax[r, 0].imshow(s.image)
         ax[r, 0].set_title(s.caption.replace(" and ", "\nand "), fontsize=7)
