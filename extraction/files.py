@@ -251,6 +251,19 @@ def _discard(tmp: Path) -> None:
             pass
 
 
+def recover_folder(path: str | Path) -> bool:
+    """Undo a folder swap that a crash cut between its two renames: ``path`` gone and ``.<name>.old`` (the last
+    complete version) beside it. The old folder is moved back; returns whether it was. ``atomic_path`` calls
+    it before every folder write, so the next write of the same output starts from the last complete one."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if os.path.lexists(path) or not old.is_dir() or old.is_symlink():
+        return False
+    os.replace(old, path)
+    fsync_path(path.parent)
+    return True
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, folder: bool = False, ext: str = "") -> Iterator[Path]:
     """The one atomic write of the project: yield a new temporary beside ``path`` for the body to fill.
@@ -259,13 +272,16 @@ def atomic_path(path: str | Path, *, folder: bool = False, ext: str = "") -> Ite
     umask's permissions; ``ext`` ends its name (for writers that pick the format from the suffix: ``.png``,
     ``.npz``). When the body returns, the temporary is fsynced (a folder: everything in it) and renamed onto
     ``path`` with ``os.replace``, then the folder holding ``path`` is fsynced. A folder replaces an existing
-    ``path`` folder: the old one is moved aside to ``.<name>.old`` first and removed after the swap. Every
+    ``path`` folder: the old one is moved aside to ``.<name>.old`` first and removed after the swap (a crash
+    between the two renames is undone by ``recover_folder`` at the next write). Every
     file and folder of the new output gets the umask's permissions (``fix_mode``: writers such as
     ``save_pretrained`` or safetensors may create 0600 files). When
     the body (or the commit) raises, also on KeyboardInterrupt, the temporary is removed and ``path`` stays
     as it was; the exception is passed on unchanged (callers name the file, e.g. with ``write_failed``).
     """
     path = Path(path)
+    if folder:
+        recover_folder(path)
     tmp = make_tmp(path, folder=folder, ext=ext)
     try:
         yield tmp

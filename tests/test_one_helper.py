@@ -3,6 +3,9 @@ installs and removes every hook, ``extraction/store.py`` opens every store file;
 
 import ast
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,6 +99,31 @@ def test_atomic_folder_keeps_the_old_folder_when_the_writer_raises(tmp_path):
             raise Boom()
     assert [p.name for p in out.iterdir()] == ["cfg.json"] and (out / "cfg.json").read_text() == "old"
     assert _leftovers(tmp_path, out.name) == []
+
+
+def test_a_kill_between_the_folder_swaps_two_renames_is_undone_at_the_next_write(tmp_path):
+    """A real SIGKILL after the old folder moved aside and before the new one moved in: ``path`` is gone and
+    ``.<name>.old`` holds the last complete version; the next write of the output puts it back first."""
+    out = tmp_path / "sae"
+    out.mkdir()
+    (out / "cfg.json").write_text("old")
+    code = ("import os, signal, sys\nimport extraction.files as F\nreal = os.replace\ncalls = []\n"
+            "def replace(a, b):\n    calls.append(a)\n    if len(calls) == 2:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n    real(a, b)\n"
+            "F.os.replace = replace\n"
+            f"with F.atomic_path({str(out)!r}, folder=True) as tmp:\n    (tmp / 'cfg.json').write_text('new')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not out.exists() and (tmp_path / ".sae.old" / "cfg.json").read_text() == "old"
+    with pytest.raises(Boom):  # a failed next write still leaves the last complete version in place
+        with F.atomic_path(out, folder=True) as tmp:
+            raise Boom()
+    assert (out / "cfg.json").read_text() == "old" and not (tmp_path / ".sae.old").exists()
+    F.clean_stale_tmps(tmp_path)  # the killed writer's temporary folder
+    with F.atomic_path(out, folder=True) as tmp:
+        (tmp / "cfg.json").write_text("new")
+    assert (out / "cfg.json").read_text() == "new" and _leftovers(tmp_path, out.name) == []
+    assert F.recover_folder(out) is False  # nothing to undo
 
 
 def test_scratch_path_is_removed_even_when_the_body_raises(tmp_path):
