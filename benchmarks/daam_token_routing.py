@@ -34,7 +34,7 @@ def phrases_in_order(sample) -> list[str]:
     return sorted(found, key=sample.caption.find)
 
 
-def token_maps(tc, sample, shape: tuple[int, int]) -> tuple[torch.Tensor, dict[str, list[int]]]:
+def token_maps(tc, shape: tuple[int, int]) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """Every token's DAAM map resized to the mask ``shape``, and the key positions of each word."""
     maps = tc.maps()[0].float()
     maps = F.interpolate(maps[None], size=shape, mode="bilinear", align_corners=False)[0]
@@ -53,15 +53,15 @@ def routing(pipe, images: int, seeds: list[int], t: int, seed: int = 0) -> dict[
         if len(phrases) < 2:
             continue
         tc = daam_on_images(pipe, [s.image], [s.caption], t=t, seeds=seeds, size=64)
+        words = re.findall(r"[a-z]+", s.caption)
+        maps, pos = token_maps(tc, np.asarray(s.masks[phrases[0]]).shape)
         for k, p in enumerate(phrases):
             colour, shape = p.split()
-            words = re.findall(r"[a-z]+", s.caption)
             if words.count(colour) != 1 or words.count(shape) != 1:
                 continue  # a word used twice: its map mixes two objects
             mask = np.asarray(s.masks[p], dtype=bool)
             if not mask.any() or mask.all():
                 continue
-            maps, pos = token_maps(tc, s, mask.shape)
             noun = pos[shape][0]
             which = "last" if k == len(phrases) - 1 else "earlier"
             cands = {"colour word": pos[colour][0], "shape noun": noun, "token after the noun": [noun[-1] + 1]}
@@ -86,15 +86,13 @@ def figure(pipe, path: str, t: int, seeds: list[int], count: int = 3) -> None:
     for r, s in enumerate(samples):
         tc = daam_on_images(pipe, [s.image], [s.caption], t=t, seeds=seeds, size=64)
         maps = tc.maps()[0].float()
-        ids = tc.input_ids[tc._prompt_index(0)]
-        toks = [tok.replace("</w>", "") for tok in tc.tokenizer.convert_ids_to_tokens(list(ids))]
-        offset = tc.adapter.text_key_offset(maps.shape[0], len(ids))
+        toks = tc.tokens(0)
         ax[r, 0].imshow(s.image)
         ax[r, 0].set_title(s.caption.replace(" and ", "\nand "), fontsize=7)
         for c in range(ncol):
             k = c + 1  # skip the start token
-            ax[r, c + 1].imshow(maps[k + offset].numpy(), cmap="jet")
-            label = toks[k] if k < len(toks) else "?"
+            label, key = toks[k]
+            ax[r, c + 1].imshow(maps[key].numpy(), cmap="jet")
             ax[r, c + 1].set_title(f"{k}: {label}", fontsize=8)
     for a in ax.flat:
         a.axis("off")

@@ -163,6 +163,10 @@ def test_daam_word_maps_merge_subtokens_and_name_available_words(tiny_sd):
     both_a = [p for w, pos in tc.words() if w == "a" for p in pos]
     assert both_a == [1, 5]
     torch.testing.assert_close(tc.word_map("a"), tc.maps()[0, both_a].mean(0))  # both occurrences
+    toks = tc.tokens()  # every row of maps(), start / end / padding included, in key order
+    assert len(toks) == tc.maps().shape[1] and [k for _, k in toks] == list(range(len(toks)))
+    assert toks[0][0] == "<|startoftext|>" and [toks[p][0] for p in words["bluey"]] == ["blu", "e", "y"]
+    assert toks[words["red"][0]][0] == "red" and toks[words["square"][0] + 1][0] == "<|endoftext|>"
     assert (tc.maps() >= 0).all()
     with pytest.raises(WordNotInPrompt, match="available words: a, red, circle, and, bluey, square"):
         tc.word_map("dog")

@@ -212,6 +212,14 @@ class DAAMTrace(HookSession):
         offset = self.adapter.text_key_offset(self.maps().shape[1], len(ids))
         return [(w, [p + offset for p in pos]) for w, pos in word_positions(self.tokenizer, ids)]
 
+    def tokens(self, index: int = 0) -> list[tuple[str, int]]:
+        """(token, key position) of every token of image ``index``'s prompt, start, end and padding included
+        (``</w>`` stripped): the rows of ``maps()[index]`` one by one, for looking at tokens ``words`` groups."""
+        ids = self.input_ids[self._prompt_index(index)]
+        offset = self.adapter.text_key_offset(self.maps().shape[1], len(ids))
+        toks = self.tokenizer.convert_ids_to_tokens(list(ids))
+        return [(t.replace("</w>", ""), k + offset) for k, t in enumerate(toks)]
+
     def word_map(self, word: str, index: int = 0) -> torch.Tensor:
         """The map of ``word`` (H, W): mean over its sub-tokens and occurrences; several words are averaged."""
         pos = positions_of(word, self.words(index))
