@@ -134,6 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.shift:
             from diffusers import FlowMatchEulerDiscreteScheduler
 
+            from extraction.adapters import get_adapter
+
+            if not get_adapter(pipe).flow:
+                ap.error(f"--shift is a rectified-flow sampler setting; {model} samples with "
+                         f"{type(pipe.scheduler).__name__}")
+
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=args.shift)
         groups = {"heldout": held, "seen": [p for p in all_pairs() if p not in held]}
         steps = args.steps or DEFAULTS[model]["steps"]

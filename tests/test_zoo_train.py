@@ -116,10 +116,11 @@ def test_training_is_seeded_and_saves_loadable_pipelines(tmp_path):
     wide.resume = False
     pipe = load_pipeline(str(train_zoo(wide)["tiny-flux"]))
     assert pipe.transformer.config.num_attention_heads == 4 and pipe.transformer.inner_dim == 128
-    sd = _tiny_cfg(tmp_path, "tiny-sd")
+    sd = _tiny_cfg(tmp_path / "all", "all")  # refused before the VAE stage runs: nothing rendered or trained
     sd.sd = StageConfig(steps=1, heads=4)
-    with pytest.raises(ValueError, match="tiny-flux's attention heads only"):
+    with pytest.raises(ValueError, match="sd.heads sets tiny-flux's attention heads only"):
         train_zoo(sd)
+    assert not (tmp_path / "all").exists()
 
 
 def test_zoo_train_command_is_registered(capsys):

@@ -65,6 +65,9 @@ def check_config(cfg: ZooTrainConfig) -> None:
         raise ValueError(f"vae_crop must be a multiple of 8 in [8, {IMAGE_SIZE}], got {cfg.vae_crop}")
     if cfg.checkpoint_every < 0 or cfg.min_snr_gamma < 0 or cfg.edge_weight < 0:
         raise ValueError("checkpoint_every, min_snr_gamma and edge_weight must be >= 0")
+    for key, stage in (("vae", cfg.vae), ("sd", cfg.sd), ("sd3", cfg.sd3)):
+        if stage.heads:  # checked before any stage runs: with model 'all' the VAE would train first
+            raise ValueError(f"{key}.heads sets tiny-flux's attention heads only; leave it 0 (got {stage.heads})")
     resolve_dtype(cfg.save_dtype)
 
 
@@ -393,15 +396,10 @@ def stage_checkpoint(cfg: ZooTrainConfig, name: str) -> Path:
     return checkpoint_dir(cfg) / f"{name}-seed{cfg.seed}.ckpt"
 
 
-def checkpoint_step(path: Path) -> int:
-    """The global step a stage checkpoint was written at."""
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
-
-
-def check_checkpoint_fits(module: torch.nn.Module, ckpt: Path) -> None:
+def check_checkpoint_fits(module: torch.nn.Module, saved: dict[str, torch.Tensor], ckpt: Path) -> None:
     """Refuse to resume from a checkpoint of another architecture (e.g. written before ``flux.heads`` changed),
-    naming the first tensors that differ, instead of Lightning's long size-mismatch trace half-way into fit."""
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    naming the first tensors that differ, instead of Lightning's long size-mismatch trace half-way into fit.
+    ``saved``: the checkpoint's ``state_dict``."""
     own = module.state_dict()
     wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
              for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
@@ -421,9 +419,13 @@ def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainCon
     Returns the EMA weights and whether every step was run (False after a ``max_minutes`` stop).
     """
     ckpt = stage_checkpoint(cfg, module.name)
-    start = checkpoint_step(ckpt) if cfg.resume and ckpt.exists() else 0
+    start = 0
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        start = int(state["global_step"])
+        check_checkpoint_fits(module, state.pop("state_dict"), ckpt)
+        del state
     if start:
-        check_checkpoint_fits(module, ckpt)
         print(f"[{module.name}] resuming from {ckpt} at step {start}", flush=True)
     saver = StepCheckpoints(ckpt, cfg.checkpoint_every, stage.max_minutes, cfg.log_every)
     trainer = L.Trainer(max_steps=stage.steps, max_epochs=-1, accelerator=cfg.device, devices=1, logger=False,
@@ -513,8 +515,6 @@ def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
     build, module_cls, stage = {"tiny-sd": (build_tiny_sd, SDModule, cfg.sd),
                                 "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux),
                                 "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
-    if stage.heads and name != "tiny-flux":
-        raise ValueError(f"{name}: <stage>.heads sets tiny-flux's attention heads only; leave it 0 for {name}")
     pipe = build(cfg.seed, heads=stage.heads) if stage.heads else build(cfg.seed)
     pipe.register_modules(vae=vae.cpu())
     return pipe, module_cls, stage, shift, scale, (mean, std)
