@@ -123,6 +123,38 @@ def test_training_is_seeded_and_saves_loadable_pipelines(tmp_path):
     assert not (tmp_path / "all").exists()
 
 
+def test_flux_with_its_own_factor_2_vae(tmp_path):
+    """flux.vae_factor 2: tiny-flux trains its own VAE first (4x32x32 latents), its pipeline packs them into
+    16 x 16 tokens and generates 64x64 images; the shared factor-4 VAE is neither needed nor touched."""
+    cfg = _tiny_cfg(tmp_path, "tiny-flux")
+    cfg.flux = StageConfig(steps=2, batch_size=4, lr=1e-3, ema_decay=0.5, vae_factor=2)
+    folder = train_zoo(cfg)["tiny-flux"]
+    assert (tmp_path / "work" / "checkpoints" / "vae-f2-seed0" / "config.json").exists()
+    assert not (tmp_path / "work" / "checkpoints" / "vae-seed0").exists()
+    assert (tmp_path / "work" / "checkpoints" / "tiny-flux-vae-f2-seed0.ckpt").exists()  # not tiny-flux-seed0.ckpt
+    pipe = load_pipeline(str(folder))
+    assert pipe.vae_scale_factor == 2 and pipe.vae.config.shift_factor != 0
+    lat = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert lat.shape == (1, 4, 32, 32)
+    seen = {}
+
+    def count_tokens(module, args, output) -> None:
+        seen.setdefault("tokens", args[0].shape[1])
+
+    hook = pipe.transformer.x_embedder.register_forward_hook(count_tokens)
+    img = generate(pipe, ["a red circle"], [0], steps=2, guidance=4.0)[0]
+    hook.remove()
+    assert img.shape == (64, 64, 3) and seen["tokens"] == 16 * 16
+    bad = _tiny_cfg(tmp_path, "tiny-flux")
+    bad.flux = StageConfig(steps=1, vae_factor=8)
+    with pytest.raises(ValueError, match="flux.vae_factor must be 0 or one of"):
+        check_config(bad)
+    bad = _tiny_cfg(tmp_path, "tiny-flux")
+    bad.sd = StageConfig(steps=1, vae_factor=2)
+    with pytest.raises(ValueError, match="sd.vae_factor sets tiny-flux's VAE only"):
+        check_config(bad)
+
+
 def test_zoo_train_command_is_registered(capsys):
     from revelio.cli import run
 

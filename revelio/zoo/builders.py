@@ -1,7 +1,7 @@
 """Tiny-config diffusers pipelines (random, seeded weights) for 64x64 RGB images.
 
-All three share the same tiny AutoencoderKL (factor 4: 64x64 images -> 4x16x16 latents)
-and the offline tokenizers. The configs are small versions of the real ones, so every
+All three use the same tiny AutoencoderKL (factor 4: 64x64 images -> 4x16x16 latents; tiny-flux
+can take a factor-2 one, 4x32x32 latents) and the offline tokenizers. The configs are small versions of the real ones, so every
 code path (hooks, attention processors, noising) is the one real models take.
 """
 
@@ -29,11 +29,19 @@ TEXT_DIM = 64
 MAX_TOKENS = 32
 
 
-def build_vae() -> AutoencoderKL:
+VAE_FACTORS = (2, 4)  # spatial downsampling factors build_vae makes
+
+
+def build_vae(factor: int = 4) -> AutoencoderKL:
+    """The zoo's AutoencoderKL: 64x64 RGB -> 4 x (64/factor)^2 latents (factor 4: three blocks of 32, 64, 64
+    channels; factor 2: the first two of them)."""
+    if factor not in VAE_FACTORS:
+        raise ValueError(f"build_vae: factor must be one of {VAE_FACTORS}, got {factor}")
+    blocks = {4: (32, 64, 64), 2: (32, 64)}[factor]
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks, layers_per_block=1, norm_num_groups=16, sample_size=IMAGE_SIZE,
         scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=False,
     )
 
@@ -72,7 +80,7 @@ def build_tiny_sd(seed: int = 0) -> StableDiffusionPipeline:
                                    requires_safety_checker=False)
 
 
-def build_tiny_flux(seed: int = 0, heads: int = 2) -> FluxPipeline:
+def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4) -> FluxPipeline:
     """FluxTransformer2DModel with 4 double-stream (MM-DiT) and 2 single-stream blocks; rectified flow.
 
     2 heads of 32 dims with rotary axes (4, 14, 14): Flux's only positional signal is RoPE (theta 10000), and
@@ -82,7 +90,11 @@ def build_tiny_flux(seed: int = 0, heads: int = 2) -> FluxPipeline:
     per axis the lowest useful frequency (0.27 rad per token) spans the grid without wrapping.
 
     ``heads``: attention heads of 32 dims each, so the width is 32 x heads (2: the random-init default and the
-    shipped v2 weights, 0.77M parameters; ``flux.heads`` in the training config)."""
+    shipped v2 weights, 0.77M parameters; ``flux.heads`` in the training config).
+
+    ``vae_factor``: the VAE's downsampling (``build_vae``). The pipeline packs 2x2 latents into a token, so with
+    factor 4 a 64x64 image is 8 x 8 tokens of 8x8 pixels, with factor 2 16 x 16 tokens of 4x4 pixels (the size of
+    one tiny-sd UNet latent pixel); ``flux.vae_factor`` in the training config."""
     if heads < 1:
         raise ValueError(f"build_tiny_flux: heads must be >= 1, got {heads}")
     torch.manual_seed(seed)
@@ -93,7 +105,7 @@ def build_tiny_flux(seed: int = 0, heads: int = 2) -> FluxPipeline:
         axes_dims_rope=(4, 14, 14),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    return FluxPipeline(scheduler=scheduler, vae=build_vae(), text_encoder=CLIPTextModel(_clip_config(tok)),
+    return FluxPipeline(scheduler=scheduler, vae=build_vae(vae_factor), text_encoder=CLIPTextModel(_clip_config(tok)),
                         tokenizer=tok, text_encoder_2=_t5(tok2), tokenizer_2=tok2, transformer=transformer)
 
 

@@ -33,6 +33,9 @@ class StageConfig:
                                                         "inputs; 0: never)")
     heads: int = field(0, min=0, help="tiny-flux: attention heads of 32 dims (width 32 x heads; 0: the builder's "
                                       "default, 2)")
+    vae_factor: int = field(0, min=0, help="tiny-flux: downsampling factor of the VAE it denoises in: 4 (the VAE "
+                                           "shared with tiny-sd: 8 x 8 tokens of 8x8 pixels) or 2 (its own VAE, "
+                                           "trained first: 16 x 16 tokens of 4x4 pixels); 0: 4")
     ema_decay: float = field(0.995, help="decay of the exponential moving average whose weights are saved")
     max_minutes: float = field(0.0, help="stop after this many minutes of this process (0: none), writing a checkpoint "
                                          "that resume continues from")

@@ -44,7 +44,7 @@ from extraction.files import atomic_path
 from ..config import to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
-from .builders import IMAGE_SIZE, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae
+from .builders import IMAGE_SIZE, VAE_FACTORS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae
 from .config import ALL_STAGES, DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
 
 
@@ -68,6 +68,10 @@ def check_config(cfg: ZooTrainConfig) -> None:
     for key, stage in (("vae", cfg.vae), ("sd", cfg.sd), ("sd3", cfg.sd3)):
         if stage.heads:  # checked before any stage runs: with model 'all' the VAE would train first
             raise ValueError(f"{key}.heads sets tiny-flux's attention heads only; leave it 0 (got {stage.heads})")
+        if stage.vae_factor:
+            raise ValueError(f"{key}.vae_factor sets tiny-flux's VAE only; leave it 0 (got {stage.vae_factor})")
+    if cfg.flux.vae_factor and cfg.flux.vae_factor not in VAE_FACTORS:
+        raise ValueError(f"flux.vae_factor must be 0 or one of {VAE_FACTORS}, got {cfg.flux.vae_factor}")
     resolve_dtype(cfg.save_dtype)
 
 
@@ -240,8 +244,9 @@ class VAEModule(_EMAModule):
 
     name = "vae"
 
-    def __init__(self, vae, stage: StageConfig, cfg: "ZooTrainConfig"):
+    def __init__(self, vae, stage: StageConfig, cfg: "ZooTrainConfig", factor: int = 4):
         super().__init__(torch.nn.ModuleDict({"vae": vae}), stage, seed=cfg.seed)
+        self.name = vae_stage(factor)  # checkpoint file and random stream of this VAE
         self.kl_weight, self.edge_weight = cfg.kl_weight, cfg.edge_weight
         self.crop, self.full_from = cfg.vae_crop, cfg.vae_full_from
 
@@ -392,7 +397,11 @@ def checkpoint_dir(cfg: ZooTrainConfig) -> Path:
 
 
 def stage_checkpoint(cfg: ZooTrainConfig, name: str) -> Path:
-    """The resumable checkpoint of one stage (Lightning .ckpt: net, EMA, optimizer, scheduler, step)."""
+    """The resumable checkpoint of one stage (Lightning .ckpt: net, EMA, optimizer, scheduler, step). tiny-flux on
+    its own VAE (``flux.vae_factor: 2``) has its own file, ``tiny-flux-vae-f2-seed<seed>.ckpt``: its transformer has
+    the same shapes on either VAE, so a shared name would resume one run's weights on the other's latents."""
+    if name == "tiny-flux" and flux_vae_factor(cfg) != 4:
+        name = f"{name}-{vae_stage(flux_vae_factor(cfg))}"
     return checkpoint_dir(cfg) / f"{name}-seed{cfg.seed}.ckpt"
 
 
@@ -445,20 +454,32 @@ def _save_atomic(obj, target: Path, cfg: ZooTrainConfig) -> Path:
     return target
 
 
-def train_vae(cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str]) -> Path:
-    """Train the shared AutoencoderKL and save it (float32, scaling 1, shift 0) to ``<checkpoint_dir>/vae-seed<seed>``.
+def vae_stage(factor: int = 4) -> str:
+    """The stage name of the VAE of downsampling ``factor``: ``vae`` (factor 4, shared) or ``vae-f2``."""
+    return "vae" if factor == 4 else f"vae-f{factor}"
+
+
+def flux_vae_factor(cfg: ZooTrainConfig) -> int:
+    return cfg.flux.vae_factor or 4
+
+
+def train_vae(cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str], factor: int = 4) -> Path:
+    """Train an AutoencoderKL of downsampling ``factor`` (4: the shared one; 2: tiny-flux's with
+    ``flux.vae_factor: 2``) on the ``vae`` stage settings and save it (float32, scaling 1, shift 0) to
+    ``vae_path(cfg, factor)``. Returns at once when that VAE is trained and ``cfg.resume``.
 
     A run stopped by ``max_minutes`` keeps only its checkpoint (the denoisers need the finished VAE).
     """
-    if cfg.resume and (vae_path(cfg) / "config.json").exists():
-        print(f"[vae] resume: keeping the trained VAE in {vae_path(cfg)}", flush=True)
-        return vae_path(cfg)
+    name, path = vae_stage(factor), vae_path(cfg, factor)
+    if cfg.resume and (path / "config.json").exists():
+        print(f"[{name}] resume: keeping the trained VAE in {path}", flush=True)
+        return path
     L.seed_everything(cfg.seed, workers=True)
-    module = VAEModule(build_vae(), cfg.vae, cfg)
+    module = VAEModule(build_vae(factor), cfg.vae, cfg, factor)
     ema, done = _fit(module, ImageCaptions(images, captions), cfg.vae, cfg)
     if not done:
-        raise SystemExit(f"VAE stopped by max_minutes before {cfg.vae.steps} steps; run again with --resume true")
-    return _save_atomic(ema["vae"].float().cpu(), vae_path(cfg), cfg)
+        raise SystemExit(f"{name} stopped by max_minutes before {cfg.vae.steps} steps; run again with --resume true")
+    return _save_atomic(ema["vae"].float().cpu(), path, cfg)
 
 
 @torch.no_grad()
@@ -473,11 +494,11 @@ def encode_latents(vae, images: torch.Tensor, device: str, batch_size: int = 256
     return torch.cat(means), torch.cat(stds)
 
 
-def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool = False
+def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool = False, factor: int = 4
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``encode_latents`` of the cached images (``multi``: of the second set), computed once per trained VAE
-    and kept beside it."""
-    weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(vae_path(cfg).glob("*.safetensors"))))
+    """``encode_latents`` of the cached images (``multi``: of the second set) under the trained VAE of
+    ``factor``, computed once per trained VAE and kept beside it."""
+    weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(vae_path(cfg, factor).glob("*.safetensors"))))
     path = workdir(cfg) / f"latents-{data_key(cfg, multi)}-vae{weights.hexdigest()[:12]}.pt"  # new VAE, new cache
     if path.exists():
         blob = torch.load(path)
@@ -489,24 +510,26 @@ def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool =
     return mean, std
 
 
-def vae_path(cfg: ZooTrainConfig) -> Path:
-    return checkpoint_dir(cfg) / f"vae-seed{cfg.seed}"
+def vae_path(cfg: ZooTrainConfig, factor: int = 4) -> Path:
+    return checkpoint_dir(cfg) / f"{vae_stage(factor)}-seed{cfg.seed}"
 
 
-def _trained_vae(cfg: ZooTrainConfig):
+def _trained_vae(cfg: ZooTrainConfig, factor: int = 4):
     from diffusers import AutoencoderKL
 
-    path = vae_path(cfg)
+    path = vae_path(cfg, factor)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no trained VAE in {path}; train it first with --model vae (or --model all)")
+        how = "--model vae (or --model all)" if factor == 4 else "--model tiny-flux (it trains its VAE first)"
+        raise FileNotFoundError(f"no trained VAE in {path}; train it first with {how}")
     return AutoencoderKL.from_pretrained(path)
 
 
 def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
     """The untrained pipeline of ``name`` on the trained VAE (scaling / shift factors set from its latents):
     (pipe, module class, stage config, shift, scale, (latent means, stds))."""
-    vae = _trained_vae(cfg)
-    mean, std = cached_latents(cfg, vae, images)
+    factor = flux_vae_factor(cfg) if name == "tiny-flux" else 4
+    vae = _trained_vae(cfg, factor)
+    mean, std = cached_latents(cfg, vae, images, factor=factor)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
     shift = float(z.mean()) if name in ("tiny-flux", "tiny-sd3") else 0.0
     scale = float(1.0 / (z - shift).std())
@@ -515,7 +538,8 @@ def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
     build, module_cls, stage = {"tiny-sd": (build_tiny_sd, SDModule, cfg.sd),
                                 "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux),
                                 "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
-    pipe = build(cfg.seed, heads=stage.heads) if stage.heads else build(cfg.seed)
+    kw = ({"heads": stage.heads} if stage.heads else {}) | ({"vae_factor": factor} if factor != 4 else {})
+    pipe = build(cfg.seed, **kw)  # built around a VAE of the same factor: the pipeline's vae_scale_factor
     pipe.register_modules(vae=vae.cpu())
     return pipe, module_cls, stage, shift, scale, (mean, std)
 
@@ -548,7 +572,8 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
         raise ValueError(f"{name}: multi_origin_step ({stage.multi_origin_step}) must not be after multi_from_step")
     if 0 < stage.multi_from_step < stage.steps:  # the curriculum's second set, appended (its own latents)
         images2, captions2 = render_cache(cfg, multi=True)
-        mean2, std2 = cached_latents(cfg, pipe.vae, images2, multi=True)
+        mean2, std2 = cached_latents(cfg, pipe.vae, images2, multi=True,
+                                     factor=flux_vae_factor(cfg) if name == "tiny-flux" else 4)
         mean, std, captions = torch.cat([mean, mean2]), torch.cat([std, std2]), list(captions) + list(captions2)
         second = (stage.multi_from_step, len(captions2), stage.multi_origin_step or stage.multi_from_step)
     ema, done = _fit(module, LatentCaptions(mean, std, captions), stage, cfg, second)
@@ -568,6 +593,8 @@ def train_zoo(cfg: ZooTrainConfig) -> dict[str, Path]:
     names = ALL_STAGES if cfg.model == "all" else [cfg.model]
     out: dict[str, Path] = {}
     for name in names:
+        if name == "tiny-flux" and flux_vae_factor(cfg) != 4:  # its own VAE first (at once when trained)
+            train_vae(cfg, images, captions, flux_vae_factor(cfg))
         out[name] = train_vae(cfg, images, captions) if name == "vae" else train_denoiser(name, cfg, images, captions)
         print(f"saved {name} -> {out[name]}")
     return out
