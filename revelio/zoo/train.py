@@ -400,8 +400,8 @@ def stage_checkpoint(cfg: ZooTrainConfig, name: str) -> Path:
     """The resumable checkpoint of one stage (Lightning .ckpt: net, EMA, optimizer, scheduler, step). tiny-flux on
     its own VAE (``flux.vae_factor: 2``) has its own file, ``tiny-flux-vae-f2-seed<seed>.ckpt``: its transformer has
     the same shapes on either VAE, so a shared name would resume one run's weights on the other's latents."""
-    if name == "tiny-flux" and flux_vae_factor(cfg) != 4:
-        name = f"{name}-{vae_stage(flux_vae_factor(cfg))}"
+    if vae_factor_of(cfg, name) != 4:
+        name = f"{name}-{vae_stage(vae_factor_of(cfg, name))}"
     return checkpoint_dir(cfg) / f"{name}-seed{cfg.seed}.ckpt"
 
 
@@ -459,8 +459,9 @@ def vae_stage(factor: int = 4) -> str:
     return "vae" if factor == 4 else f"vae-f{factor}"
 
 
-def flux_vae_factor(cfg: ZooTrainConfig) -> int:
-    return cfg.flux.vae_factor or 4
+def vae_factor_of(cfg: ZooTrainConfig, name: str) -> int:
+    """The downsampling factor of the VAE stage ``name`` denoises in (``flux.vae_factor`` for tiny-flux, else 4)."""
+    return (cfg.flux.vae_factor or 4) if name == "tiny-flux" else 4
 
 
 def train_vae(cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str], factor: int = 4) -> Path:
@@ -527,7 +528,7 @@ def _trained_vae(cfg: ZooTrainConfig, factor: int = 4):
 def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
     """The untrained pipeline of ``name`` on the trained VAE (scaling / shift factors set from its latents):
     (pipe, module class, stage config, shift, scale, (latent means, stds))."""
-    factor = flux_vae_factor(cfg) if name == "tiny-flux" else 4
+    factor = vae_factor_of(cfg, name)
     vae = _trained_vae(cfg, factor)
     mean, std = cached_latents(cfg, vae, images, factor=factor)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
@@ -573,7 +574,7 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     if 0 < stage.multi_from_step < stage.steps:  # the curriculum's second set, appended (its own latents)
         images2, captions2 = render_cache(cfg, multi=True)
         mean2, std2 = cached_latents(cfg, pipe.vae, images2, multi=True,
-                                     factor=flux_vae_factor(cfg) if name == "tiny-flux" else 4)
+                                     factor=vae_factor_of(cfg, name))
         mean, std, captions = torch.cat([mean, mean2]), torch.cat([std, std2]), list(captions) + list(captions2)
         second = (stage.multi_from_step, len(captions2), stage.multi_origin_step or stage.multi_from_step)
     ema, done = _fit(module, LatentCaptions(mean, std, captions), stage, cfg, second)
@@ -593,8 +594,8 @@ def train_zoo(cfg: ZooTrainConfig) -> dict[str, Path]:
     names = ALL_STAGES if cfg.model == "all" else [cfg.model]
     out: dict[str, Path] = {}
     for name in names:
-        if name == "tiny-flux" and flux_vae_factor(cfg) != 4:  # its own VAE first (at once when trained)
-            train_vae(cfg, images, captions, flux_vae_factor(cfg))
+        if name != "vae" and vae_factor_of(cfg, name) != 4:  # its own VAE first (at once when trained)
+            train_vae(cfg, images, captions, vae_factor_of(cfg, name))
         out[name] = train_vae(cfg, images, captions) if name == "vae" else train_denoiser(name, cfg, images, captions)
         print(f"saved {name} -> {out[name]}")
     return out
