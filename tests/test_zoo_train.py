@@ -12,7 +12,8 @@ import torch
 
 from revelio.zoo import load_pipeline, shipped_path
 from revelio.zoo.quality import generate
-from revelio.zoo.train import TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig, check_config, train_zoo
+from revelio.zoo.train import (TRAIN_CONFIG_FILE, VAE_SHA_KEY, StageConfig, ZooTrainConfig, check_config, train_zoo,
+                               vae_fingerprint)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,6 +146,19 @@ def test_flux_with_its_own_factor_2_vae(tmp_path):
     img = generate(pipe, ["a red circle"], [0], steps=2, guidance=4.0)[0]
     hook.remove()
     assert img.shape == (64, 64, 3) and seen["tokens"] == 16 * 16
+    # the checkpoint records its VAE: a VAE retrained (here: perturbed) under the same name is refused on resume
+    from diffusers import AutoencoderKL
+
+    ckpt = tmp_path / "work" / "checkpoints" / "tiny-flux-vae-f2-seed0.ckpt"
+    assert torch.load(ckpt, weights_only=False)[VAE_SHA_KEY] == vae_fingerprint(cfg, 2)
+    vae_dir = tmp_path / "work" / "checkpoints" / "vae-f2-seed0"
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.01)
+    vae.save_pretrained(vae_dir)
+    cfg.flux, cfg.resume = StageConfig(steps=3, batch_size=4, lr=1e-3, ema_decay=0.5, vae_factor=2), True
+    with pytest.raises(ValueError, match="trained on another VAE"):
+        train_zoo(cfg)
     bad = _tiny_cfg(tmp_path, "tiny-flux")
     bad.flux = StageConfig(steps=1, vae_factor=8)
     with pytest.raises(ValueError, match="flux.vae_factor must be 0 or one of"):

@@ -203,16 +203,24 @@ def _loader(ds: Dataset, batch_size: int, seed: int, start: int = 0, second: tup
 
 # ---------------------------------------------------------------- Lightning modules
 
+VAE_SHA_KEY = "revelio_vae_sha"  # the denoiser checkpoint's record of its VAE (vae_fingerprint)
+
 
 class _EMAModule(L.LightningModule):
     """Shared training plumbing: AdamW with warm-up on ``self.net``, an EMA copy, dropped captions."""
 
     name = "stage"
+    vae_sha: str | None = None  # a denoiser's: the fingerprint of the VAE whose latents it learns
+    vae_dir: Path | None = None  # ... and where that VAE lies (check_checkpoint_vae)
 
     def __init__(self, net: torch.nn.ModuleDict, stage: StageConfig, caption_dropout: float = 0.0, seed: int = 0):
         super().__init__()
         self.net, self.stage, self.caption_dropout, self.seed = net, stage, caption_dropout, seed
         self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(stage.ema_decay), use_buffers=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.vae_sha:
+            checkpoint[VAE_SHA_KEY] = self.vae_sha
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.stage.lr, weight_decay=0.0)
@@ -405,6 +413,18 @@ def stage_checkpoint(cfg: ZooTrainConfig, name: str) -> Path:
     return checkpoint_dir(cfg) / f"{name}-seed{cfg.seed}.ckpt"
 
 
+def check_checkpoint_vae(module: _EMAModule, state: dict, ckpt: Path) -> None:
+    """Refuse to resume a denoiser on another VAE than the one its checkpoint learned (e.g. the VAE was retrained
+    with other settings): the shapes agree, so nothing else would notice, and the run would go on silently on
+    latents it never saw. Checkpoints written before the fingerprint was stored carry none and are not checked."""
+    saved = state.get(VAE_SHA_KEY)
+    if saved and module.vae_sha and saved != module.vae_sha:
+        raise ValueError(
+            f"{ckpt} was trained on another VAE (weights {saved}) than the one in "
+            f"{module.vae_dir} now (weights {module.vae_sha}). Restore that VAE, or move the checkpoint away "
+            f"(or set checkpoint_dir / resume: false) to start {module.name} from step 0 on the new one.")
+
+
 def check_checkpoint_fits(module: torch.nn.Module, saved: dict[str, torch.Tensor], ckpt: Path) -> None:
     """Refuse to resume from a checkpoint of another architecture (e.g. written before ``flux.heads`` changed),
     naming the first tensors that differ, instead of Lightning's long size-mismatch trace half-way into fit.
@@ -432,6 +452,7 @@ def _fit(module: _EMAModule, data: Dataset, stage: StageConfig, cfg: ZooTrainCon
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         start = int(state["global_step"])
+        check_checkpoint_vae(module, state, ckpt)
         check_checkpoint_fits(module, state.pop("state_dict"), ckpt)
         del state
     if start:
@@ -499,8 +520,7 @@ def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool =
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``encode_latents`` of the cached images (``multi``: of the second set) under the trained VAE of
     ``factor``, computed once per trained VAE and kept beside it."""
-    weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(vae_path(cfg, factor).glob("*.safetensors"))))
-    path = workdir(cfg) / f"latents-{data_key(cfg, multi)}-vae{weights.hexdigest()[:12]}.pt"  # new VAE, new cache
+    path = workdir(cfg) / f"latents-{data_key(cfg, multi)}-vae{vae_fingerprint(cfg, factor)}.pt"  # new VAE, new cache
     if path.exists():
         blob = torch.load(path)
         return blob["mean"], blob["std"]
@@ -513,6 +533,13 @@ def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool =
 
 def vae_path(cfg: ZooTrainConfig, factor: int = 4) -> Path:
     return checkpoint_dir(cfg) / f"{vae_stage(factor)}-seed{cfg.seed}"
+
+
+def vae_fingerprint(cfg: ZooTrainConfig, factor: int = 4) -> str:
+    """12 hex digits of the SHA-256 of the trained VAE's weight files: names its latent cache, and is stored in
+    every denoiser checkpoint so that a resume on a retrained VAE is refused (``check_checkpoint_vae``)."""
+    weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(vae_path(cfg, factor).glob("*.safetensors"))))
+    return weights.hexdigest()[:12]
 
 
 def _trained_vae(cfg: ZooTrainConfig, factor: int = 4):
@@ -568,6 +595,8 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     """
     pipe, module_cls, stage, shift, scale, (mean, std) = _assemble(name, cfg, images)
     module = module_cls(pipe, stage, cfg, shift, scale)
+    factor = vae_factor_of(cfg, name)
+    module.vae_sha, module.vae_dir = vae_fingerprint(cfg, factor), vae_path(cfg, factor)
     second = None
     if stage.multi_origin_step > stage.multi_from_step:
         raise ValueError(f"{name}: multi_origin_step ({stage.multi_origin_step}) must not be after multi_from_step")
