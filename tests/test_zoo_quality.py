@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from revelio.datasets.shapes import SHAPES
 from revelio.datasets.shapes import Shapes
+from revelio.zoo import load_pipeline
 from revelio.zoo.quality import (ShapesJudge, confusion, format_confusion, real_images, shape_recall,
                                  two_object_accuracy, two_object_prompts)
 
@@ -71,3 +73,36 @@ def test_two_object_prompts_are_seeded_and_distinct():
     assert p == two_object_prompts(20, seed=1)[0] and len(set(p)) > 15
     assert all(a[0] != b[0] and a[1] != b[1] for a, b in w)
     assert p[0].count(" and ") == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_clean_estimate_inverts_the_noising(name, one_torch_thread):
+    """predicted_clean: with the denoiser's output replaced by the exact training target (epsilon for DDPM,
+    eps - x0 for rectified flow), the estimate is x0 itself, at the time noise_level picks for an SNR."""
+    from extraction.adapters import get_adapter
+    from revelio.zoo.quality import noise_level, predicted_clean
+
+    ad = get_adapter(load_pipeline(name, random_init=True))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    time, abar = noise_level(ad, 1.0)
+    if ad.flow:
+        assert time == pytest.approx(0.5)  # ((1 - s) / s)^2 = 1
+        xt, target = (1 - time) * x0 + time * eps, eps - x0
+    else:
+        assert float(abar / (1 - abar)) == pytest.approx(1.0, abs=0.02)
+        xt, target = abar.sqrt() * x0 + (1 - abar).sqrt() * eps, eps
+    ad.denoise = lambda noisy, t, cond: target  # the ideal denoiser of this one sample
+    torch.testing.assert_close(predicted_clean(ad, xt, time, abar, ["a red circle"] * 2), x0, atol=1e-5, rtol=1e-5)
+
+
+def test_text_sensitivity_separates_a_trained_model_from_an_untrained_one(one_torch_thread):
+    """The shipped tiny-sd changes its clean-image estimate when the shape word changes (mid noise) far more
+    than the same architecture with random weights does."""
+    from revelio.zoo.quality import real_images, text_sensitivity
+
+    images, colours, shapes = real_images(4, seed=3)
+    trained = text_sensitivity(load_pipeline("tiny-sd").to(torch.float32), images, colours, shapes, snrs=(0.2,))[0]
+    floor = text_sensitivity(load_pipeline("tiny-sd", random_init=True), images, colours, shapes, snrs=(0.2,))[0]
+    assert set(trained) == {"snr", "time", "shape", "colour", "empty"}
+    assert trained["shape"] > 3 * floor["shape"] and trained["colour"] > 2 * floor["colour"]
