@@ -271,3 +271,28 @@ def test_flow_times_switch_from_logit_normal_to_uniform_at_the_configured_step()
     never = StageConfig()  # 0: never uniform
     torch.testing.assert_close(flow_times(never, 10**6, 5, torch.Generator().manual_seed(0)),
                                torch.sigmoid(torch.randn(5, generator=torch.Generator().manual_seed(0))))
+
+
+def test_time_shift_moves_uniform_noise_levels_towards_pure_noise_from_its_step():
+    from revelio.zoo.config import StageConfig
+    from revelio.zoo.train import flow_times, shift_times
+
+    # hand-computed: k = 3 maps 0.5 to 1.5 / 2 = 0.75 and keeps the ends
+    torch.testing.assert_close(shift_times(torch.tensor([0.0, 0.5, 1.0]), 3.0), torch.tensor([0.0, 0.75, 1.0]))
+    stage = StageConfig(uniform_times_from_step=1, time_shift=3.0, time_shift_from_step=50)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(flow_times(stage, 49, 20000, torch.Generator().manual_seed(3)), u)  # unchanged before
+    after = flow_times(stage, 50, 20000, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(after, 3 * u / (1 + 2 * u))
+    # P(s > 0.8) = P(u > 0.8 / (3 - 2 * 0.8)) = 1 - 4/7: 43% of the steps instead of 20%
+    assert abs(float((after > 0.8).float().mean()) - 3 / 7) < 0.01
+
+
+def test_lr_decay_changes_no_step_before_it_and_reaches_zero_at_the_last_step():
+    from revelio.zoo.config import StageConfig
+    from revelio.zoo.train import lr_factor
+
+    plain, decayed = StageConfig(steps=100), StageConfig(steps=100, decay_from_step=60)
+    assert [lr_factor(plain, 10, s) for s in range(60)] == [lr_factor(decayed, 10, s) for s in range(60)]
+    assert lr_factor(plain, 10, 4) == 0.5 and lr_factor(plain, 10, 99) == 1.0  # warm-up, then constant
+    assert [lr_factor(decayed, 10, s) for s in (60, 70, 80, 100)] == [1.0, 0.75, 0.5, 0.0]

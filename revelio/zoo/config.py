@@ -19,7 +19,7 @@ class StageConfig:
 
     steps: int = field(2000, min=1, help="optimizer steps")
     batch_size: int = field(32, min=1, help="images per step")
-    lr: float = field(5e-4, above=0, help="AdamW learning rate (linear warm-up, then constant)")
+    lr: float = field(5e-4, above=0, help="AdamW learning rate (linear warm-up, then constant; see decay_from_step)")
     warmup_steps: int = field(0, min=0, help="steps of the linear learning-rate warm-up (0: 5% of steps); set it "
                                              "to extend a run's steps without changing its first steps")
     multi_from_step: int = field(0, min=0, help="denoisers: from this optimizer step on, batches come from the "
@@ -31,6 +31,12 @@ class StageConfig:
                                                         "step on, noise levels s are uniform in [0, 1] instead of "
                                                         "logit-normal (more weight on nearly clean and pure-noise "
                                                         "inputs; 0: never)")
+    time_shift: float = field(1.0, above=0, help="rectified-flow denoisers: from time_shift_from_step on, noise levels "
+                                                 "s are shifted towards pure noise, s -> k s / (1 + (k - 1) s) with k "
+                                                 "this shift (SD3's resolution shift; 1: none)")
+    time_shift_from_step: int = field(0, min=0, help="the step time_shift starts at (0: from the first step)")
+    decay_from_step: int = field(0, min=0, help="from this step on the learning rate falls linearly to 0 at `steps` "
+                                                "(0: constant after the warm-up)")
     heads: int = field(0, min=0, help="tiny-flux: attention heads of 32 dims (width 32 x heads; 0: the builder's "
                                       "default, 2)")
     vae_factor: int = field(0, min=0, help="tiny-flux: downsampling factor of the VAE it denoises in: 4 (the VAE "

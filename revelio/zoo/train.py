@@ -24,6 +24,7 @@ quality benchmark can test generalisation to unseen combinations.
 from __future__ import annotations
 
 import copy
+from functools import partial
 import hashlib
 import json
 import time
@@ -225,7 +226,7 @@ class _EMAModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.stage.lr, weight_decay=0.0)
         warm = self.stage.warmup_steps or max(1, self.stage.steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, self.stage, warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -314,12 +315,32 @@ class SDModule(_EMAModule):
         return loss
 
 
+def lr_factor(stage: StageConfig, warm: int, step: int) -> float:
+    """The learning-rate multiplier at optimizer step ``step``: linear warm-up over ``warm`` steps, constant, and
+    from ``stage.decay_from_step`` on a linear fall to 0 at ``stage.steps``. The decay changes no step before it,
+    so it can be added to a run that has already passed the warm-up."""
+    factor = min(1.0, (step + 1) / warm)
+    if stage.decay_from_step and step >= stage.decay_from_step:
+        factor *= max(0.0, (stage.steps - step) / max(1, stage.steps - stage.decay_from_step))
+    return factor
+
+
+def shift_times(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift: s -> k s / (1 + (k - 1) s); k > 1 moves noise levels towards pure noise (s = 1)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def flow_times(stage: StageConfig, step: int, n: int, gen: torch.Generator) -> torch.Tensor:
     """The ``n`` noise levels s of a rectified-flow step: logit-normal (sigmoid of a standard normal, most weight
-    mid-trajectory, as SD3 trains), or uniform in [0, 1] from ``stage.uniform_times_from_step`` on."""
+    mid-trajectory, as SD3 trains), or uniform in [0, 1] from ``stage.uniform_times_from_step`` on; shifted
+    towards pure noise by ``stage.time_shift`` from ``stage.time_shift_from_step`` on."""
     if stage.uniform_times_from_step and step >= stage.uniform_times_from_step:
-        return torch.rand(n, generator=gen)
-    return torch.sigmoid(torch.randn(n, generator=gen))
+        s = torch.rand(n, generator=gen)
+    else:
+        s = torch.sigmoid(torch.randn(n, generator=gen))
+    if stage.time_shift != 1.0 and step >= stage.time_shift_from_step:
+        s = shift_times(s, stage.time_shift)
+    return s
 
 
 def flow_loss(module: "_EMAModule", batch: dict) -> torch.Tensor:
