@@ -296,3 +296,5 @@ def test_lr_decay_changes_no_step_before_it_and_reaches_zero_at_the_last_step():
     assert [lr_factor(plain, 10, s) for s in range(60)] == [lr_factor(decayed, 10, s) for s in range(60)]
     assert lr_factor(plain, 10, 4) == 0.5 and lr_factor(plain, 10, 99) == 1.0  # warm-up, then constant
     assert [lr_factor(decayed, 10, s) for s in (60, 70, 80, 100)] == [1.0, 0.75, 0.5, 0.0]
+    with pytest.raises(ValueError, match="must be before steps"):
+        lr_factor(StageConfig(steps=100, decay_from_step=100), 10, 0)

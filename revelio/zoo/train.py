@@ -319,6 +319,9 @@ def lr_factor(stage: StageConfig, warm: int, step: int) -> float:
     """The learning-rate multiplier at optimizer step ``step``: linear warm-up over ``warm`` steps, constant, and
     from ``stage.decay_from_step`` on a linear fall to 0 at ``stage.steps``. The decay changes no step before it,
     so it can be added to a run that has already passed the warm-up."""
+    if stage.decay_from_step >= stage.steps:
+        raise ValueError(f"decay_from_step ({stage.decay_from_step}) must be before steps ({stage.steps}): the "
+                         "learning rate falls to 0 at steps")
     factor = min(1.0, (step + 1) / warm)
     if stage.decay_from_step and step >= stage.decay_from_step:
         factor *= max(0.0, (stage.steps - step) / max(1, stage.steps - stage.decay_from_step))
