@@ -96,6 +96,33 @@ def test_tiny_sd3_trains_and_generates(tmp_path):
     assert img.shape == (64, 64, 3)
 
 
+def test_export_checkpoint_saves_the_ema_pipeline_of_a_checkpoint(tmp_path):
+    """export_checkpoint writes the EMA weights of a stage checkpoint as the pipeline a finished run saves (same
+    tensors), with the config at the checkpoint's step; no training runs. Bad requests name what is wrong."""
+    train_zoo(_tiny_cfg(tmp_path, "vae"))
+    cfg = _tiny_cfg(tmp_path, "tiny-sd")
+    cfg.sd = StageConfig(steps=2, batch_size=4, lr=1e-3, ema_decay=0.5)
+    trained = load_pipeline(str(train_zoo(cfg)["tiny-sd"]))
+    ckpt = tmp_path / "work" / "checkpoints" / "tiny-sd-seed0.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    exp = _tiny_cfg(tmp_path, "tiny-sd")
+    exp.sd.steps, exp.out, exp.export_checkpoint = 50, str(tmp_path / "exported"), str(ckpt)
+    folder = train_zoo(exp)["tiny-sd"]
+    assert json.loads((folder / TRAIN_CONFIG_FILE).read_text())["sd"]["steps"] == 2  # what was trained, not 50
+    pipe = load_pipeline(str(folder))
+    for name in ("unet", "text_encoder"):
+        want = getattr(trained, name).state_dict()
+        for k, v in getattr(pipe, name).state_dict().items():
+            assert torch.equal(v, want[k]), (name, k)
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2  # the checkpoint was not trained on
+    exp.model = "vae"
+    with pytest.raises(ValueError, match="model must be one of"):
+        train_zoo(exp)
+    exp.model, exp.export_checkpoint = "tiny-sd", str(tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        train_zoo(exp)
+
+
 @pytest.mark.slow  # trains the VAE twice and tiny-flux once (a step each, plus image rendering and saving)
 def test_training_is_seeded_and_saves_loadable_pipelines(tmp_path):
     from diffusers import AutoencoderKL

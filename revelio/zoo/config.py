@@ -83,3 +83,7 @@ class ZooTrainConfig:
     checkpoint_every: int = field(500, min=0, help="write the stage checkpoint every this many steps (0: only when a stage stops)")
     resume: bool = field(False, help="continue each stage from its checkpoint in checkpoint_dir (if there is one)")
     log_every: int = field(100, help="print the step, mean loss and speed every this many steps (0: never)")
+    export_checkpoint: str | None = field(None, help="no training: save the EMA weights of this training checkpoint of "
+                                                     "`model` (tiny-sd, tiny-flux, tiny-sd3) as its pipeline in "
+                                                     "out/<model>, in save_dtype, with this config at the "
+                                                     "checkpoint's step (how a run is shipped before it ends)")

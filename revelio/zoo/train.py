@@ -638,9 +638,33 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     return _save_atomic(pipe, Path(cfg.out) / name, cfg)
 
 
+STAGE_KEYS = {"tiny-sd": "sd", "tiny-flux": "flux", "tiny-sd3": "sd3"}
+
+
+def export_checkpoint(cfg: ZooTrainConfig, ckpt: str | Path) -> Path:
+    """Save the EMA weights of the training checkpoint ``ckpt`` of ``cfg.model`` as its pipeline in ``out/<model>``
+    (``save_dtype``, atomically), with ``cfg`` at the checkpoint's step as the saved training config."""
+    if cfg.model not in STAGE_KEYS:
+        raise ValueError(f"export_checkpoint: model must be one of {sorted(STAGE_KEYS)}, got {cfg.model!r}")
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"export_checkpoint: no checkpoint file {ckpt}")
+    pipe, step = pipeline_from_checkpoint(cfg.model, cfg, ckpt)
+    pipe.to(dtype=resolve_dtype(cfg.save_dtype))
+    saved = copy.deepcopy(cfg)
+    getattr(saved, STAGE_KEYS[cfg.model]).steps = step
+    target = _save_atomic(pipe, Path(cfg.out) / cfg.model, saved)
+    print(f"[{cfg.model}] exported {ckpt} (step {step}) -> {target}", flush=True)
+    return target
+
+
 def train_zoo(cfg: ZooTrainConfig) -> dict[str, Path]:
-    """Train what ``cfg.model`` names (``all``: the VAE, then both denoisers) and return the saved folders."""
+    """Train what ``cfg.model`` names (``all``: the VAE, then both denoisers) and return the saved folders
+    (with ``export_checkpoint``: only save that checkpoint's pipeline)."""
     check_config(cfg)
+    if cfg.export_checkpoint:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return {cfg.model: export_checkpoint(cfg, cfg.export_checkpoint)}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     images, captions = render_cache(cfg)
