@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     judge = ShapesJudge.fit(n_train=args.judge_images, n_val=max(30, args.judge_images // 2))
+    # A second judge on other real images and another forest seed: where the two name different shapes for the
+    # same generation, the outline is no clear shape and the first judge's call on it is luck (column "agree").
+    judge2 = ShapesJudge.fit(n_train=args.judge_images, n_val=max(30, args.judge_images // 2), seed=2)
     print(f"judge on real shapes images: colour {judge.real_colour_accuracy:.1%}, shape {judge.real_shape_accuracy:.1%}")
     report: dict = {"judge": {"colour": judge.real_colour_accuracy, "shape": judge.real_shape_accuracy}}
     shown: dict[str, tuple[list[str], list[np.ndarray]]] = {}
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
         return report
-    print(f"{'model':<10} {'pairs':<8} {'n':>4} {'colour':>7} {'shape':>7} {'both':>7} {'s/img':>6}")
+    print(f"{'model':<10} {'pairs':<8} {'n':>4} {'colour':>7} {'shape':>7} {'both':>7} {'s/img':>6} {'agree':>6}")
     for model in args.models:
         if args.ckpt:
             import yaml
@@ -146,10 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
         guidance = args.guidance or DEFAULTS[model]["guidance"]
         first: tuple[list[str], list[np.ndarray]] = ([], [])
         real, colours, shapes = real_images(args.ceiling_images, seed=1)
-        s = judge.accuracy(reconstruct(pipe.vae, real), [f"{c} {k}" for c, k in zip(colours, shapes)])
-        report[f"{model}/vae-ceiling"] = s
+        rec = reconstruct(pipe.vae, real)
+        s = judge.accuracy(rec, [f"{c} {k}" for c, k in zip(colours, shapes)])
+        report[f"{model}/vae-ceiling"] = s | {"judge_agreement": judge.agreement(judge2, rec)}
         print(f"{model:<10} {'vae-rec':<8} {s['n']:>4} {s['colour']:>7.1%} {s['shape']:>7.1%} {s['both']:>7.1%}"
-              f"    (real images through the VAE: the best a denoiser could reach)")
+              f" {'':>6} {report[f'{model}/vae-ceiling']['judge_agreement']:>6.1%}"
+              f"  (real images through the VAE: the best a denoiser could reach)")
         if args.confusion:
             print(format_confusion(s["confusion"]))
         for group, pairs in groups.items():
@@ -162,8 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
             images = generate(pipe, [caption(*p.split(" ")) for p in want], seeds, steps, guidance)
             per = (time.perf_counter() - t0) / len(images)
             s = judge.accuracy(images, want)
-            report[f"{model}/{group}"] = s | {"steps": steps, "guidance": guidance}
-            print(f"{model:<10} {group:<8} {s['n']:>4} {s['colour']:>7.1%} {s['shape']:>7.1%} {s['both']:>7.1%} {per:>6.2f}")
+            agree = judge.agreement(judge2, images)
+            report[f"{model}/{group}"] = s | {"steps": steps, "guidance": guidance, "judge_agreement": agree}
+            print(f"{model:<10} {group:<8} {s['n']:>4} {s['colour']:>7.1%} {s['shape']:>7.1%} {s['both']:>7.1%} {per:>6.2f}"
+                  f" {agree:>6.1%}")
             if args.confusion:
                 print(format_confusion(s["confusion"]))
             picked = sorted(range(len(pairs)), key=lambda i: grid_order(pairs[i]))[:6]

@@ -106,3 +106,31 @@ def test_text_sensitivity_separates_a_trained_model_from_an_untrained_one(one_to
     floor = text_sensitivity(load_pipeline("tiny-sd", random_init=True), images, colours, shapes, snrs=(0.2,))[0]
     assert set(trained) == {"snr", "time", "shape", "colour", "empty"}
     assert trained["shape"] > 3 * floor["shape"] and trained["colour"] > 2 * floor["colour"]
+
+
+def _ragged_blob(rng: np.random.Generator) -> np.ndarray:
+    """A 64x64 RGB image of one vivid blob whose radius wanders at random with the angle: no clear shape."""
+    yy, xx = np.mgrid[:64, :64]
+    cy, cx = rng.uniform(24, 40, 2)
+    ang, r = np.arctan2(yy - cy, xx - cx), np.hypot(yy - cy, xx - cx)
+    k = np.arange(1, 7)
+    amp, phase = rng.uniform(0, 0.35, 6) / k, rng.uniform(0, 2 * np.pi, 6)
+    radius = rng.uniform(10, 18) * (1 + (amp[:, None, None] * np.cos(k[:, None, None] * ang + phase[:, None, None])).sum(0))
+    image = np.full((64, 64, 3), 120, np.uint8)
+    image[r < radius] = (220, 30, 30)
+    return image
+
+
+def test_two_judges_agree_on_real_shapes_and_less_on_ragged_blobs(judge):
+    """The benchmark's "agree" column: a judge fitted on other real images (another forest seed) names the same
+    shapes on real images, and differs on part of a set of shapeless blobs, where either call is luck."""
+    other = ShapesJudge.fit(n_train=300, n_val=60, seed=2)
+    images, _, _ = real_images(240, seed=3)
+    assert judge.agreement(other, images) >= 0.97
+    assert judge.agreement(judge, images) == 1.0
+    rng = np.random.default_rng(0)
+    blobs = [_ragged_blob(rng) for _ in range(80)]
+    on_blobs = judge.agreement(other, blobs)
+    assert on_blobs < judge.agreement(other, images) - 0.05, on_blobs
+    with pytest.raises(ValueError, match="no images"):
+        judge.agreement(other, [])

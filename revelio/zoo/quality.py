@@ -123,6 +123,14 @@ class ShapesJudge:
                 "both": float(np.mean([g == w for g, w in zip(got, want)])), "n": len(images),
                 "shape_recall": shape_recall(conf), "confusion": conf}
 
+    def agreement(self, other: "ShapesJudge", images: list[np.ndarray]) -> float:
+        """Share of ``images`` whose largest object both judges name the same shape (no object: agreed). Two judges
+        fitted on different real images agree on real shapes; on outlines that are no clear shape (a ragged blob)
+        their calls are arbitrary and part of them differ, so a low agreement says the shape score is partly luck."""
+        if not images:
+            raise ValueError("agreement: no images")
+        return float(np.mean([self.judge(im)[1] == other.judge(im)[1] for im in images]))
+
     def judge(self, image: np.ndarray) -> tuple[str | None, str | None]:
         """(colour, shape) of the largest vivid object of an RGB uint8 image; (None, None) when there is none."""
         blob = largest_blob(image)
