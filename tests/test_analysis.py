@@ -318,7 +318,8 @@ def test_steering_counts_denoising_steps_and_steers_both_cfg_passes_on_flux_true
     assert ad.guidance == "true_cfg" and ad.denoiser_calls_per_step(ad.generation_kwargs(4.0)) == 2
     assert ad.denoiser_calls_per_step(ad.generation_kwargs(1.0)) == 1
     hook = "transformer_blocks.1"
-    model = sae.SparseAutoencoder(64, 32, 4, seed=0)
+    width, tokens = tiny_flux.transformer.inner_dim, (64 // (2 * tiny_flux.vae_scale_factor)) ** 2  # of a 64-px image
+    model = sae.SparseAutoencoder(width, 32, 4, seed=0)
     module = dict(tiny_flux.transformer.named_modules())[hook]
 
     def run(scale, guidance=4.0):
@@ -341,7 +342,7 @@ def test_steering_counts_denoising_steps_and_steers_both_cfg_passes_on_flux_true
     d = latent_direction(model, 2)
     assert torch.equal(after[0][1], before[0][1]) and torch.equal(after[1][1], before[1][1])  # step 0 untouched
     for i in (2, 3):  # step 1, conditional and unconditional: its input is unchanged, its output moved by 3 d
-        np.testing.assert_allclose((after[i][1] - before[i][1]).numpy(), (3.0 * d).expand(1, 64, -1).numpy(),
+        np.testing.assert_allclose((after[i][1] - before[i][1]).numpy(), (3.0 * d).expand(1, tokens, -1).numpy(),
                                    atol=1e-4)
     single, _ = run(3.0, guidance=1.0)  # no CFG: one call a step, the same steps steered
     assert dict(single.calls_per_step) == {0: 1, 1: 1, 2: 1, 3: 1} and dict(single.steered_per_step) == {1: 1, 2: 1}

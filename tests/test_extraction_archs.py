@@ -173,7 +173,8 @@ def test_zoo_configs_hooks_and_shapes(tiny_sd, tiny_flux):
     for name, pipe in (("tiny-sd", tiny_sd), ("tiny-flux", tiny_flux)):
         cfg, shapes = documented(name)
         ad = get_adapter(pipe)
-        lat = torch.randn(1, 4, cfg["data"]["size"] // 4, cfg["data"]["size"] // 4)
+        side = cfg["data"]["size"] // pipe.vae_scale_factor  # latent side; the header documents the shipped model
+        lat = torch.randn(1, 4, side, side)
         cond = ad.encode_prompts(["a red circle"])
         with ActivationCapture(ad, cfg["hooks"]) as cap:
             cap.reset(ad.n_image_tokens(lat))

@@ -116,7 +116,7 @@ def test_same_seed_identical_results(digits_store, tmp_path):
     assert (tmp_path / "a" / "probes.csv").read_text() == (tmp_path / "b" / "probes.csv").read_text()
 
 
-def test_probe_on_shapes_stores_and_streaming_tokens(sd_store, flux_store, tmp_path):
+def test_probe_on_shapes_stores_and_streaming_tokens(sd_store, flux_store, tiny_flux, tmp_path):
     """Shapes (the shared 24-image stores): every key probed, rare classes left out, NTC tokens streamed."""
     res = run(["probe", "--store", str(sd_store), "--hooks", "[mid_block]", "--out", str(tmp_path / "sd"),
                "--baselines.random", "false", *QUICK])
@@ -133,7 +133,8 @@ def test_probe_on_shapes_stores_and_streaming_tokens(sd_store, flux_store, tmp_p
                "--streaming.threads", "1", "--seeds", "[0]", "--baselines.pixels", "false",
                "--out", str(tmp_path / "flux"), "--progress", "false", "--min_class_images", "3"])
     (rec,) = res["records"]
-    assert rec["probe"] == "linear-streaming-tokens" and rec["d"] == 64 and 0 <= rec["accuracy_mean"] <= 1
+    width = tiny_flux.transformer.inner_dim  # one token's features: the shipped tiny-flux's width
+    assert rec["probe"] == "linear-streaming-tokens" and rec["d"] == width and 0 <= rec["accuracy_mean"] <= 1
 
 
 def _untrained_sae(store_path, hook: str, t: int, folder):

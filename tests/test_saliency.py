@@ -16,6 +16,12 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _grid(pipe, height: int, width: int) -> tuple[int, int]:
+    """The image-token grid of a transformer pipeline (2 x 2 latent patches; the shipped VAE's factor)."""
+    f = 2 * pipe.vae_scale_factor
+    return height // f, width // f
+
+
 def _record_inputs(modules):
     """Test-side forward pre-hooks recording every call's (args, kwargs) of each module."""
     calls = {name: [] for name in modules}
@@ -217,9 +223,9 @@ def test_dit_cross_attention_daam_matches_naive(tiny_flux):
         w = torch.einsum("bnhd,bthd->bhnt", qi, torch.cat([kt, ki], 1)) / qi.shape[-1] ** 0.5
         expected = expected + w.softmax(-1)[..., :n_txt].sum(1)  # text columns, summed over heads
     expected = expected / (len(blocks) * blocks[0].attn.heads)
-    got = tc.maps()
-    assert got.shape == (1, 16, 4, 6)  # T5 tokens on the 4x6 token grid of a 32x48 image
-    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(1, 16, 4, 6), rtol=1e-4, atol=1e-6)
+    got, grid = tc.maps(), _grid(tiny_flux, 32, 48)
+    assert got.shape == (1, 16, *grid)  # T5 tokens on the token grid of a 32x48 image (4 x 6 shipped)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(1, 16, *grid), rtol=1e-4, atol=1e-6)
     assert [w for w, _ in tc.words()] == ["a", "red", "circle", "and", "a", "bluey", "square"]
 
 
@@ -290,13 +296,13 @@ def test_concept_attention_matches_hand_computation_of_two_blocks(tiny_flux, enc
             scores.append(s)
             crosses.append(cr)
     expected = (scores[0] + scores[1]) / 2
-    got = ca.maps()
-    assert got.shape == (1, 3, 4, 4)
-    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(1, 3, 4, 4), rtol=1e-4, atol=1e-5)
+    got, grid = ca.maps(), _grid(tiny_flux, 32, 32)
+    assert got.shape == (1, 3, *grid)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(1, 3, *grid), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ca.cross_attention_maps(),
-                               ((crosses[0] + crosses[1]) / 2).transpose(1, 2).reshape(1, 3, 4, 4),
+                               ((crosses[0] + crosses[1]) / 2).transpose(1, 2).reshape(1, 3, *grid),
                                rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got.sum(1), torch.ones(1, 4, 4))
+    torch.testing.assert_close(got.sum(1), torch.ones(1, *grid))
 
 
 def test_sd3_joined_concept_encoding_follows_the_joint_prompt_sequence():
@@ -340,9 +346,9 @@ def test_concept_attention_leaves_the_image_bit_identical(name, tiny_flux):
         traced = pipe(**kw, generator=_gen(3)).images
     assert torch.equal(plain, traced)
     assert [b.attn.processor for b in pipe.transformer.transformer_blocks] == originals
-    maps = ca.maps()
-    assert maps.shape == (1, 4, 4, 6) and torch.isfinite(maps).all()
-    torch.testing.assert_close(maps.sum(1), torch.ones(1, 4, 6))
+    maps, grid = ca.maps(), _grid(pipe, 32, 48)
+    assert maps.shape == (1, 4, *grid) and torch.isfinite(maps).all()
+    torch.testing.assert_close(maps.sum(1), torch.ones(1, *grid))
 
 
 def test_concept_attention_refuses_bad_input(tiny_sd, tiny_flux):
@@ -356,7 +362,7 @@ def test_concept_attention_refuses_bad_input(tiny_sd, tiny_flux):
 
 # --- the command -------------------------------------------------------------------------------------------
 
-def test_saliency_command_writes_maps_and_overlays(tmp_path):
+def test_saliency_command_writes_maps_and_overlays(tmp_path, tiny_flux):
     from revelio.cli import run
     from revelio.saliency.io import load_maps
 
@@ -365,7 +371,7 @@ def test_saliency_command_writes_maps_and_overlays(tmp_path):
                    "--prompts", "[a red circle and a blue square]", "--out", str(out), "--progress", "false"])
     assert [p.suffix for p in written] == [".png"] and written[0].stat().st_size > 0
     maps, concepts, meta = load_maps(written[0].with_suffix(".npz"))
-    assert concepts == ["circle", "square", "background"] and maps.shape == (3, 4, 4)
+    assert concepts == ["circle", "square", "background"] and maps.shape == (3, *_grid(tiny_flux, 32, 32))
     assert meta["method"] == "concept_attention" and meta["model"] == "tiny-flux"
     np.testing.assert_allclose(maps.sum(0), 1, rtol=1e-5)
     run(["saliency", "--method", "daam", "--model.id", "tiny-sd", "--source", "images", "--data.count", "1",
