@@ -42,6 +42,13 @@ class StageConfig:
     vae_factor: int = field(0, min=0, help="tiny-flux: downsampling factor of the VAE it denoises in: 4 (the VAE "
                                            "shared with tiny-sd: 8 x 8 tokens of 8x8 pixels) or 2 (its own VAE, "
                                            "trained first: 16 x 16 tokens of 4x4 pixels); 0: 4")
+    teacher: str = field("", help="tiny-flux: a trained tiny-sd pipeline folder on the same VAE (e.g. "
+                                  "revelio/zoo/weights/tiny-sd): from teacher_from_step on, its denoised prediction "
+                                  "of each noisy latent replaces the training image in the velocity target "
+                                  "(distillation; noise levels it cannot express keep the image); '': none")
+    teacher_from_step: int = field(0, min=0, help="tiny-flux: the step the teacher target starts at (0: the first)")
+    init_from: str = field("", help="tiny-flux: a pipeline folder (e.g. the shipped tiny-flux) whose transformer and "
+                                    "text encoders start a run at step 0 instead of the seeded random init; '': none")
     ema_decay: float = field(0.995, help="decay of the exponential moving average whose weights are saved")
     max_minutes: float = field(0.0, help="stop after this many minutes of this process (0: none), writing a checkpoint "
                                          "that resume continues from")

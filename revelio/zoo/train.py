@@ -71,6 +71,12 @@ def check_config(cfg: ZooTrainConfig) -> None:
             raise ValueError(f"{key}.heads sets tiny-flux's attention heads only; leave it 0 (got {stage.heads})")
         if stage.vae_factor:
             raise ValueError(f"{key}.vae_factor sets tiny-flux's VAE only; leave it 0 (got {stage.vae_factor})")
+    for key, stage in (("vae", cfg.vae), ("sd", cfg.sd), ("sd3", cfg.sd3)):
+        if stage.teacher or stage.init_from or stage.teacher_from_step:
+            raise ValueError(f"{key}.teacher / teacher_from_step / init_from are tiny-flux settings; leave them empty")
+    if cfg.flux.teacher and (cfg.flux.vae_factor or 4) != 4:
+        raise ValueError("flux.teacher needs tiny-flux on the shared VAE (flux.vae_factor 4): the teacher's "
+                         "prediction must be of the same latents")
     if cfg.flux.vae_factor and cfg.flux.vae_factor not in VAE_FACTORS:
         raise ValueError(f"flux.vae_factor must be 0 or one of {VAE_FACTORS}, got {cfg.flux.vae_factor}")
     resolve_dtype(cfg.save_dtype)
@@ -360,8 +366,122 @@ def flow_loss(module: "_EMAModule", batch: dict) -> torch.Tensor:
     return F.mse_loss(v, ad.pack(ad.training_target(x0, noise)))
 
 
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules hold the same tensors, up to a float16 round trip (shipped weights are float16)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.allclose(sa[k].half().float(), sb[k].half().float(), atol=1e-3, rtol=1e-2)
+        for k in sa)
+
+
+def init_weights(pipe, path: str | Path) -> None:
+    """Load the trainable weights (denoiser, text encoders) of the pipeline in ``path`` into ``pipe`` (``init_from``),
+    refusing another architecture or another VAE."""
+    from ..zoo import load_pipeline
+
+    src = load_pipeline(str(path), dtype="float32")
+    if type(src) is not type(pipe) or not same_weights(src.vae, pipe.vae):
+        raise ValueError(f"init_from {path}: needs a {type(pipe).__name__} on the same VAE as this run")
+    for key, net in get_adapter(pipe).trainable().items():
+        theirs = getattr(src, key).state_dict()
+        try:
+            net.load_state_dict({k: v.to(net.dtype) for k, v in theirs.items()}, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"init_from {path}: its {key} is another architecture than this config builds: {e}") from e
+
+
+class EpsilonTeacher:
+    """A trained DDPM epsilon model (tiny-sd) on the student's VAE, asked for the velocity target of a
+    rectified-flow student (distillation).
+
+    The student sees x_s = (1 - s) k (z - m) + s eps (its latent scale k and shift m); the teacher was trained on
+    x_t = a_t K z + b_t eps (a_t^2 = alpha-bar_t, b_t^2 = 1 - a_t^2, its scale K, no shift). For the teacher's
+    integer step t they are the same observation of z and eps when s = b_t k / (b_t k + a_t K), with
+    x_t = (b_t / s) (x_s + (1 - s) k m). The teacher's eps-hat then gives z-hat = (x_t - b_t eps-hat) / (a_t K),
+    and the student's target is eps-hat - k (z-hat - m), its own estimate of E[eps - x0 | x_s] instead of the one
+    sampled (eps, x0) pair, a target of far lower variance at high noise, where the outline is decided. Noise
+    levels outside the teacher's range (s above its t = 999 level, below its t = 0 level) are not expressible and
+    keep the image target. Nothing of it is trained or saved; it is kept out of the module's parameters."""
+
+    def __init__(self, path: str | Path, vae, device: str):
+        from ..zoo import load_pipeline
+
+        pipe = load_pipeline(str(path), device=device, dtype="float32")
+        sched = pipe.scheduler.config
+        if getattr(pipe, "unet", None) is None or sched.get("prediction_type") != "epsilon":
+            raise ValueError(f"flux.teacher {path}: needs a UNet pipeline with epsilon prediction (a trained "
+                             f"tiny-sd), got {type(pipe).__name__} predicting {sched.get('prediction_type')!r}")
+        if not same_weights(vae, pipe.vae):
+            raise ValueError(f"flux.teacher {path}: its VAE is not the one tiny-flux trains on, so its predictions "
+                             "are of other latents")
+        self.pipe, self.adapter = pipe, get_adapter(pipe)
+        for net in (pipe.unet, pipe.text_encoder):
+            net.eval().requires_grad_(False)
+        abar = pipe.scheduler.alphas_cumprod.double()
+        self.a, self.b, self.k = abar.sqrt(), (1 - abar).sqrt(), float(pipe.vae.config.scaling_factor)
+
+    def levels(self, scale: float) -> torch.Tensor:
+        """The student's noise level s of each teacher step t (increasing in t)."""
+        return (self.b * scale / (self.b * scale + self.a * self.k)).float()
+
+    def match(self, s: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(teacher step, its exact student level, inside the teacher's range) of each student level in ``s``."""
+        lv = self.levels(scale)
+        t = torch.searchsorted(lv, s.float().cpu()).clamp(1, len(lv) - 1)
+        t = torch.where((s.cpu() - lv[t - 1]).abs() < (lv[t] - s.cpu()).abs(), t - 1, t)
+        inside = (s.cpu() >= lv[0]) & (s.cpu() <= lv[-1])
+        return t, lv[t], inside
+
+    def _coefficients(self, t: torch.Tensor, scale: float, like: torch.Tensor):
+        col = lambda v: v.float().to(like.device)[:, None, None, None]  # noqa: E731
+        return col(self.a[t]), col(self.b[t]), col(self.levels(scale)[t])
+
+    def teacher_input(self, xs: torch.Tensor, t: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
+        """The teacher's x_t = a_t K z + b_t eps of the student inputs ``xs`` at its steps ``t``."""
+        _, b, s = self._coefficients(t, scale, xs)
+        return (b / s) * (xs + (1 - s) * scale * shift)
+
+    def target(self, xt: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
+        """The student's velocity eps - k (z - m) where z = (x_t - b_t eps) / (a_t K): with the true eps, the
+        sampled velocity itself; with the teacher's eps-hat, its estimate."""
+        a, b, _ = self._coefficients(t, scale, xt)
+        z = (xt - b * eps) / (a * self.k)
+        return eps - scale * (z - shift)
+
+    @torch.no_grad()
+    def velocity(self, xs: torch.Tensor, t: torch.Tensor, captions: list[str], shift: float, scale: float
+                 ) -> torch.Tensor:
+        """The teacher's velocity target eps-hat - x0-hat (student coordinates) of student inputs ``xs`` at the
+        teacher steps ``t`` (levels ``levels(scale)[t]``)."""
+        xt = self.teacher_input(xs, t, shift, scale)
+        eps = self.adapter.denoise(xt, t.to(xs.device), self.adapter.encode_prompts(captions))
+        return self.target(xt, eps, t, shift, scale)
+
+
+def distill_loss(module: "FluxModule", batch: dict) -> torch.Tensor:
+    """``flow_loss`` with the teacher's velocity as the target where it can give one (``EpsilonTeacher``); the
+    same draws of latents, noise, times and captions as ``flow_loss``, the times moved to the nearest teacher
+    level."""
+    ad, gen, teacher = module.adapter, module.generator(), module.teacher()
+    x0 = (batch["mean"] + batch["std"] * module.randn(batch["mean"].shape, gen) - module.shift) * module.scale
+    noise = module.randn(x0.shape, gen)
+    s = flow_times(module.stage, module.global_step, x0.shape[0], gen)
+    t, exact, inside = teacher.match(s, module.scale)
+    s = torch.where(inside, exact, s).to(x0.device)
+    xt = ad.add_noise(x0, noise, s)
+    captions = module.drop_captions(batch["caption"], gen)
+    cond = ad.encode_prompts(captions, grad=True)
+    v = ad.denoiser(**ad.denoiser_inputs(xt, s, cond), return_dict=False)[0]
+    target = ad.training_target(x0, noise)
+    if inside.any():
+        rows = inside.nonzero().flatten().tolist()
+        target[rows] = teacher.velocity(xt[rows], t[rows], [captions[i] for i in rows], module.shift, module.scale)
+    return F.mse_loss(v, ad.pack(target))
+
+
 class FluxModule(_EMAModule):
-    """Flux transformer + CLIP + T5: rectified flow, x_s = (1-s) x0 + s eps, velocity target eps - x0."""
+    """Flux transformer + CLIP + T5: rectified flow, x_s = (1-s) x0 + s eps, velocity target eps - x0 (from
+    ``flux.teacher_from_step`` on, with ``flux.teacher``: the teacher's estimate of it, ``distill_loss``)."""
 
     name = "tiny-flux"
 
@@ -369,9 +489,18 @@ class FluxModule(_EMAModule):
         adapter = get_adapter(pipe)
         super().__init__(torch.nn.ModuleDict(adapter.trainable()), stage, cfg.caption_dropout, cfg.seed)
         self.pipe, self.shift, self.scale, self.adapter = pipe, shift, scale, adapter
+        self._teacher: list[EpsilonTeacher] = []  # a list: not a submodule, so never trained nor checkpointed
+
+    def teacher(self) -> EpsilonTeacher:
+        if not self._teacher:
+            self._teacher.append(EpsilonTeacher(self.stage.teacher, self.pipe.vae, str(self.device)))
+        return self._teacher[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = flow_loss(self, batch)
+        if self.stage.teacher and self.global_step >= self.stage.teacher_from_step:
+            loss = distill_loss(self, batch)
+        else:
+            loss = flow_loss(self, batch)
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -618,6 +747,9 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     The VAE's scaling factor is 1/std of its latents; the Flux copy also gets the latent mean as shift factor.
     """
     pipe, module_cls, stage, shift, scale, (mean, std) = _assemble(name, cfg, images)
+    if stage.init_from and not (cfg.resume and stage_checkpoint(cfg, name).exists()):
+        print(f"[{name}] starting from the weights of {stage.init_from}", flush=True)
+        init_weights(pipe, stage.init_from)
     module = module_cls(pipe, stage, cfg, shift, scale)
     factor = vae_factor_of(cfg, name)
     module.vae_sha, module.vae_dir = vae_fingerprint(cfg, factor), vae_path(cfg, factor)
