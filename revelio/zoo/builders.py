@@ -80,7 +80,8 @@ def build_tiny_sd(seed: int = 0) -> StableDiffusionPipeline:
                                    requires_safety_checker=False)
 
 
-def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4) -> FluxPipeline:
+def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: int = 4, single_layers: int = 2
+                    ) -> FluxPipeline:
     """FluxTransformer2DModel with 4 double-stream (MM-DiT) and 2 single-stream blocks; rectified flow.
 
     2 heads of 32 dims with rotary axes (4, 14, 14): Flux's only positional signal is RoPE (theta 10000), and
@@ -94,13 +95,17 @@ def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4) -> FluxP
 
     ``vae_factor``: the VAE's downsampling (``build_vae``). The pipeline packs 2x2 latents into a token, so with
     factor 4 a 64x64 image is 8 x 8 tokens of 8x8 pixels, with factor 2 16 x 16 tokens of 4x4 pixels (the size of
-    one tiny-sd UNet latent pixel); ``flux.vae_factor`` in the training config."""
-    if heads < 1:
-        raise ValueError(f"build_tiny_flux: heads must be >= 1, got {heads}")
+    one tiny-sd UNet latent pixel); ``flux.vae_factor`` in the training config.
+
+    ``layers`` / ``single_layers``: double-stream / single-stream blocks (4 / 2: the default and the shipped
+    weights; ``flux.layers`` / ``flux.single_layers`` in the training config)."""
+    if heads < 1 or layers < 1 or single_layers < 0:
+        raise ValueError(f"build_tiny_flux: needs heads >= 1, layers >= 1, single_layers >= 0; got {heads}, {layers}, "
+                         f"{single_layers}")
     torch.manual_seed(seed)
     tok, tok2 = build_clip_tokenizer(MAX_TOKENS), build_t5_tokenizer(MAX_TOKENS)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=4, num_single_layers=2, attention_head_dim=32,
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=layers, num_single_layers=single_layers, attention_head_dim=32,
         num_attention_heads=heads, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=False,
         axes_dims_rope=(4, 14, 14),
     )

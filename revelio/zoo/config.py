@@ -39,6 +39,8 @@ class StageConfig:
                                                 "(0: constant after the warm-up)")
     heads: int = field(0, min=0, help="tiny-flux: attention heads of 32 dims (width 32 x heads; 0: the builder's "
                                       "default, 2)")
+    layers: int = field(0, min=0, help="tiny-flux: double-stream blocks (0: the builder's default, 4)")
+    single_layers: int = field(-1, min=-1, help="tiny-flux: single-stream blocks (-1: the builder's default, 2)")
     vae_factor: int = field(0, min=0, help="tiny-flux: downsampling factor of the VAE it denoises in: 4 (the VAE "
                                            "shared with tiny-sd: 8 x 8 tokens of 8x8 pixels) or 2 (its own VAE, "
                                            "trained first: 16 x 16 tokens of 4x4 pixels); 0: 4")

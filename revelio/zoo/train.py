@@ -69,6 +69,8 @@ def check_config(cfg: ZooTrainConfig) -> None:
     for key, stage in (("vae", cfg.vae), ("sd", cfg.sd), ("sd3", cfg.sd3)):
         if stage.heads:  # checked before any stage runs: with model 'all' the VAE would train first
             raise ValueError(f"{key}.heads sets tiny-flux's attention heads only; leave it 0 (got {stage.heads})")
+        if stage.layers or stage.single_layers != -1:
+            raise ValueError(f"{key}.layers / single_layers set tiny-flux's blocks only; leave them 0 / -1")
         if stage.vae_factor:
             raise ValueError(f"{key}.vae_factor sets tiny-flux's VAE only; leave it 0 (got {stage.vae_factor})")
     for key, stage in (("vae", cfg.vae), ("sd", cfg.sd), ("sd3", cfg.sd3)):
@@ -720,6 +722,8 @@ def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
                                 "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux),
                                 "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
     kw = ({"heads": stage.heads} if stage.heads else {}) | ({"vae_factor": factor} if factor != 4 else {})
+    kw |= ({"layers": stage.layers} if stage.layers else {}) | (
+        {"single_layers": stage.single_layers} if stage.single_layers >= 0 else {})
     pipe = build(cfg.seed, **kw)  # built around a VAE of the same factor: the pipeline's vae_scale_factor
     pipe.register_modules(vae=vae.cpu())
     return pipe, module_cls, stage, shift, scale, (mean, std)
