@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--student", default="tiny-flux", help="the tiny-flux pipeline (zoo name or folder)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N colour x shape prompts (0: all 36)")
     ap.add_argument("--judge-images", type=int, default=600, help="real images the judge's shape classifier trains on")
+    ap.add_argument("--grid", default="", help="write a PNG of the first 12 images of each here")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -62,19 +64,27 @@ def main(argv: list[str] | None = None) -> dict:
     student = load_pipeline(args.student)
     teacher = EpsilonTeacher(args.teacher, student.vae, "cpu")
     judge = ShapesJudge.fit(n_train=args.judge_images, n_val=max(30, args.judge_images // 2))
-    pairs = all_pairs()[::-1][:args.limit or None] if args.limit else all_pairs()
+    pairs = all_pairs()[:args.limit] if args.limit else all_pairs()
     prompts = [f"a {p}" for p in pairs for _ in range(args.seeds)]
     seeds = [1000 + i for i in range(len(prompts))]
     want = [p for p in pairs for _ in range(args.seeds)]
-    report = {}
+    report, shown = {}, {}
     for name, images in (("teacher velocity field", teacher_flow(teacher, student.vae, prompts, seeds, args.steps,
                                                                  args.guidance)),
                          ("tiny-flux", generate(student, prompts, seeds, steps=args.steps, guidance=args.guidance))):
         s = judge.accuracy(images, want)
         report[name] = s
+        shown[name] = (want[:12], images[:12])
         print(f"{name:24s} n={len(images)}  colour {s['colour']:.1%}  shape {s['shape']:.1%}", flush=True)
     ratio = report["tiny-flux"]["shape"] / max(1e-9, report["teacher velocity field"]["shape"])
     print(f"tiny-flux / teacher field shape accuracy: {ratio:.2f}x")
+    if args.grid:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("zoo_quality", Path(__file__).with_name("zoo_quality.py"))
+        quality = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(quality)
+        print(f"grid -> {quality.grid(shown, args.grid, columns=12)}")
     return report
 
 

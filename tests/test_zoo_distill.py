@@ -142,7 +142,7 @@ def test_flux_trains_from_init_weights_on_a_teacher_target(tmp_path, capsys):
 
 
 @pytest.mark.slow  # fits the judge on rendered shapes images and samples 12 images with 28 UNet steps each
-def test_the_teacher_velocity_field_draws_the_asked_shapes_with_the_flux_sampler():
+def test_the_teacher_velocity_field_draws_the_asked_shapes_with_the_flux_sampler(tmp_path):
     """End to end through EpsilonTeacher's level mapping: integrating tiny-sd's implied velocity with tiny-flux's
     sampler (28 Euler steps over the student's levels, CFG 4, decoded from the student's coordinates) draws what
     is asked. A wrong scale, shift or level mapping gives noise or blobs (measured: 94% shape on all 36 prompts,
@@ -153,6 +153,7 @@ def test_the_teacher_velocity_field_draws_the_asked_shapes_with_the_flux_sampler
     spec = importlib.util.spec_from_file_location("zoo_teacher_flow", root / "benchmarks" / "zoo_teacher_flow.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    report = bench.main(["--seeds", "1", "--limit", "12", "--judge-images", "300"])
+    report = bench.main(["--seeds", "1", "--limit", "12", "--judge-images", "300", "--grid", str(tmp_path / "g.png")])
     teacher = report["teacher velocity field"]
     assert teacher["n"] == 12 and teacher["colour"] >= 0.9 and teacher["shape"] >= 0.75
+    assert (tmp_path / "g.png").stat().st_size > 0
