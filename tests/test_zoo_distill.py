@@ -74,7 +74,7 @@ def test_a_teacher_on_another_vae_or_of_another_kind_is_refused(teacher):
 
     with pytest.raises(ValueError, match="its VAE is not the one"):
         EpsilonTeacher(shipped_path("tiny-sd"), build_vae(), "cpu")
-    with pytest.raises(ValueError, match="epsilon prediction"):
+    with pytest.raises(ValueError, match="DDPM pipeline with epsilon prediction"):
         EpsilonTeacher(shipped_path("tiny-flux"), teacher.pipe.vae, "cpu")
     bad = ZooTrainConfig(model="tiny-flux", flux=StageConfig(steps=1, teacher="tiny-sd", vae_factor=2))
     with pytest.raises(ValueError, match="shared VAE"):

@@ -409,15 +409,15 @@ class EpsilonTeacher:
         from ..zoo import load_pipeline
 
         pipe = load_pipeline(str(path), device=device, dtype="float32")
-        sched = pipe.scheduler.config
-        if getattr(pipe, "unet", None) is None or sched.get("prediction_type") != "epsilon":
-            raise ValueError(f"flux.teacher {path}: needs a UNet pipeline with epsilon prediction (a trained "
+        adapter, sched = get_adapter(pipe), pipe.scheduler.config
+        if adapter.flow or sched.get("prediction_type") != "epsilon":
+            raise ValueError(f"flux.teacher {path}: needs a DDPM pipeline with epsilon prediction (a trained "
                              f"tiny-sd), got {type(pipe).__name__} predicting {sched.get('prediction_type')!r}")
         if not same_weights(vae, pipe.vae):
             raise ValueError(f"flux.teacher {path}: its VAE is not the one tiny-flux trains on, so its predictions "
                              "are of other latents")
-        self.pipe, self.adapter = pipe, get_adapter(pipe)
-        for net in (pipe.unet, pipe.text_encoder):
+        self.pipe, self.adapter = pipe, adapter
+        for net in adapter.trainable().values():
             net.eval().requires_grad_(False)
         abar = pipe.scheduler.alphas_cumprod.double()
         self.a, self.b, self.k = abar.sqrt(), (1 - abar).sqrt(), float(pipe.vae.config.scaling_factor)
