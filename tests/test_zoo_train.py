@@ -187,13 +187,77 @@ def test_flux_with_its_own_factor_2_vae(tmp_path):
     with pytest.raises(ValueError, match="trained on another VAE"):
         train_zoo(cfg)
     bad = _tiny_cfg(tmp_path, "tiny-flux")
-    bad.flux = StageConfig(steps=1, vae_factor=8)
+    bad.flux = StageConfig(steps=1, vae_factor=16)
     with pytest.raises(ValueError, match="flux.vae_factor must be 0 or one of"):
         check_config(bad)
     bad = _tiny_cfg(tmp_path, "tiny-flux")
     bad.sd = StageConfig(steps=1, vae_factor=2)
-    with pytest.raises(ValueError, match="sd.vae_factor sets tiny-flux's VAE only"):
+    with pytest.raises(ValueError, match="sd.vae_factor / vae_channels set tiny-flux's VAE only"):
         check_config(bad)
+    bad.sd = StageConfig(steps=1, vae_channels=16)
+    with pytest.raises(ValueError, match="sd.vae_factor / vae_channels set tiny-flux's VAE only"):
+        check_config(bad)
+
+
+def test_flux_with_a_flux_shaped_vae_and_adaln_zero(tmp_path):
+    """flux.vae_factor 8 + vae_channels 16 (FLUX.1's VAE layout): tiny-flux trains its own 8x8x16 VAE first, under
+    its own stage name, and its transformer sees 4 x 4 tokens of 64 numbers; flux.adaln_zero starts every block as
+    the identity (the run's first checkpoint still trains those layers away from 0)."""
+    from revelio.zoo.train import stage_checkpoint, vae_stage
+
+    assert vae_stage(8, 16) == "vae-f8c16" and vae_stage(2, 4) == "vae-f2" and vae_stage() == "vae"
+    cfg = _tiny_cfg(tmp_path, "tiny-flux")
+    cfg.flux = StageConfig(steps=2, batch_size=4, lr=1e-3, ema_decay=0.5, vae_factor=8, vae_channels=16,
+                           adaln_zero=True)
+    assert stage_checkpoint(cfg, "tiny-flux").name == "tiny-flux-vae-f8c16-seed0.ckpt"
+    folder = train_zoo(cfg)["tiny-flux"]
+    assert (tmp_path / "work" / "checkpoints" / "vae-f8c16-seed0" / "config.json").exists()
+    assert not (tmp_path / "work" / "checkpoints" / "vae-seed0").exists()
+    pipe = load_pipeline(str(folder))
+    assert pipe.vae_scale_factor == 8 and pipe.transformer.config.in_channels == 64
+    assert pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 16, 8, 8)
+    seen = {}
+    hook = pipe.transformer.x_embedder.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0].shape) and None)
+    img = generate(pipe, ["a red circle"], [0], steps=2, guidance=4.0)[0]
+    hook.remove()
+    assert img.shape == (64, 64, 3) and tuple(seen["x"][1:]) == (16, 64)
+    # two steps of AdamW moved the zeroed layers: they are trained, not frozen at 0
+    assert pipe.transformer.proj_out.weight.abs().sum() > 0
+    assert pipe.transformer.transformer_blocks[0].norm1.linear.weight.abs().sum() > 0
+    bad = _tiny_cfg(tmp_path, "tiny-flux")
+    bad.flux = StageConfig(steps=1, vae_factor=8, vae_channels=16, teacher="revelio/zoo/weights/tiny-sd")
+    with pytest.raises(ValueError, match="flux.teacher needs tiny-flux on the shared VAE"):
+        check_config(bad)
+    bad = _tiny_cfg(tmp_path, "tiny-sd")
+    bad.sd = StageConfig(steps=1, adaln_zero=True)
+    with pytest.raises(ValueError, match="are tiny-flux settings"):
+        check_config(bad)
+
+
+def test_adaln_zero_makes_every_block_the_identity():
+    """zero_init_modulation on a random tiny-flux: the output is 0 for any input, each double-stream block passes
+    both streams through unchanged (gates 0), and the gradient still reaches the zeroed layers (DiT's adaLN-Zero)."""
+    from revelio.zoo.builders import build_tiny_flux, zero_init_modulation
+
+    tr = build_tiny_flux(heads=2).transformer
+    assert zero_init_modulation(tr) == 2 * 4 + 2 + 2  # norm1 + norm1_context per double block, norm per single, out
+    g = torch.Generator().manual_seed(0)
+    x, txt = torch.randn(2, 64, 16, generator=g), torch.randn(2, 32, 64, generator=g)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1)
+    kw = dict(timestep=torch.tensor([0.3, 0.9]), pooled_projections=torch.randn(2, 64, generator=g),
+              txt_ids=torch.zeros(32, 3), img_ids=ids.reshape(-1, 3))
+    blocks_in = {}
+    blk = tr.transformer_blocks[1]
+    hook = blk.register_forward_hook(lambda m, a, k, o: blocks_in.update(args=k, out=o), with_kwargs=True)
+    out = tr(hidden_states=x, encoder_hidden_states=txt, return_dict=False, **kw)[0]
+    hook.remove()
+    assert out.shape == (2, 64, 16) and torch.equal(out, torch.zeros_like(out))
+    ctx_out, img_out = blocks_in["out"]
+    assert torch.equal(img_out, blocks_in["args"]["hidden_states"])
+    assert torch.equal(ctx_out, blocks_in["args"]["encoder_hidden_states"])
+    loss = (tr(hidden_states=x, encoder_hidden_states=txt, return_dict=False, **kw)[0] - 1).pow(2).mean()
+    loss.backward()
+    assert tr.proj_out.weight.grad.abs().sum() > 0
 
 
 def test_zoo_train_command_is_registered(capsys):

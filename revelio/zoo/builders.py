@@ -29,17 +29,20 @@ TEXT_DIM = 64
 MAX_TOKENS = 32
 
 
-VAE_FACTORS = (2, 4)  # spatial downsampling factors build_vae makes
+VAE_FACTORS = (2, 4, 8)  # spatial downsampling factors build_vae makes
 
 
-def build_vae(factor: int = 4) -> AutoencoderKL:
-    """The zoo's AutoencoderKL: 64x64 RGB -> 4 x (64/factor)^2 latents (factor 4: three blocks of 32, 64, 64
-    channels; factor 2: the first two of them)."""
+def build_vae(factor: int = 4, channels: int = LATENT_CHANNELS) -> AutoencoderKL:
+    """The zoo's AutoencoderKL: 64x64 RGB -> ``channels`` x (64/factor)^2 latents (factor 4: three blocks of 32,
+    64, 64 channels; factor 2: the first two of them; factor 8: a fourth block of 64, e.g. with 16 channels the
+    shape of FLUX.1's VAE, 8x8x16 latents)."""
     if factor not in VAE_FACTORS:
         raise ValueError(f"build_vae: factor must be one of {VAE_FACTORS}, got {factor}")
-    blocks = {4: (32, 64, 64), 2: (32, 64)}[factor]
+    if channels < 1:
+        raise ValueError(f"build_vae: channels must be >= 1, got {channels}")
+    blocks = {8: (32, 64, 64, 64), 4: (32, 64, 64), 2: (32, 64)}[factor]
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        in_channels=3, out_channels=3, latent_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
         block_out_channels=blocks, layers_per_block=1, norm_num_groups=16, sample_size=IMAGE_SIZE,
         scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=False,
@@ -80,8 +83,8 @@ def build_tiny_sd(seed: int = 0) -> StableDiffusionPipeline:
                                    requires_safety_checker=False)
 
 
-def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: int = 4, single_layers: int = 2
-                    ) -> FluxPipeline:
+def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: int = 4, single_layers: int = 2,
+                    vae_channels: int = LATENT_CHANNELS) -> FluxPipeline:
     """FluxTransformer2DModel with 4 double-stream (MM-DiT) and 2 single-stream blocks; rectified flow.
 
     2 heads of 32 dims with rotary axes (4, 14, 14): Flux's only positional signal is RoPE (theta 10000), and
@@ -95,7 +98,9 @@ def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: 
 
     ``vae_factor``: the VAE's downsampling (``build_vae``). The pipeline packs 2x2 latents into a token, so with
     factor 4 a 64x64 image is 8 x 8 tokens of 8x8 pixels, with factor 2 16 x 16 tokens of 4x4 pixels (the size of
-    one tiny-sd UNet latent pixel); ``flux.vae_factor`` in the training config.
+    one tiny-sd UNet latent pixel), with factor 8 4 x 4 tokens of 16x16 pixels; ``flux.vae_factor`` in the
+    training config. ``vae_channels``: its latent channels (4; 16 with factor 8 is FLUX.1's VAE layout), so a
+    token holds 4 x vae_channels numbers; ``flux.vae_channels``.
 
     ``layers`` / ``single_layers``: double-stream / single-stream blocks (4 / 2: the default and the shipped
     weights; ``flux.layers`` / ``flux.single_layers`` in the training config)."""
@@ -105,13 +110,33 @@ def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: 
     torch.manual_seed(seed)
     tok, tok2 = build_clip_tokenizer(MAX_TOKENS), build_t5_tokenizer(MAX_TOKENS)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=layers, num_single_layers=single_layers, attention_head_dim=32,
+        patch_size=1, in_channels=4 * vae_channels, num_layers=layers, num_single_layers=single_layers, attention_head_dim=32,
         num_attention_heads=heads, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=False,
         axes_dims_rope=(4, 14, 14),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    return FluxPipeline(scheduler=scheduler, vae=build_vae(vae_factor), text_encoder=CLIPTextModel(_clip_config(tok)),
+    return FluxPipeline(scheduler=scheduler, vae=build_vae(vae_factor, vae_channels),
+                        text_encoder=CLIPTextModel(_clip_config(tok)),
                         tokenizer=tok, text_encoder_2=_t5(tok2), tokenizer_2=tok2, transformer=transformer)
+
+
+def zero_init_modulation(transformer: torch.nn.Module) -> int:
+    """adaLN-Zero (Peebles & Xie 2023, DiT): zero the linear layer of every adaptive norm of a Flux / SD3 / DiT
+    transformer (shift, scale and gate of each block, the final norm) and the output projection, so that every
+    block starts as the identity and the output at 0; diffusers' constructors keep PyTorch's default init.
+    Returns the number of layers zeroed."""
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    layers = [m.linear for m in transformer.modules()
+              if isinstance(m, (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous))]
+    if getattr(transformer, "proj_out", None) is not None:
+        layers.append(transformer.proj_out)
+    with torch.no_grad():
+        for lin in layers:
+            lin.weight.zero_()
+            if lin.bias is not None:
+                lin.bias.zero_()
+    return len(layers)
 
 
 def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:

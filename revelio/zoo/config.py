@@ -44,6 +44,13 @@ class StageConfig:
     vae_factor: int = field(0, min=0, help="tiny-flux: downsampling factor of the VAE it denoises in: 4 (the VAE "
                                            "shared with tiny-sd: 8 x 8 tokens of 8x8 pixels) or 2 (its own VAE, "
                                            "trained first: 16 x 16 tokens of 4x4 pixels); 0: 4")
+    vae_channels: int = field(0, min=0, help="tiny-flux: latent channels of its VAE (0: 4, the shared VAE's); a VAE "
+                                             "other than factor 4 with 4 channels is tiny-flux's own, trained first "
+                                             "(e.g. vae_factor 8, vae_channels 16: FLUX.1's VAE layout, 4 x 4 tokens "
+                                             "of 16x16 pixels, 64 numbers each)")
+    adaln_zero: bool = field(False, help="tiny-flux: start from adaLN-Zero (DiT): every adaptive norm's modulation and "
+                                          "the output projection zeroed, so each block starts as the identity "
+                                          "(builders.zero_init_modulation); only a run from step 0 is affected")
     teacher: str = field("", help="tiny-flux: a trained tiny-sd pipeline folder on the same VAE (e.g. "
                                   "revelio/zoo/weights/tiny-sd): from teacher_from_step on, its denoised prediction "
                                   "of each noisy latent replaces the training image in the velocity target "

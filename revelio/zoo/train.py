@@ -45,7 +45,8 @@ from extraction.files import atomic_path
 from ..config import to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
-from .builders import IMAGE_SIZE, VAE_FACTORS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae
+from .builders import (IMAGE_SIZE, VAE_FACTORS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae,
+                       zero_init_modulation)
 from .config import ALL_STAGES, DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
 
 
@@ -71,14 +72,16 @@ def check_config(cfg: ZooTrainConfig) -> None:
             raise ValueError(f"{key}.heads sets tiny-flux's attention heads only; leave it 0 (got {stage.heads})")
         if stage.layers or stage.single_layers != -1:
             raise ValueError(f"{key}.layers / single_layers set tiny-flux's blocks only; leave them 0 / -1")
-        if stage.vae_factor:
-            raise ValueError(f"{key}.vae_factor sets tiny-flux's VAE only; leave it 0 (got {stage.vae_factor})")
+        if stage.vae_factor or stage.vae_channels:
+            raise ValueError(f"{key}.vae_factor / vae_channels set tiny-flux's VAE only; leave them 0 (got "
+                             f"{stage.vae_factor} / {stage.vae_channels})")
     for key, stage in (("vae", cfg.vae), ("sd", cfg.sd), ("sd3", cfg.sd3)):
-        if stage.teacher or stage.init_from or stage.teacher_from_step:
-            raise ValueError(f"{key}.teacher / teacher_from_step / init_from are tiny-flux settings; leave them empty")
-    if cfg.flux.teacher and (cfg.flux.vae_factor or 4) != 4:
-        raise ValueError("flux.teacher needs tiny-flux on the shared VAE (flux.vae_factor 4): the teacher's "
-                         "prediction must be of the same latents")
+        if stage.teacher or stage.init_from or stage.teacher_from_step or stage.adaln_zero:
+            raise ValueError(f"{key}.teacher / teacher_from_step / init_from / adaln_zero are tiny-flux settings; "
+                             "leave them unset")
+    if cfg.flux.teacher and vae_of(cfg, "tiny-flux") != (4, 4):
+        raise ValueError("flux.teacher needs tiny-flux on the shared VAE (flux.vae_factor 4, vae_channels 4): the "
+                         "teacher's prediction must be of the same latents")
     if cfg.flux.vae_factor and cfg.flux.vae_factor not in VAE_FACTORS:
         raise ValueError(f"flux.vae_factor must be 0 or one of {VAE_FACTORS}, got {cfg.flux.vae_factor}")
     resolve_dtype(cfg.save_dtype)
@@ -261,9 +264,9 @@ class VAEModule(_EMAModule):
 
     name = "vae"
 
-    def __init__(self, vae, stage: StageConfig, cfg: "ZooTrainConfig", factor: int = 4):
+    def __init__(self, vae, stage: StageConfig, cfg: "ZooTrainConfig", factor: int = 4, channels: int = 4):
         super().__init__(torch.nn.ModuleDict({"vae": vae}), stage, seed=cfg.seed)
-        self.name = vae_stage(factor)  # checkpoint file and random stream of this VAE
+        self.name = vae_stage(factor, channels)  # checkpoint file and random stream of this VAE
         self.kl_weight, self.edge_weight = cfg.kl_weight, cfg.edge_weight
         self.crop, self.full_from = cfg.vae_crop, cfg.vae_full_from
 
@@ -563,8 +566,8 @@ def stage_checkpoint(cfg: ZooTrainConfig, name: str) -> Path:
     """The resumable checkpoint of one stage (Lightning .ckpt: net, EMA, optimizer, scheduler, step). tiny-flux on
     its own VAE (``flux.vae_factor: 2``) has its own file, ``tiny-flux-vae-f2-seed<seed>.ckpt``: its transformer has
     the same shapes on either VAE, so a shared name would resume one run's weights on the other's latents."""
-    if vae_factor_of(cfg, name) != 4:
-        name = f"{name}-{vae_stage(vae_factor_of(cfg, name))}"
+    if vae_of(cfg, name) != (4, 4):
+        name = f"{name}-{vae_stage(*vae_of(cfg, name))}"
     return checkpoint_dir(cfg) / f"{name}-seed{cfg.seed}.ckpt"
 
 
@@ -630,29 +633,37 @@ def _save_atomic(obj, target: Path, cfg: ZooTrainConfig) -> Path:
     return target
 
 
-def vae_stage(factor: int = 4) -> str:
-    """The stage name of the VAE of downsampling ``factor``: ``vae`` (factor 4, shared) or ``vae-f2``."""
-    return "vae" if factor == 4 else f"vae-f{factor}"
+def vae_stage(factor: int = 4, channels: int = 4) -> str:
+    """The stage name of the VAE of downsampling ``factor`` and ``channels`` latent channels: ``vae`` (4, 4: the
+    shared one), ``vae-f2`` (2, 4), ``vae-f8c16`` (8, 16)."""
+    if (factor, channels) == (4, 4):
+        return "vae"
+    return f"vae-f{factor}" + (f"c{channels}" if channels != 4 else "")
 
 
-def vae_factor_of(cfg: ZooTrainConfig, name: str) -> int:
-    """The downsampling factor of the VAE stage ``name`` denoises in (``flux.vae_factor`` for tiny-flux, else 4)."""
-    return (cfg.flux.vae_factor or 4) if name == "tiny-flux" else 4
+def vae_of(cfg: ZooTrainConfig, name: str) -> tuple[int, int]:
+    """(downsampling factor, latent channels) of the VAE stage ``name`` denoises in (tiny-flux: ``flux.vae_factor``
+    and ``flux.vae_channels``; else the shared VAE's (4, 4))."""
+    if name == "tiny-flux":
+        return cfg.flux.vae_factor or 4, cfg.flux.vae_channels or 4
+    return 4, 4
 
 
-def train_vae(cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str], factor: int = 4) -> Path:
-    """Train an AutoencoderKL of downsampling ``factor`` (4: the shared one; 2: tiny-flux's with
-    ``flux.vae_factor: 2``) on the ``vae`` stage settings and save it (float32, scaling 1, shift 0) to
-    ``vae_path(cfg, factor)``. Returns at once when that VAE is trained and ``cfg.resume``.
+def train_vae(cfg: ZooTrainConfig, images: torch.Tensor, captions: list[str], factor: int = 4, channels: int = 4
+              ) -> Path:
+    """Train an AutoencoderKL of downsampling ``factor`` and ``channels`` latent channels (4, 4: the shared one;
+    tiny-flux's own with ``flux.vae_factor`` / ``flux.vae_channels``) on the ``vae`` stage settings and save it
+    (float32, scaling 1, shift 0) to ``vae_path(cfg, factor, channels)``. Returns at once when that VAE is trained
+    and ``cfg.resume``.
 
     A run stopped by ``max_minutes`` keeps only its checkpoint (the denoisers need the finished VAE).
     """
-    name, path = vae_stage(factor), vae_path(cfg, factor)
+    name, path = vae_stage(factor, channels), vae_path(cfg, factor, channels)
     if cfg.resume and (path / "config.json").exists():
         print(f"[{name}] resume: keeping the trained VAE in {path}", flush=True)
         return path
     L.seed_everything(cfg.seed, workers=True)
-    module = VAEModule(build_vae(factor), cfg.vae, cfg, factor)
+    module = VAEModule(build_vae(factor, channels), cfg.vae, cfg, factor, channels)
     ema, done = _fit(module, ImageCaptions(images, captions), cfg.vae, cfg)
     if not done:
         raise SystemExit(f"{name} stopped by max_minutes before {cfg.vae.steps} steps; run again with --resume true")
@@ -671,11 +682,12 @@ def encode_latents(vae, images: torch.Tensor, device: str, batch_size: int = 256
     return torch.cat(means), torch.cat(stds)
 
 
-def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool = False, factor: int = 4
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool = False, factor: int = 4,
+                   channels: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """``encode_latents`` of the cached images (``multi``: of the second set) under the trained VAE of
-    ``factor``, computed once per trained VAE and kept beside it."""
-    path = workdir(cfg) / f"latents-{data_key(cfg, multi)}-vae{vae_fingerprint(cfg, factor)}.pt"  # new VAE, new cache
+    ``factor`` and ``channels``, computed once per trained VAE and kept beside it."""
+    sha = vae_fingerprint(cfg, factor, channels)
+    path = workdir(cfg) / f"latents-{data_key(cfg, multi)}-vae{sha}.pt"  # new VAE, new cache
     if path.exists():
         blob = torch.load(path)
         return blob["mean"], blob["std"]
@@ -686,23 +698,25 @@ def cached_latents(cfg: ZooTrainConfig, vae, images: torch.Tensor, multi: bool =
     return mean, std
 
 
-def vae_path(cfg: ZooTrainConfig, factor: int = 4) -> Path:
-    return checkpoint_dir(cfg) / f"{vae_stage(factor)}-seed{cfg.seed}"
+def vae_path(cfg: ZooTrainConfig, factor: int = 4, channels: int = 4) -> Path:
+    return checkpoint_dir(cfg) / f"{vae_stage(factor, channels)}-seed{cfg.seed}"
 
 
-def vae_fingerprint(cfg: ZooTrainConfig, factor: int = 4) -> str:
+def vae_fingerprint(cfg: ZooTrainConfig, factor: int = 4, channels: int = 4) -> str:
     """12 hex digits of the SHA-256 of the trained VAE's weight files: names its latent cache, and is stored in
     every denoiser checkpoint so that a resume on a retrained VAE is refused (``check_checkpoint_vae``)."""
-    weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(vae_path(cfg, factor).glob("*.safetensors"))))
+    files = sorted(vae_path(cfg, factor, channels).glob("*.safetensors"))
+    weights = hashlib.sha256(b"".join(p.read_bytes() for p in files))
     return weights.hexdigest()[:12]
 
 
-def _trained_vae(cfg: ZooTrainConfig, factor: int = 4):
+def _trained_vae(cfg: ZooTrainConfig, factor: int = 4, channels: int = 4):
     from diffusers import AutoencoderKL
 
-    path = vae_path(cfg, factor)
+    path = vae_path(cfg, factor, channels)
     if not (path / "config.json").exists():
-        how = "--model vae (or --model all)" if factor == 4 else "--model tiny-flux (it trains its VAE first)"
+        how = "--model vae (or --model all)" if (factor, channels) == (4, 4) else \
+            "--model tiny-flux (it trains its VAE first)"
         raise FileNotFoundError(f"no trained VAE in {path}; train it first with {how}")
     return AutoencoderKL.from_pretrained(path)
 
@@ -710,9 +724,9 @@ def _trained_vae(cfg: ZooTrainConfig, factor: int = 4):
 def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
     """The untrained pipeline of ``name`` on the trained VAE (scaling / shift factors set from its latents):
     (pipe, module class, stage config, shift, scale, (latent means, stds))."""
-    factor = vae_factor_of(cfg, name)
-    vae = _trained_vae(cfg, factor)
-    mean, std = cached_latents(cfg, vae, images, factor=factor)
+    factor, channels = vae_of(cfg, name)
+    vae = _trained_vae(cfg, factor, channels)
+    mean, std = cached_latents(cfg, vae, images, factor=factor, channels=channels)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
     shift = float(z.mean()) if name in ("tiny-flux", "tiny-sd3") else 0.0
     scale = float(1.0 / (z - shift).std())
@@ -722,9 +736,12 @@ def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
                                 "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux),
                                 "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
     kw = ({"heads": stage.heads} if stage.heads else {}) | ({"vae_factor": factor} if factor != 4 else {})
+    kw |= {"vae_channels": channels} if channels != 4 else {}
     kw |= ({"layers": stage.layers} if stage.layers else {}) | (
         {"single_layers": stage.single_layers} if stage.single_layers >= 0 else {})
     pipe = build(cfg.seed, **kw)  # built around a VAE of the same factor: the pipeline's vae_scale_factor
+    if stage.adaln_zero:
+        zero_init_modulation(get_adapter(pipe).denoiser)
     pipe.register_modules(vae=vae.cpu())
     return pipe, module_cls, stage, shift, scale, (mean, std)
 
@@ -755,15 +772,14 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
         print(f"[{name}] starting from the weights of {stage.init_from}", flush=True)
         init_weights(pipe, stage.init_from)
     module = module_cls(pipe, stage, cfg, shift, scale)
-    factor = vae_factor_of(cfg, name)
-    module.vae_sha, module.vae_dir = vae_fingerprint(cfg, factor), vae_path(cfg, factor)
+    module.vae_sha, module.vae_dir = vae_fingerprint(cfg, *vae_of(cfg, name)), vae_path(cfg, *vae_of(cfg, name))
     second = None
     if stage.multi_origin_step > stage.multi_from_step:
         raise ValueError(f"{name}: multi_origin_step ({stage.multi_origin_step}) must not be after multi_from_step")
     if 0 < stage.multi_from_step < stage.steps:  # the curriculum's second set, appended (its own latents)
         images2, captions2 = render_cache(cfg, multi=True)
-        mean2, std2 = cached_latents(cfg, pipe.vae, images2, multi=True,
-                                     factor=vae_factor_of(cfg, name))
+        factor, channels = vae_of(cfg, name)
+        mean2, std2 = cached_latents(cfg, pipe.vae, images2, multi=True, factor=factor, channels=channels)
         mean, std, captions = torch.cat([mean, mean2]), torch.cat([std, std2]), list(captions) + list(captions2)
         second = (stage.multi_from_step, len(captions2), stage.multi_origin_step or stage.multi_from_step)
     ema, done = _fit(module, LatentCaptions(mean, std, captions), stage, cfg, second)
@@ -807,8 +823,8 @@ def train_zoo(cfg: ZooTrainConfig) -> dict[str, Path]:
     names = ALL_STAGES if cfg.model == "all" else [cfg.model]
     out: dict[str, Path] = {}
     for name in names:
-        if name != "vae" and vae_factor_of(cfg, name) != 4:  # its own VAE first (at once when trained)
-            train_vae(cfg, images, captions, vae_factor_of(cfg, name))
+        if name != "vae" and vae_of(cfg, name) != (4, 4):  # its own VAE first (at once when trained)
+            train_vae(cfg, images, captions, *vae_of(cfg, name))
         out[name] = train_vae(cfg, images, captions) if name == "vae" else train_denoiser(name, cfg, images, captions)
         print(f"saved {name} -> {out[name]}")
     return out
