@@ -15,6 +15,27 @@ def test_shapes_is_deterministic_and_independent_of_count():
     assert Shapes(48, 5, seed=3, split="test")[0].id != a[0].id
 
 
+def test_upright_shapes_keep_the_layouts_and_turn_nothing():
+    """rotate=False: the same captions, positions, sizes and colours as the rotated world, every angle 0; an upright
+    square's mask is an axis-aligned box (full rows and columns), a rotated one's is not."""
+    rot, up = Shapes(64, 30, seed=5), Shapes(64, 30, seed=5, rotate=False)
+    turned = 0
+    for i in range(30):
+        a, b = rot.layout(i), up.layout(i)
+        assert [{k: v for k, v in o.items() if k != "angle"} for o in a] == \
+            [{k: v for k, v in o.items() if k != "angle"} for o in b]
+        assert all(o["angle"] == 0.0 for o in b)
+        turned += any(o["angle"] != 0.0 for o in a)
+        assert rot[i].caption == up[i].caption
+        for o in b:
+            if o["shape"] == "square":
+                m = up[i].masks[f"{o['color']} square"]
+                ys, xs = np.nonzero(m)
+                box = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+                assert box.mean() > 0.97, i  # an upright square fills its bounding box
+    assert turned > 20
+
+
 def test_shapes_masks_match_captions():
     ds = Shapes(size=64, count=40, seed=0)
     counts = set()

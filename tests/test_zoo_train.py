@@ -389,3 +389,18 @@ def test_lr_decay_changes_no_step_before_it_and_reaches_zero_at_the_last_step():
     assert [lr_factor(decayed, 10, s) for s in (60, 70, 80, 100)] == [1.0, 0.75, 0.5, 0.0]
     with pytest.raises(ValueError, match="must be before steps"):
         lr_factor(StageConfig(steps=100, decay_from_step=100), 10, 0)
+
+
+def test_upright_training_images_have_their_own_cache(tmp_path):
+    """upright: true renders the same captions with every object upright, into a cache of its own name (a run on the
+    rotated world never reads the upright images, nor the reverse)."""
+    from revelio.zoo.train import data_key, render_cache
+
+    cfg = _tiny_cfg(tmp_path, "tiny-flux")
+    up = _tiny_cfg(tmp_path, "tiny-flux")
+    up.upright = True
+    assert data_key(cfg) != data_key(up) and data_key(cfg, multi=True) != data_key(up, multi=True)
+    (a, caps_a), (b, caps_b) = render_cache(cfg), render_cache(up)
+    assert caps_a == caps_b and not torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.pt")) == sorted(
+        [f"{data_key(cfg)}.pt", f"{data_key(up)}.pt"])

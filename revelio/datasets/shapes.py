@@ -78,6 +78,8 @@ def phrase(colour: str, shape: str) -> str:
 class Shapes(ImageDataset):
     """The procedural shapes world (see module docstring).
 
+    ``rotate=False`` draws every object upright (the same layouts otherwise: positions, sizes, colours).
+
     ``label`` picks which attribute of the largest object is the integer label (and which
     words are each image's concepts): its ``shape`` (default) or its ``colour``.
     """
@@ -85,7 +87,7 @@ class Shapes(ImageDataset):
     name = "shapes"
 
     def __init__(self, size: int = 64, count: int = 1000, seed: int = 0, max_objects: int = 3, split: str = "train",
-                 label: str = "shape"):
+                 label: str = "shape", rotate: bool = True):
         if label not in LABELS:
             raise ValueError(f"shapes: label must be one of {', '.join(LABELS)}, got {label!r}")
         self.label = label
@@ -94,7 +96,7 @@ class Shapes(ImageDataset):
             raise ValueError(f"shapes: size must be >= 16, got {size}")
         if not 1 <= max_objects <= 3:
             raise ValueError(f"shapes: max_objects must be 1..3, got {max_objects}")
-        self.size, self.count, self.max_objects = size, count, max_objects
+        self.size, self.count, self.max_objects, self.rotate = size, count, max_objects, rotate
         # Splits draw from disjoint seed streams so train and test never share an image.
         self.seed = seed * 1000 + {"train": 0, "test": 1, "val": 2}.get(split, 3)
         self.split = split
@@ -122,7 +124,8 @@ class Shapes(ImageDataset):
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
             if any(o["shape"] == shape and o["color"] == colour for o in objs):
                 continue
-            objs.append(dict(shape=shape, color=colour, cx=cx, cy=cy, r=r, angle=float(rng.uniform(0, 2 * math.pi)) if shape != "circle" else 0.0))
+            angle = float(rng.uniform(0, 2 * math.pi)) if shape != "circle" else 0.0  # drawn either way: same layouts
+            objs.append(dict(shape=shape, color=colour, cx=cx, cy=cy, r=r, angle=angle if self.rotate else 0.0))
         objs.sort(key=lambda o: -o["r"])  # the first object is the largest: it sets the label
         bg_rng = np.random.default_rng([self.seed, i, 1])
         self._bg = _background(bg_rng, s)

@@ -72,6 +72,8 @@ class ZooTrainConfig:
     out: str = field("revelio/zoo/weights", help="folder receiving tiny-sd/ and tiny-flux/ (save_pretrained)")
     seed: int = field(0, help="seed of data, initialisation, noise and batching")
     images: int = field(10000, min=1, help="training images rendered into the tensor cache")
+    upright: bool = field(False, help="render the training images with every object upright (shapes' rotate=False; "
+                                      "the same layouts otherwise); false: random rotations, as the shapes world")
     single_fraction: float = field(0.5, help="share of training images holding one object (the rest 1-3)")
     multi_images: int = field(20000, min=1, help="images of the curriculum's second set (1-3 objects each, a third "
                                                  "each; their own seed stream, holdout kept); see <stage>.multi_from_step")

@@ -98,9 +98,10 @@ def workdir(cfg: ZooTrainConfig) -> Path:
 def data_key(cfg: ZooTrainConfig, multi: bool = False) -> str:
     """A name that changes whenever the rendered training images would (``multi``: the second set)."""
     hold = "_".join(sorted(cfg.holdout)).replace(" ", "-")
+    up = "-upright" if cfg.upright else ""
     if multi:
-        return f"shapes{IMAGE_SIZE}-multi-n{cfg.multi_images}-seed{cfg.seed}-hold{hold}"
-    return f"shapes{IMAGE_SIZE}-n{cfg.images}-single{cfg.single_fraction}-seed{cfg.seed}-hold{hold}"
+        return f"shapes{IMAGE_SIZE}{up}-multi-n{cfg.multi_images}-seed{cfg.seed}-hold{hold}"
+    return f"shapes{IMAGE_SIZE}{up}-n{cfg.images}-single{cfg.single_fraction}-seed{cfg.seed}-hold{hold}"
 
 
 def render_cache(cfg: ZooTrainConfig, multi: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -115,13 +116,14 @@ def render_cache(cfg: ZooTrainConfig, multi: bool = False) -> tuple[torch.Tensor
     if path.exists():
         blob = torch.load(path)
         return blob["images"], blob["captions"]
+    rot = not cfg.upright
     if multi:
         total = cfg.multi_images
-        streams = [(Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed + 2, max_objects=3), total)]
+        streams = [(Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed + 2, max_objects=3, rotate=rot), total)]
     else:
         total, n_single = cfg.images, round(cfg.images * cfg.single_fraction)
-        streams = [(Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed, max_objects=1), n_single),
-                   (Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed + 1, max_objects=3), cfg.images - n_single)]
+        streams = [(Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed, max_objects=1, rotate=rot), n_single),
+                   (Shapes(IMAGE_SIZE, count=10**9, seed=cfg.seed + 1, max_objects=3, rotate=rot), cfg.images - n_single)]
     images = torch.empty(total, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     captions: list[str] = []
     with tqdm(total=total, desc="render shapes" + (" (multi-object set)" if multi else "")) as bar:
