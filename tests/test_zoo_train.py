@@ -146,7 +146,7 @@ def test_training_is_seeded_and_saves_loadable_pipelines(tmp_path):
     assert pipe.transformer.config.num_attention_heads == 4 and pipe.transformer.inner_dim == 128
     sd = _tiny_cfg(tmp_path / "all", "all")  # refused before the VAE stage runs: nothing rendered or trained
     sd.sd = StageConfig(steps=1, heads=4)
-    with pytest.raises(ValueError, match="sd.heads sets tiny-flux's attention heads only"):
+    with pytest.raises(ValueError, match="sd.heads / head_dim set tiny-flux's attention heads only"):
         train_zoo(sd)
     assert not (tmp_path / "all").exists()
 
@@ -224,6 +224,12 @@ def test_flux_with_a_flux_shaped_vae_and_adaln_zero(tmp_path):
     # two steps of AdamW moved the zeroed layers: they are trained, not frozen at 0
     assert pipe.transformer.proj_out.weight.abs().sum() > 0
     assert pipe.transformer.transformer_blocks[0].norm1.linear.weight.abs().sum() > 0
+    from revelio.zoo.builders import build_tiny_flux
+
+    narrow = build_tiny_flux(heads=8, head_dim=16, vae_factor=8, vae_channels=16).transformer
+    assert narrow.inner_dim == 128 and tuple(narrow.config.axes_dims_rope) == (4, 6, 6)
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        build_tiny_flux(head_dim=12)
     bad = _tiny_cfg(tmp_path, "tiny-flux")
     bad.flux = StageConfig(steps=1, vae_factor=8, vae_channels=16, teacher="revelio/zoo/weights/tiny-sd")
     with pytest.raises(ValueError, match="flux.teacher needs tiny-flux on the shared VAE"):

@@ -84,7 +84,7 @@ def build_tiny_sd(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: int = 4, single_layers: int = 2,
-                    vae_channels: int = LATENT_CHANNELS) -> FluxPipeline:
+                    vae_channels: int = LATENT_CHANNELS, head_dim: int = 32) -> FluxPipeline:
     """FluxTransformer2DModel with 4 double-stream (MM-DiT) and 2 single-stream blocks; rectified flow.
 
     2 heads of 32 dims with rotary axes (4, 14, 14): Flux's only positional signal is RoPE (theta 10000), and
@@ -93,8 +93,10 @@ def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: 
     to offset 7 as much as to offset 2-3 and single-object shapes stayed at 31% (docs/zoo.md). With 14 dims
     per axis the lowest useful frequency (0.27 rad per token) spans the grid without wrapping.
 
-    ``heads``: attention heads of 32 dims each, so the width is 32 x heads (2: the random-init default and the
-    shipped v2 weights, 0.77M parameters; ``flux.heads`` in the training config).
+    ``heads``: attention heads of ``head_dim`` dims each, so the width is head_dim x heads (2 x 32: the
+    random-init default and the shipped v2 weights, 0.77M parameters; ``flux.heads`` in the training config).
+    ``head_dim`` (``flux.head_dim``): 32 (rotary axes 4, 14, 14), 24 (4, 10, 10), 20 (4, 8, 8) or 16 (4, 6, 6: one
+    useful frequency per axis, enough for the 4 x 4 token grid of a factor-8 VAE, not for 8 x 8, see above).
 
     ``vae_factor``: the VAE's downsampling (``build_vae``). The pipeline packs 2x2 latents into a token, so with
     factor 4 a 64x64 image is 8 x 8 tokens of 8x8 pixels, with factor 2 16 x 16 tokens of 4x4 pixels (the size of
@@ -104,15 +106,19 @@ def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: 
 
     ``layers`` / ``single_layers``: double-stream / single-stream blocks (4 / 2: the default and the shipped
     weights; ``flux.layers`` / ``flux.single_layers`` in the training config)."""
+    rope = {32: (4, 14, 14), 24: (4, 10, 10), 20: (4, 8, 8), 16: (4, 6, 6)}
+    if head_dim not in rope:
+        raise ValueError(f"build_tiny_flux: head_dim must be one of {sorted(rope)} (rotary axes {rope}), got {head_dim}")
     if heads < 1 or layers < 1 or single_layers < 0:
         raise ValueError(f"build_tiny_flux: needs heads >= 1, layers >= 1, single_layers >= 0; got {heads}, {layers}, "
                          f"{single_layers}")
     torch.manual_seed(seed)
     tok, tok2 = build_clip_tokenizer(MAX_TOKENS), build_t5_tokenizer(MAX_TOKENS)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * vae_channels, num_layers=layers, num_single_layers=single_layers, attention_head_dim=32,
+        patch_size=1, in_channels=4 * vae_channels, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=head_dim,
         num_attention_heads=heads, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=False,
-        axes_dims_rope=(4, 14, 14),
+        axes_dims_rope=rope[head_dim],
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return FluxPipeline(scheduler=scheduler, vae=build_vae(vae_factor, vae_channels),

@@ -39,6 +39,8 @@ class StageConfig:
                                                 "(0: constant after the warm-up)")
     heads: int = field(0, min=0, help="tiny-flux: attention heads of 32 dims (width 32 x heads; 0: the builder's "
                                       "default, 2)")
+    head_dim: int = field(0, min=0, help="tiny-flux: dims per attention head, 32, 24, 20 or 16 (0: 32); the width is "
+                                         "head_dim x heads (builders.build_tiny_flux)")
     layers: int = field(0, min=0, help="tiny-flux: double-stream blocks (0: the builder's default, 4)")
     single_layers: int = field(-1, min=-1, help="tiny-flux: single-stream blocks (-1: the builder's default, 2)")
     vae_factor: int = field(0, min=0, help="tiny-flux: downsampling factor of the VAE it denoises in: 4 (the VAE "

@@ -68,8 +68,9 @@ def check_config(cfg: ZooTrainConfig) -> None:
     if cfg.checkpoint_every < 0 or cfg.min_snr_gamma < 0 or cfg.edge_weight < 0:
         raise ValueError("checkpoint_every, min_snr_gamma and edge_weight must be >= 0")
     for key, stage in (("vae", cfg.vae), ("sd", cfg.sd), ("sd3", cfg.sd3)):
-        if stage.heads:  # checked before any stage runs: with model 'all' the VAE would train first
-            raise ValueError(f"{key}.heads sets tiny-flux's attention heads only; leave it 0 (got {stage.heads})")
+        if stage.heads or stage.head_dim:  # checked before any stage runs: with model 'all' the VAE would train first
+            raise ValueError(f"{key}.heads / head_dim set tiny-flux's attention heads only; leave them 0 (got "
+                             f"{stage.heads} / {stage.head_dim})")
         if stage.layers or stage.single_layers != -1:
             raise ValueError(f"{key}.layers / single_layers set tiny-flux's blocks only; leave them 0 / -1")
         if stage.vae_factor or stage.vae_channels:
@@ -738,7 +739,7 @@ def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
                                 "tiny-flux": (build_tiny_flux, FluxModule, cfg.flux),
                                 "tiny-sd3": (build_tiny_sd3, SD3Module, cfg.sd3)}[name]
     kw = ({"heads": stage.heads} if stage.heads else {}) | ({"vae_factor": factor} if factor != 4 else {})
-    kw |= {"vae_channels": channels} if channels != 4 else {}
+    kw |= ({"vae_channels": channels} if channels != 4 else {}) | ({"head_dim": stage.head_dim} if stage.head_dim else {})
     kw |= ({"layers": stage.layers} if stage.layers else {}) | (
         {"single_layers": stage.single_layers} if stage.single_layers >= 0 else {})
     pipe = build(cfg.seed, **kw)  # built around a VAE of the same factor: the pipeline's vae_scale_factor
