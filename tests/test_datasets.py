@@ -16,8 +16,8 @@ def test_shapes_is_deterministic_and_independent_of_count():
 
 
 def test_upright_shapes_keep_the_layouts_and_turn_nothing():
-    """rotate=False: the same captions, positions, sizes and colours as the rotated world, every angle 0; an upright
-    square's mask is an axis-aligned box (full rows and columns), a rotated one's is not."""
+    """rotate=False: the same captions, positions, sizes and colours as the rotated world, every angle 0, and an
+    upright square's mask fills its axis-aligned bounding box."""
     rot, up = Shapes(64, 30, seed=5), Shapes(64, 30, seed=5, rotate=False)
     turned = 0
     for i in range(30):

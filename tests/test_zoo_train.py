@@ -231,6 +231,10 @@ def test_flux_with_a_flux_shaped_vae_and_adaln_zero(tmp_path):
     with pytest.raises(ValueError, match="head_dim must be one of"):
         build_tiny_flux(head_dim=12)
     bad = _tiny_cfg(tmp_path, "tiny-flux")
+    bad.flux = StageConfig(steps=1, head_dim=12)
+    with pytest.raises(ValueError, match="flux.head_dim must be 0 or one of"):
+        check_config(bad)
+    bad = _tiny_cfg(tmp_path, "tiny-flux")
     bad.flux = StageConfig(steps=1, vae_factor=8, vae_channels=16, teacher="revelio/zoo/weights/tiny-sd")
     with pytest.raises(ValueError, match="flux.teacher needs tiny-flux on the shared VAE"):
         check_config(bad)

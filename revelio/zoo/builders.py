@@ -30,6 +30,8 @@ MAX_TOKENS = 32
 
 
 VAE_FACTORS = (2, 4, 8)  # spatial downsampling factors build_vae makes
+# tiny-flux's rotary axes per head size (flux.head_dim): the first axis is Flux's unused one, the others rows, columns
+ROPE_AXES = {32: (4, 14, 14), 24: (4, 10, 10), 20: (4, 8, 8), 16: (4, 6, 6)}
 
 
 def build_vae(factor: int = 4, channels: int = LATENT_CHANNELS) -> AutoencoderKL:
@@ -106,9 +108,9 @@ def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: 
 
     ``layers`` / ``single_layers``: double-stream / single-stream blocks (4 / 2: the default and the shipped
     weights; ``flux.layers`` / ``flux.single_layers`` in the training config)."""
-    rope = {32: (4, 14, 14), 24: (4, 10, 10), 20: (4, 8, 8), 16: (4, 6, 6)}
-    if head_dim not in rope:
-        raise ValueError(f"build_tiny_flux: head_dim must be one of {sorted(rope)} (rotary axes {rope}), got {head_dim}")
+    if head_dim not in ROPE_AXES:
+        raise ValueError(f"build_tiny_flux: head_dim must be one of {sorted(ROPE_AXES)} (rotary axes {ROPE_AXES}), "
+                         f"got {head_dim}")
     if heads < 1 or layers < 1 or single_layers < 0:
         raise ValueError(f"build_tiny_flux: needs heads >= 1, layers >= 1, single_layers >= 0; got {heads}, {layers}, "
                          f"{single_layers}")
@@ -118,7 +120,7 @@ def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: 
         patch_size=1, in_channels=4 * vae_channels, num_layers=layers, num_single_layers=single_layers,
         attention_head_dim=head_dim,
         num_attention_heads=heads, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=False,
-        axes_dims_rope=rope[head_dim],
+        axes_dims_rope=ROPE_AXES[head_dim],
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return FluxPipeline(scheduler=scheduler, vae=build_vae(vae_factor, vae_channels),
@@ -127,9 +129,9 @@ def build_tiny_flux(seed: int = 0, heads: int = 2, vae_factor: int = 4, layers: 
 
 
 def zero_init_modulation(transformer: torch.nn.Module) -> int:
-    """adaLN-Zero (Peebles & Xie 2023, DiT): zero the linear layer of every adaptive norm of a Flux / SD3 / DiT
-    transformer (shift, scale and gate of each block, the final norm) and the output projection, so that every
-    block starts as the identity and the output at 0; diffusers' constructors keep PyTorch's default init.
+    """adaLN-Zero (Peebles & Xie 2023, DiT): zero the linear layer of every adaptive norm of a Flux or SD3
+    transformer (shift, scale and gate of each block, the final norm) and its ``proj_out``, so that every block
+    starts as the identity and the output at 0; diffusers' constructors keep PyTorch's default init.
     Returns the number of layers zeroed."""
     from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
 

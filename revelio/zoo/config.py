@@ -37,15 +37,16 @@ class StageConfig:
     time_shift_from_step: int = field(0, min=0, help="the step time_shift starts at (0: from the first step)")
     decay_from_step: int = field(0, min=0, help="from this step on the learning rate falls linearly to 0 at `steps` "
                                                 "(0: constant after the warm-up)")
-    heads: int = field(0, min=0, help="tiny-flux: attention heads of 32 dims (width 32 x heads; 0: the builder's "
-                                      "default, 2)")
+    heads: int = field(0, min=0, help="tiny-flux: attention heads of head_dim dims (width head_dim x heads; 0: the "
+                                      "builder's default, 2)")
     head_dim: int = field(0, min=0, help="tiny-flux: dims per attention head, 32, 24, 20 or 16 (0: 32); the width is "
                                          "head_dim x heads (builders.build_tiny_flux)")
     layers: int = field(0, min=0, help="tiny-flux: double-stream blocks (0: the builder's default, 4)")
     single_layers: int = field(-1, min=-1, help="tiny-flux: single-stream blocks (-1: the builder's default, 2)")
     vae_factor: int = field(0, min=0, help="tiny-flux: downsampling factor of the VAE it denoises in: 4 (the VAE "
-                                           "shared with tiny-sd: 8 x 8 tokens of 8x8 pixels) or 2 (its own VAE, "
-                                           "trained first: 16 x 16 tokens of 4x4 pixels); 0: 4")
+                                           "shared with tiny-sd: 8 x 8 tokens of 8x8 pixels), 2 (its own VAE, "
+                                           "trained first: 16 x 16 tokens of 4x4 pixels) or 8 (its own: 4 x 4 "
+                                           "tokens of 16x16 pixels); 0: 4")
     vae_channels: int = field(0, min=0, help="tiny-flux: latent channels of its VAE (0: 4, the shared VAE's); a VAE "
                                              "other than factor 4 with 4 channels is tiny-flux's own, trained first "
                                              "(e.g. vae_factor 8, vae_channels 16: FLUX.1's VAE layout, 4 x 4 tokens "

@@ -45,7 +45,7 @@ from extraction.files import atomic_path
 from ..config import to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
-from .builders import (IMAGE_SIZE, VAE_FACTORS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae,
+from .builders import (IMAGE_SIZE, ROPE_AXES, VAE_FACTORS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae,
                        zero_init_modulation)
 from .config import ALL_STAGES, DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
 
@@ -83,6 +83,8 @@ def check_config(cfg: ZooTrainConfig) -> None:
     if cfg.flux.teacher and vae_of(cfg, "tiny-flux") != (4, 4):
         raise ValueError("flux.teacher needs tiny-flux on the shared VAE (flux.vae_factor 4, vae_channels 4): the "
                          "teacher's prediction must be of the same latents")
+    if cfg.flux.head_dim and cfg.flux.head_dim not in ROPE_AXES:  # before any stage runs, as the keys above
+        raise ValueError(f"flux.head_dim must be 0 or one of {sorted(ROPE_AXES)}, got {cfg.flux.head_dim}")
     if cfg.flux.vae_factor and cfg.flux.vae_factor not in VAE_FACTORS:
         raise ValueError(f"flux.vae_factor must be 0 or one of {VAE_FACTORS}, got {cfg.flux.vae_factor}")
     resolve_dtype(cfg.save_dtype)
@@ -567,8 +569,9 @@ def checkpoint_dir(cfg: ZooTrainConfig) -> Path:
 
 def stage_checkpoint(cfg: ZooTrainConfig, name: str) -> Path:
     """The resumable checkpoint of one stage (Lightning .ckpt: net, EMA, optimizer, scheduler, step). tiny-flux on
-    its own VAE (``flux.vae_factor: 2``) has its own file, ``tiny-flux-vae-f2-seed<seed>.ckpt``: its transformer has
-    the same shapes on either VAE, so a shared name would resume one run's weights on the other's latents."""
+    its own VAE has its own file, named by that VAE (``tiny-flux-vae-f2-seed<seed>.ckpt``,
+    ``tiny-flux-vae-f8c16-seed<seed>.ckpt``): its transformer can have the same shapes on either VAE, so a shared name
+    would resume one run's weights on the other's latents."""
     if vae_of(cfg, name) != (4, 4):
         name = f"{name}-{vae_stage(*vae_of(cfg, name))}"
     return checkpoint_dir(cfg) / f"{name}-seed{cfg.seed}.ckpt"
@@ -775,13 +778,13 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
         print(f"[{name}] starting from the weights of {stage.init_from}", flush=True)
         init_weights(pipe, stage.init_from)
     module = module_cls(pipe, stage, cfg, shift, scale)
-    module.vae_sha, module.vae_dir = vae_fingerprint(cfg, *vae_of(cfg, name)), vae_path(cfg, *vae_of(cfg, name))
+    factor, channels = vae_of(cfg, name)
+    module.vae_sha, module.vae_dir = vae_fingerprint(cfg, factor, channels), vae_path(cfg, factor, channels)
     second = None
     if stage.multi_origin_step > stage.multi_from_step:
         raise ValueError(f"{name}: multi_origin_step ({stage.multi_origin_step}) must not be after multi_from_step")
     if 0 < stage.multi_from_step < stage.steps:  # the curriculum's second set, appended (its own latents)
         images2, captions2 = render_cache(cfg, multi=True)
-        factor, channels = vae_of(cfg, name)
         mean2, std2 = cached_latents(cfg, pipe.vae, images2, multi=True, factor=factor, channels=channels)
         mean, std, captions = torch.cat([mean, mean2]), torch.cat([std, std2]), list(captions) + list(captions2)
         second = (stage.multi_from_step, len(captions2), stage.multi_origin_step or stage.multi_from_step)
