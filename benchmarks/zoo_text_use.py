@@ -6,7 +6,9 @@ under the caption with the shape word swapped ("a red square", ...), with the co
 ("a blue circle", ...), and under the empty prompt. Printed: the RMS pixel change (0-1 units) each swap
 causes, averaged over swaps and images (``revelio.zoo.quality.text_sensitivity``). Noise levels are
 matched by SNR, so a DDPM model (tiny-sd) and a rectified-flow model (tiny-flux) are compared at the
-same amount of noise; the baseline is the other model measured the same way.
+same amount of noise; the baseline is the other model measured the same way. Printed first, per model: how
+far its text encoders put captions that differ in the shape word vs the colour word, in what the denoiser
+reads (``revelio.zoo.quality.word_separation``; with ``--random-init`` the untrained encoders, the floor).
 
     python benchmarks/zoo_text_use.py                               # the shipped tiny-sd and tiny-flux
     python benchmarks/zoo_text_use.py --models tiny-flux --ckpt zoo_checkpoints/tiny-flux-vae-f2-seed0.ckpt
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from revelio.zoo import load_pipeline
-from revelio.zoo.quality import real_images, text_sensitivity
+from revelio.zoo.quality import real_images, text_sensitivity, word_separation
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             pipe, label = load_pipeline(model, random_init=args.random_init), model
         pipe.to(torch.float32)
+        for key, sep in word_separation(pipe).items():
+            rows.append({"model": label, "text": key} | sep)
+            print(f"{label:<10} text encoding {key}: captions one shape word apart {sep['shape']:.2f}, one colour "
+                  f"word apart {sep['colour']:.2f} (ratio {sep['ratio']:.2f})", flush=True)
         for row in text_sensitivity(pipe, images, colours, shapes, tuple(args.snrs)):
             rows.append({"model": label} | row)
             print(f"{label:<10} {row['snr']:>6g} {row['time']:>6.3g} {row['shape']:>7.3f} {row['colour']:>7.3f} "

@@ -108,6 +108,38 @@ def test_text_sensitivity_separates_a_trained_model_from_an_untrained_one(one_to
     assert trained["shape"] > 3 * floor["shape"] and trained["colour"] > 2 * floor["colour"]
 
 
+def test_word_separation_measures_what_the_denoiser_reads(one_torch_thread):
+    """word_separation on a random tiny-flux: the T5 sequence puts one-word-apart captions at comparable distances
+    for either word; give every shape word the same T5 token embedding and captions that differ in shape only
+    encode identically (distance 0, so the ratio is 0), while colours stay apart. The distances are checked
+    against torch.dist on two captions by hand."""
+    from extraction.adapters import get_adapter
+    from revelio.zoo.quality import word_separation
+
+    pipe = load_pipeline("tiny-flux", random_init=True)
+    sep = word_separation(pipe)
+    assert set(sep) == {"encoder_hidden_states", "pooled_projections"}
+    assert 0.5 < sep["encoder_hidden_states"]["ratio"] < 1.5, sep
+    from revelio.datasets.shapes import COLORS, phrase
+
+    pairs = [(c, s) for c in COLORS for s in SHAPES]  # a naive mean over every one-word-apart pair
+    cond = get_adapter(pipe).encode_prompts([phrase(c, s) for c, s in pairs])["encoder_hidden_states"]
+    naive = {"shape": [], "colour": []}
+    for i, (ci, si) in enumerate(pairs):
+        for j, (cj, sj) in enumerate(pairs):
+            if (ci == cj) != (si == sj):
+                naive["shape" if ci == cj else "colour"].append(float(torch.dist(cond[i], cond[j])))
+    for word, dists in naive.items():
+        assert sep["encoder_hidden_states"][word] == pytest.approx(np.mean(dists), rel=1e-4)
+    tok, emb = pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings().weight
+    ids = [tok.convert_tokens_to_ids("\u2581" + s) for s in SHAPES]
+    with torch.no_grad():
+        emb[ids] = emb[ids[0]].clone()
+    collapsed = word_separation(pipe)["encoder_hidden_states"]
+    assert collapsed["shape"] < 1e-4 and collapsed["ratio"] < 1e-4
+    assert collapsed["colour"] == pytest.approx(sep["encoder_hidden_states"]["colour"], rel=0.3)
+
+
 def _ragged_blob(rng: np.random.Generator) -> np.ndarray:
     """A 64x64 RGB image of one vivid blob whose radius wanders at random with the angle: no clear shape."""
     yy, xx = np.mgrid[:64, :64]

@@ -414,3 +414,39 @@ def test_upright_training_images_have_their_own_cache(tmp_path):
     assert caps_a == caps_b and not torch.equal(a, b)
     assert sorted(p.name for p in (tmp_path / "work").glob("*.pt")) == sorted(
         [f"{data_key(cfg)}.pt", f"{data_key(up)}.pt"])
+
+
+def test_frozen_text_encoders_stay_at_their_seeded_init(tmp_path):
+    """flux.train_text false: two AdamW steps move the transformer, but the saved pipeline's CLIP and T5 are exactly
+    the seeded random init (a fresh build), and the stage checkpoint holds no text-encoder tensors; with the default
+    (true) the same steps move them. vae.train_text false is refused: the VAE has no text encoder."""
+    from revelio.zoo.builders import build_tiny_flux
+    from revelio.zoo.train import stage_checkpoint
+
+    train_zoo(_tiny_cfg(tmp_path, "vae"))
+    fresh = build_tiny_flux(0)
+    moved = {}
+    for train_text in (False, True):
+        cfg = _tiny_cfg(tmp_path, "tiny-flux")
+        cfg.out = str(tmp_path / f"out-{train_text}")
+        cfg.checkpoint_dir = str(tmp_path / f"ckpt-{train_text}")
+        cfg.flux = StageConfig(steps=2, batch_size=4, lr=1e-2, ema_decay=0.0, train_text=train_text)
+        # the VAE is trained once, in the workdir's checkpoints; each run keeps its own stage checkpoint
+        Path(cfg.checkpoint_dir).mkdir()
+        import shutil
+
+        shutil.copytree(tmp_path / "work" / "checkpoints" / "vae-seed0", Path(cfg.checkpoint_dir) / "vae-seed0")
+        pipe = load_pipeline(str(train_zoo(cfg)["tiny-flux"]))
+        keys = torch.load(stage_checkpoint(cfg, "tiny-flux"), weights_only=False)["state_dict"].keys()
+        moved[train_text] = {
+            name: any(not torch.equal(v.half(), getattr(fresh, name).state_dict()[k].half())
+                      for k, v in getattr(pipe, name).state_dict().items())
+            for name in ("transformer", "text_encoder", "text_encoder_2")}
+        assert any(k.startswith("net.text_encoder_2.") for k in keys) == train_text
+    # (compared in float16: the pipeline is stored in float16)
+    assert moved[True] == {"transformer": True, "text_encoder": True, "text_encoder_2": True}
+    assert moved[False] == {"transformer": True, "text_encoder": False, "text_encoder_2": False}
+    cfg = _tiny_cfg(tmp_path, "tiny-flux")
+    cfg.vae = StageConfig(steps=1, train_text=False)
+    with pytest.raises(ValueError, match="vae.train_text"):
+        check_config(cfg)

@@ -61,6 +61,11 @@ class StageConfig:
     teacher_from_step: int = field(0, min=0, help="tiny-flux: the step the teacher target starts at (0: the first)")
     init_from: str = field("", help="tiny-flux: a pipeline folder (e.g. the shipped tiny-flux) whose transformer and "
                                     "text encoders start a run at step 0 instead of the seeded random init; '': none")
+    train_text: bool = field(True, help="denoisers: train the text encoders with the denoiser (false: keep them at "
+                                         "their seeded random init, frozen, as FLUX.1 and SD keep their pretrained "
+                                         "T5 / CLIP). Trained jointly, tiny-flux's T5 moved captions that differ in "
+                                         "colour 4.6x further apart than at init and those that differ in shape "
+                                         "not at all (quality.word_separation; docs/zoo.md, fifteenth session)")
     ema_decay: float = field(0.995, help="decay of the exponential moving average whose weights are saved")
     max_minutes: float = field(0.0, help="stop after this many minutes of this process (0: none), writing a checkpoint "
                                          "that resume continues from")

@@ -80,6 +80,8 @@ def check_config(cfg: ZooTrainConfig) -> None:
         if stage.teacher or stage.init_from or stage.teacher_from_step or stage.adaln_zero:
             raise ValueError(f"{key}.teacher / teacher_from_step / init_from / adaln_zero are tiny-flux settings; "
                              "leave them unset")
+    if not cfg.vae.train_text:
+        raise ValueError("vae.train_text: the VAE has no text encoder; train_text is a denoiser setting (sd, flux, sd3)")
     if cfg.flux.teacher and vae_of(cfg, "tiny-flux") != (4, 4):
         raise ValueError("flux.teacher needs tiny-flux on the shared VAE (flux.vae_factor 4, vae_channels 4): the "
                          "teacher's prediction must be of the same latents")
@@ -223,6 +225,16 @@ def _loader(ds: Dataset, batch_size: int, seed: int, start: int = 0, second: tup
 VAE_SHA_KEY = "revelio_vae_sha"  # the denoiser checkpoint's record of its VAE (vae_fingerprint)
 
 
+def trainable_nets(adapter, stage: StageConfig) -> dict[str, torch.nn.Module]:
+    """What a denoiser stage trains: the denoiser and the text encoders, or (``stage.train_text`` false) the
+    denoiser only, the text encoders frozen (``requires_grad`` off) at the weights the pipeline holds."""
+    nets = adapter.trainable()
+    if not stage.train_text:
+        for key in [k for k in nets if k != adapter.denoiser_key]:
+            nets.pop(key).requires_grad_(False).eval()  # eval: no T5 dropout in a frozen encoder
+    return nets
+
+
 class _EMAModule(L.LightningModule):
     """Shared training plumbing: AdamW with warm-up on ``self.net``, an EMA copy, dropped captions."""
 
@@ -308,7 +320,7 @@ class SDModule(_EMAModule):
 
     def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
         adapter = get_adapter(pipe)  # what is trained, noising, prompt encoding and the denoiser call
-        super().__init__(torch.nn.ModuleDict(adapter.trainable()), stage, cfg.caption_dropout, cfg.seed)
+        super().__init__(torch.nn.ModuleDict(trainable_nets(adapter, stage)), stage, cfg.caption_dropout, cfg.seed)
         self.pipe, self.shift, self.scale, self.min_snr_gamma = pipe, shift, scale, cfg.min_snr_gamma
         self.adapter = adapter
 
@@ -320,7 +332,7 @@ class SDModule(_EMAModule):
         captions = self.drop_captions(batch["caption"], gen)
         t = t.to(x0.device)
         xt = ad.add_noise(x0, noise, t)
-        pred = ad.denoise(xt, t, ad.encode_prompts(captions, grad=True))
+        pred = ad.denoise(xt, t, ad.encode_prompts(captions, grad=self.stage.train_text))
         per = (pred - ad.training_target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         if self.min_snr_gamma:  # Hang et al. 2023, epsilon target: weight min(SNR, gamma) / SNR
             abar = self.pipe.scheduler.alphas_cumprod.to(x0.device)[t]
@@ -371,7 +383,7 @@ def flow_loss(module: "_EMAModule", batch: dict) -> torch.Tensor:
     noise = module.randn(x0.shape, gen)
     s = flow_times(module.stage, module.global_step, x0.shape[0], gen).to(x0.device)
     xt = ad.add_noise(x0, noise, s)
-    cond = ad.encode_prompts(module.drop_captions(batch["caption"], gen), grad=True)
+    cond = ad.encode_prompts(module.drop_captions(batch["caption"], gen), grad=module.stage.train_text)
     v = ad.denoiser(**ad.denoiser_inputs(xt, s, cond), return_dict=False)[0]
     return F.mse_loss(v, ad.pack(ad.training_target(x0, noise)))
 
@@ -480,7 +492,7 @@ def distill_loss(module: "FluxModule", batch: dict) -> torch.Tensor:
     s = torch.where(inside, exact, s).to(x0.device)
     xt = ad.add_noise(x0, noise, s)
     captions = module.drop_captions(batch["caption"], gen)
-    cond = ad.encode_prompts(captions, grad=True)
+    cond = ad.encode_prompts(captions, grad=module.stage.train_text)
     v = ad.denoiser(**ad.denoiser_inputs(xt, s, cond), return_dict=False)[0]
     target = ad.training_target(x0, noise)
     if inside.any():
@@ -497,7 +509,7 @@ class FluxModule(_EMAModule):
 
     def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
         adapter = get_adapter(pipe)
-        super().__init__(torch.nn.ModuleDict(adapter.trainable()), stage, cfg.caption_dropout, cfg.seed)
+        super().__init__(torch.nn.ModuleDict(trainable_nets(adapter, stage)), stage, cfg.caption_dropout, cfg.seed)
         self.pipe, self.shift, self.scale, self.adapter = pipe, shift, scale, adapter
         self._teacher: list[EpsilonTeacher] = []  # a list: not a submodule, so never trained nor checkpointed
 
@@ -522,7 +534,7 @@ class SD3Module(_EMAModule):
 
     def __init__(self, pipe, stage: StageConfig, cfg: "ZooTrainConfig", shift: float, scale: float):
         adapter = get_adapter(pipe)
-        super().__init__(torch.nn.ModuleDict(adapter.trainable()), stage, cfg.caption_dropout, cfg.seed)
+        super().__init__(torch.nn.ModuleDict(trainable_nets(adapter, stage)), stage, cfg.caption_dropout, cfg.seed)
         self.pipe, self.shift, self.scale, self.adapter = pipe, shift, scale, adapter
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
