@@ -450,3 +450,29 @@ def test_frozen_text_encoders_stay_at_their_seeded_init(tmp_path):
     cfg.vae = StageConfig(steps=1, train_text=False)
     with pytest.raises(ValueError, match="vae.train_text"):
         check_config(cfg)
+
+
+def test_without_the_pooled_text_path_the_prompt_acts_through_attention_only(tmp_path):
+    """flux.pooled_text false: after two AdamW steps (lr 1e-2) the pooled projection is still exactly 0, so the
+    transformer's output does not change when only the pooled CLIP vector does, while the T5 tokens still change
+    it; sd.pooled_text false is refused (SD has no pooled path)."""
+    train_zoo(_tiny_cfg(tmp_path, "vae"))
+    cfg = _tiny_cfg(tmp_path, "tiny-flux")
+    cfg.flux = StageConfig(steps=2, batch_size=4, lr=1e-2, ema_decay=0.0, pooled_text=False)
+    pipe = load_pipeline(str(train_zoo(cfg)["tiny-flux"])).to(torch.float32)
+    proj = pipe.transformer.time_text_embed.text_embedder.linear_2
+    assert not proj.weight.any() and not proj.bias.any()
+    assert pipe.transformer.transformer_blocks[0].norm1.linear.weight.abs().sum() > 0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, 16, generator=gen)
+    txt, pooled = torch.randn(1, 8, 64, generator=gen), torch.randn(2, 64, generator=gen)
+    ids = pipe._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
+    with torch.no_grad():
+        out = [pipe.transformer(hidden_states=x, timestep=torch.tensor([0.5]), pooled_projections=p[None],
+                                encoder_hidden_states=t, txt_ids=torch.zeros(8, 3), img_ids=ids).sample
+               for p, t in ((pooled[0], txt), (pooled[1], txt), (pooled[0], txt.flip(1)))]
+    assert torch.equal(out[0], out[1]) and not torch.allclose(out[0], out[2])
+    bad = _tiny_cfg(tmp_path, "tiny-sd")
+    bad.sd = StageConfig(steps=1, pooled_text=False)
+    with pytest.raises(ValueError, match="pooled_text is a tiny-flux setting"):
+        check_config(bad)

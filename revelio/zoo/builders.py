@@ -163,3 +163,17 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok2)), tokenizer_2=tok2,
         text_encoder_3=_t5(tok3), tokenizer_3=tok3,
     )
+
+
+def drop_pooled_text(transformer: torch.nn.Module) -> None:
+    """Cut the pooled-text path of a Flux transformer: zero the last layer of ``time_text_embed.text_embedder``
+    (so the pooled CLIP vector adds exactly 0 to the timestep embedding) and freeze that projection, so training
+    cannot bring it back. The global modulation then carries the noise level only, and the prompt reaches the
+    image tokens through joint attention alone (``flux.pooled_text: false``)."""
+    proj = getattr(getattr(transformer, "time_text_embed", None), "text_embedder", None)
+    if proj is None:
+        raise ValueError(f"{type(transformer).__name__} has no time_text_embed.text_embedder (a pooled-text path)")
+    with torch.no_grad():
+        proj.linear_2.weight.zero_()
+        proj.linear_2.bias.zero_()
+    proj.requires_grad_(False)

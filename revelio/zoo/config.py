@@ -61,6 +61,10 @@ class StageConfig:
     teacher_from_step: int = field(0, min=0, help="tiny-flux: the step the teacher target starts at (0: the first)")
     init_from: str = field("", help="tiny-flux: a pipeline folder (e.g. the shipped tiny-flux) whose transformer and "
                                     "text encoders start a run at step 0 instead of the seeded random init; '': none")
+    pooled_text: bool = field(True, help="tiny-flux: the pooled CLIP vector modulates every block with the noise "
+                                          "level (FLUX.1); false: its projection is zeroed and frozen "
+                                          "(builders.drop_pooled_text), so the prompt reaches the image only through "
+                                          "joint attention, as SD's only path is cross-attention")
     train_text: bool = field(True, help="denoisers: train the text encoders with the denoiser (false: keep them at "
                                          "their seeded random init, frozen, as FLUX.1 and SD keep their pretrained "
                                          "T5 / CLIP). Trained jointly, tiny-flux's T5 moved captions that differ in "

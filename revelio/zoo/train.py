@@ -46,7 +46,7 @@ from ..config import to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
 from .builders import (IMAGE_SIZE, ROPE_AXES, VAE_FACTORS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae,
-                       zero_init_modulation)
+                       drop_pooled_text, zero_init_modulation)
 from .config import ALL_STAGES, DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
 
 
@@ -80,6 +80,8 @@ def check_config(cfg: ZooTrainConfig) -> None:
         if stage.teacher or stage.init_from or stage.teacher_from_step or stage.adaln_zero:
             raise ValueError(f"{key}.teacher / teacher_from_step / init_from / adaln_zero are tiny-flux settings; "
                              "leave them unset")
+    if not (cfg.vae.pooled_text and cfg.sd.pooled_text and cfg.sd3.pooled_text):
+        raise ValueError("pooled_text is a tiny-flux setting (flux.pooled_text); leave it true for vae, sd and sd3")
     if not cfg.vae.train_text:
         raise ValueError("vae.train_text: the VAE has no text encoder; train_text is a denoiser setting (sd, flux, sd3)")
     if cfg.flux.teacher and vae_of(cfg, "tiny-flux") != (4, 4):
@@ -760,6 +762,8 @@ def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
     pipe = build(cfg.seed, **kw)  # built around a VAE of the same factor: the pipeline's vae_scale_factor
     if stage.adaln_zero:
         zero_init_modulation(get_adapter(pipe).denoiser)
+    if not stage.pooled_text:
+        drop_pooled_text(get_adapter(pipe).denoiser)
     pipe.register_modules(vae=vae.cpu())
     return pipe, module_cls, stage, shift, scale, (mean, std)
 
@@ -789,6 +793,8 @@ def train_denoiser(name: str, cfg: ZooTrainConfig, images: torch.Tensor, caption
     if stage.init_from and not (cfg.resume and stage_checkpoint(cfg, name).exists()):
         print(f"[{name}] starting from the weights of {stage.init_from}", flush=True)
         init_weights(pipe, stage.init_from)
+        if not stage.pooled_text:
+            drop_pooled_text(get_adapter(pipe).denoiser)
     module = module_cls(pipe, stage, cfg, shift, scale)
     factor, channels = vae_of(cfg, name)
     module.vae_sha, module.vae_dir = vae_fingerprint(cfg, factor, channels), vae_path(cfg, factor, channels)
