@@ -476,3 +476,36 @@ def test_without_the_pooled_text_path_the_prompt_acts_through_attention_only(tmp
     bad.sd = StageConfig(steps=1, pooled_text=False)
     with pytest.raises(ValueError, match="pooled_text is a tiny-flux setting"):
         check_config(bad)
+
+
+def test_qk_scale_multiplies_every_attention_logit():
+    """scale_qk_norms(t, 4): every query / key RMSNorm of tiny-flux starts at weight 2, and the attention logits
+    of a double-stream block, recomputed by hand from its projections, are exactly 4x those of the unscaled copy."""
+    import copy
+
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from revelio.zoo.builders import build_tiny_flux, scale_qk_norms
+
+    base = build_tiny_flux(0).transformer.float()
+    scaled = copy.deepcopy(base)
+    assert scale_qk_norms(scaled, 4.0) == 4 * 4 + 2 * 2  # 4 double blocks x 4 norms, 2 single blocks x 2
+    gen = torch.Generator().manual_seed(0)
+    x, txt = torch.randn(1, 64, 64, generator=gen), torch.randn(1, 5, 64, generator=gen)
+    ids = torch.cat([torch.zeros(5, 3), build_tiny_flux(0)._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)])
+    rope = base.pos_embed(ids)
+
+    def logits(t) -> torch.Tensor:
+        attn = t.transformer_blocks[0].attn
+        q = attn.norm_q(attn.to_q(x).unflatten(-1, (attn.heads, -1)))
+        k = attn.norm_k(attn.to_k(x).unflatten(-1, (attn.heads, -1)))
+        eq = attn.norm_added_q(attn.add_q_proj(txt).unflatten(-1, (attn.heads, -1)))
+        ek = attn.norm_added_k(attn.add_k_proj(txt).unflatten(-1, (attn.heads, -1)))
+        q, k = (apply_rotary_emb(torch.cat(p, 1), rope, sequence_dim=1) for p in ((eq, q), (ek, k)))
+        return torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+
+    with torch.no_grad():
+        torch.testing.assert_close(logits(scaled), 4 * logits(base), rtol=1e-5, atol=1e-5)
+    assert torch.equal(scaled.transformer_blocks[0].attn.norm_added_k.weight, torch.full((32,), 2.0))
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        scale_qk_norms(scaled, 0.0)

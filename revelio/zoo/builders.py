@@ -177,3 +177,21 @@ def drop_pooled_text(transformer: torch.nn.Module) -> None:
         proj.linear_2.weight.zero_()
         proj.linear_2.bias.zero_()
     proj.requires_grad_(False)
+
+
+def scale_qk_norms(transformer: torch.nn.Module, scale: float) -> int:
+    """Multiply the weights of every RMSNorm on attention queries and keys (``norm_q``, ``norm_k``,
+    ``norm_added_q``, ``norm_added_k`` of a Flux or SD3 transformer) by ``sqrt(scale)``, so every attention logit
+    is ``scale`` times what it was (``flux.qk_scale``). Queries and keys are RMS-normalised per head, so a logit
+    is at most sqrt(head_dim) times the product of these weights; diffusers starts them at 1. Returns the number
+    of norms scaled."""
+    if scale <= 0:
+        raise ValueError(f"scale_qk_norms: scale must be > 0, got {scale}")
+    n = 0
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if name.rsplit(".", 1)[-1] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k") and \
+                    getattr(module, "weight", None) is not None:
+                module.weight.mul_(scale ** 0.5)
+                n += 1
+    return n

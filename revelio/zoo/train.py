@@ -46,7 +46,7 @@ from ..config import to_dict
 from ..datasets.shapes import Shapes
 from . import cache_dir, resolve_dtype
 from .builders import (IMAGE_SIZE, ROPE_AXES, VAE_FACTORS, build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_vae,
-                       drop_pooled_text, zero_init_modulation)
+                       drop_pooled_text, scale_qk_norms, zero_init_modulation)
 from .config import ALL_STAGES, DEFAULT_HOLDOUT, STAGES, TRAIN_CONFIG_FILE, StageConfig, ZooTrainConfig  # noqa: F401 (re-exported)
 
 
@@ -82,6 +82,8 @@ def check_config(cfg: ZooTrainConfig) -> None:
                              "leave them unset")
     if not (cfg.vae.pooled_text and cfg.sd.pooled_text and cfg.sd3.pooled_text):
         raise ValueError("pooled_text is a tiny-flux setting (flux.pooled_text); leave it true for vae, sd and sd3")
+    if any(st.qk_scale != 1.0 for st in (cfg.vae, cfg.sd, cfg.sd3)):
+        raise ValueError("qk_scale is a tiny-flux setting (flux.qk_scale); leave it 1 for vae, sd and sd3")
     if not cfg.vae.train_text:
         raise ValueError("vae.train_text: the VAE has no text encoder; train_text is a denoiser setting (sd, flux, sd3)")
     if cfg.flux.teacher and vae_of(cfg, "tiny-flux") != (4, 4):
@@ -764,6 +766,8 @@ def _assemble(name: str, cfg: ZooTrainConfig, images: torch.Tensor):
         zero_init_modulation(get_adapter(pipe).denoiser)
     if not stage.pooled_text:
         drop_pooled_text(get_adapter(pipe).denoiser)
+    if stage.qk_scale != 1.0:
+        scale_qk_norms(get_adapter(pipe).denoiser, stage.qk_scale)
     pipe.register_modules(vae=vae.cpu())
     return pipe, module_cls, stage, shift, scale, (mean, std)
 
