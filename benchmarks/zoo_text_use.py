@@ -9,6 +9,9 @@ matched by SNR, so a DDPM model (tiny-sd) and a rectified-flow model (tiny-flux)
 same amount of noise; the baseline is the other model measured the same way. Printed first, per model: how
 far its text encoders put captions that differ in the shape word vs the colour word, in what the denoiser
 reads (``revelio.zoo.quality.word_separation``; with ``--random-init`` the untrained encoders, the floor).
+For Flux models it then prints where the image tokens' attention goes at SNR 0.2, per block
+(``revelio.zoo.quality.attention_reach``): mass by Chebyshev offset to other image tokens, on the text, and
+on the shape word's own T5 token.
 
     python benchmarks/zoo_text_use.py                               # the shipped tiny-sd and tiny-flux
     python benchmarks/zoo_text_use.py --models tiny-flux --ckpt zoo_checkpoints/tiny-flux-vae-f2-seed0.ckpt
@@ -23,7 +26,8 @@ from pathlib import Path
 import torch
 
 from revelio.zoo import load_pipeline
-from revelio.zoo.quality import real_images, text_sensitivity, word_separation
+from revelio.datasets.shapes import phrase
+from revelio.zoo.quality import attention_reach, real_images, text_sensitivity, word_separation
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -63,6 +67,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"model": label, "text": key} | sep)
             print(f"{label:<10} text encoding {key}: captions one shape word apart {sep['shape']:.2f}, one colour "
                   f"word apart {sep['colour']:.2f} (ratio {sep['ratio']:.2f})", flush=True)
+        if type(pipe.transformer if hasattr(pipe, "transformer") else None).__name__ == "FluxTransformer2DModel":
+            captions = [phrase(c, s) for c, s in zip(colours, shapes)]
+            shape_pos = len(pipe.tokenizer_2.tokenize(captions[0])) - 1  # "a <colour> <shape>": the last word
+            for row in attention_reach(pipe, images, captions, snr=0.2):
+                rows.append({"model": label, "attention": row["block"]} | row)
+                offsets = " ".join(f"{v:.2f}" for v in row["offsets"])
+                print(f"{label:<10} attention {row['block']:<28} image offsets 0..: {offsets}  text {row['text']:.2f} "
+                      f"(shape word {row['text_tokens'][shape_pos]:.3f})  top1 {row['top1']:.2f}", flush=True)
         for row in text_sensitivity(pipe, images, colours, shapes, tuple(args.snrs)):
             rows.append({"model": label} | row)
             print(f"{label:<10} {row['snr']:>6g} {row['time']:>6.3g} {row['shape']:>7.3f} {row['colour']:>7.3f} "

@@ -140,6 +140,39 @@ def test_word_separation_measures_what_the_denoiser_reads(one_torch_thread):
     assert collapsed["colour"] == pytest.approx(sep["encoder_hidden_states"]["colour"], rel=0.3)
 
 
+def test_flux_attention_probs_reproduce_the_attention_output(one_torch_thread):
+    """flux_attention_probs recomputes a double-stream block's attention from the call's arguments: its
+    probabilities times the block's values, through the block's output projections, give back what diffusers'
+    processor returned. attention_reach's masses of each image query (all offsets + text) sum to 1."""
+    from revelio.datasets.shapes import phrase
+    from revelio.zoo.quality import attention_reach, flux_attention_probs, real_images
+
+    pipe = load_pipeline("tiny-flux", random_init=True)
+    attn = pipe.transformer.transformer_blocks[1].attn
+    seen = {}
+    pre = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(kw=kw), with_kwargs=True)
+    post = attn.register_forward_hook(lambda m, a, kw, out: seen.update(out=out), with_kwargs=True)
+    images, colours, shapes = real_images(2, seed=3)
+    try:
+        rows = attention_reach(pipe, images, [phrase(c, s) for c, s in zip(colours, shapes)])
+    finally:
+        pre.remove()
+        post.remove()
+    kw = seen["kw"]
+    probs = flux_attention_probs(attn, kw)
+    heads = lambda v: v.unflatten(-1, (attn.heads, -1))  # noqa: E731
+    v = torch.cat([heads(attn.add_v_proj(kw["encoder_hidden_states"])), heads(attn.to_v(kw["hidden_states"]))], 1)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).flatten(2)
+    n_txt = kw["encoder_hidden_states"].shape[1]
+    image_out, text_out = seen["out"]
+    torch.testing.assert_close(attn.to_out[0](out[:, n_txt:]), image_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(attn.to_add_out(out[:, :n_txt]), text_out, rtol=1e-4, atol=1e-5)
+    assert [r["block"] for r in rows][:2] == ["transformer_blocks.0", "transformer_blocks.1"] and len(rows) == 6
+    for r in rows:
+        assert sum(r["offsets"]) + r["text"] == pytest.approx(1.0, abs=1e-4)
+        assert len(r["text_tokens"]) == n_txt and 0 < r["top1"] <= 1
+
+
 def _ragged_blob(rng: np.random.Generator) -> np.ndarray:
     """A 64x64 RGB image of one vivid blob whose radius wanders at random with the angle: no clear shape."""
     yy, xx = np.mgrid[:64, :64]

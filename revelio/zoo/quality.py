@@ -378,3 +378,74 @@ def word_separation(pipe) -> dict[str, dict[str, float]]:
         shape, colour = float(dist[same_colour].mean()), float(dist[same_shape].mean())
         out[key] = {"shape": shape, "colour": colour, "ratio": shape / colour if colour else float("nan")}
     return out
+
+
+@torch.no_grad()
+def attention_reach(pipe, images: list[np.ndarray], captions: list[str], snr: float = 0.2, seed: int = 0
+                    ) -> list[dict]:
+    """Where a Flux transformer's image tokens look: per block, the attention mass of an image token's query on
+    image tokens at each Chebyshev offset (0 = itself, 1 = its 8 neighbours, ...) and on the text tokens, and the
+    mean of each query's largest weight over image tokens (1: it picks one token; 1 / tokens: uniform), and the
+    mass on each text position (``text_tokens``: which words the image reads; T5 pads included).
+
+    Real images are noised to ``snr`` (``noise_level``) and denoised once under their captions; queries and keys
+    are recomputed from each attention's own projections, norms and rotary embedding (as diffusers' Flux
+    processor computes them), averaged over heads, queries and images. A convolution-like layer puts most mass
+    on offsets 0-1; an attention too flat to pick neighbours spreads it as the number of tokens at each offset.
+    """
+    from extraction.adapters import get_adapter
+
+    ad = get_adapter(pipe)
+    t = ad.denoiser
+    if type(t).__name__ != "FluxTransformer2DModel":
+        raise ValueError(f"attention_reach reads Flux attention; got {type(t).__name__}")
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = ad.encode_images(pixels).float()
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
+    time, _ = noise_level(ad, snr)
+    xt = ((1 - time) * z + time * noise).to(ad.dtype)
+    h, w = z.shape[-2] // 2, z.shape[-1] // 2
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([yy.flatten(), xx.flatten()], 1)
+    cheb = (pos[:, None] - pos[None]).abs().max(-1).values  # (N, N) offsets between image tokens
+    rows: list[dict] = []
+
+    def hook(name: str):
+        def pre(attn, args, kwargs):
+            probs = flux_attention_probs(attn, kwargs)
+            n_txt = probs.shape[-1] - h * w
+            img = probs[:, :, n_txt:]  # image-token queries
+            by_offset = [float((img[..., n_txt:] * (cheb == d)).sum(-1).mean()) for d in range(int(cheb.max()) + 1)]
+            rows.append({"block": name, "offsets": by_offset, "text": float(img[..., :n_txt].sum(-1).mean()),
+                         "text_tokens": img[..., :n_txt].mean((0, 1, 2)).tolist(),
+                         "top1": float(img[..., n_txt:].max(-1).values.mean())})
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n.rsplit(".attn", 1)[0]), with_kwargs=True)
+               for n, m in t.named_modules() if n.endswith(".attn")]
+    try:
+        ad.denoise(xt, torch.full((len(xt),), time, dtype=ad.dtype, device=ad.device), ad.encode_prompts(captions))
+    finally:
+        for hnd in handles:
+            hnd.remove()
+    return rows
+
+
+def flux_attention_probs(attn, kwargs: dict) -> torch.Tensor:
+    """The attention probabilities (B, heads, queries, keys) of one diffusers Flux attention call, from the keyword
+    arguments it was called with: queries and keys from its projections, per-head RMSNorms and rotary embedding,
+    text tokens first when the call has ``encoder_hidden_states`` (a double-stream block), as Flux's processor
+    orders them."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    x, enc, rope = kwargs["hidden_states"], kwargs.get("encoder_hidden_states"), kwargs["image_rotary_emb"]
+
+    def heads(v: torch.Tensor) -> torch.Tensor:
+        return v.unflatten(-1, (attn.heads, -1))
+
+    q, k = attn.norm_q(heads(attn.to_q(x))), attn.norm_k(heads(attn.to_k(x)))
+    if enc is not None:
+        q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(enc))), q], 1)
+        k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(enc))), k], 1)
+    q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+    return torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()).div(q.shape[-1] ** 0.5).softmax(-1)
