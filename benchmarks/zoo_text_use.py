@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from revelio.zoo import load_pipeline
+from extraction.adapters import get_adapter
 from revelio.datasets.shapes import phrase
+from revelio.zoo import load_pipeline
 from revelio.zoo.quality import attention_reach, real_images, text_sensitivity, word_separation
 
 
@@ -67,9 +68,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"model": label, "text": key} | sep)
             print(f"{label:<10} text encoding {key}: captions one shape word apart {sep['shape']:.2f}, one colour "
                   f"word apart {sep['colour']:.2f} (ratio {sep['ratio']:.2f})", flush=True)
-        if type(pipe.transformer if hasattr(pipe, "transformer") else None).__name__ == "FluxTransformer2DModel":
+        ad = get_adapter(pipe)
+        if ad.kind == "flux":
             captions = [phrase(c, s) for c, s in zip(colours, shapes)]
-            shape_pos = len(pipe.tokenizer_2.tokenize(captions[0])) - 1  # "a <colour> <shape>": the last word
+            shape_pos = len(ad.word_encoder()[0].tokenize(captions[0])) - 1  # "a <colour> <shape>": the last word
             for row in attention_reach(pipe, images, captions, snr=0.2):
                 rows.append({"model": label, "attention": row["block"]} | row)
                 offsets = " ".join(f"{v:.2f}" for v in row["offsets"])

@@ -395,10 +395,12 @@ def attention_reach(pipe, images: list[np.ndarray], captions: list[str], snr: fl
     """
     from extraction.adapters import get_adapter
 
+    from extraction.hooks import Hooks
+
     ad = get_adapter(pipe)
     t = ad.denoiser
-    if type(t).__name__ != "FluxTransformer2DModel":
-        raise ValueError(f"attention_reach reads Flux attention; got {type(t).__name__}")
+    if ad.kind != "flux":
+        raise ValueError(f"attention_reach reads Flux attention; got a {ad.kind} model ({type(t).__name__})")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = ad.encode_images(pixels).float()
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
@@ -421,13 +423,11 @@ def attention_reach(pipe, images: list[np.ndarray], captions: list[str], snr: fl
                          "top1": float(img[..., n_txt:].max(-1).values.mean())})
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n.rsplit(".attn", 1)[0]), with_kwargs=True)
-               for n, m in t.named_modules() if n.endswith(".attn")]
-    try:
+    with Hooks(t) as hooks:
+        for n, m in t.named_modules():
+            if n.endswith(".attn"):
+                hooks.pre(m, hook(n.rsplit(".attn", 1)[0]), with_kwargs=True)
         ad.denoise(xt, torch.full((len(xt),), time, dtype=ad.dtype, device=ad.device), ad.encode_prompts(captions))
-    finally:
-        for hnd in handles:
-            hnd.remove()
     return rows
 
 
