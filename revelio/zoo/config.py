@@ -64,8 +64,9 @@ class StageConfig:
     qk_scale: float = field(1.0, above=0, help="tiny-flux: start every attention's RMSNorm of queries and keys with "
                                                 "weights sqrt(qk_scale) instead of 1, so attention logits start "
                                                 "qk_scale times larger (builders.scale_qk_norms): with 32-dim heads "
-                                                "RMS-normalised queries and keys bound a logit by sqrt(32) = 5.7, too "
-                                                "flat for an attention that picks one neighbour; 1: diffusers' init")
+                                                "RMS-normalised queries and keys bound a logit by sqrt(32) = 5.7 at "
+                                                "weights 1 (qk_scale 4 left the loss and shapes unchanged, "
+                                                "docs/zoo.md); 1: diffusers' init")
     pooled_text: bool = field(True, help="tiny-flux: the pooled CLIP vector modulates every block with the noise "
                                           "level (FLUX.1); false: its projection is zeroed and frozen "
                                           "(builders.drop_pooled_text), so the prompt reaches the image only through "
