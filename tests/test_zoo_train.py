@@ -509,3 +509,8 @@ def test_qk_scale_multiplies_every_attention_logit():
     assert torch.equal(scaled.transformer_blocks[0].attn.norm_added_k.weight, torch.full((32,), 2.0))
     with pytest.raises(ValueError, match="scale must be > 0"):
         scale_qk_norms(scaled, 0.0)
+    # an init setting on top of init_from would be silently overwritten by the loaded weights: refused
+    cfg = ZooTrainConfig(model="tiny-flux")
+    cfg.flux = StageConfig(steps=1, qk_scale=4.0, init_from="revelio/zoo/weights/tiny-flux")
+    with pytest.raises(ValueError, match="adaln_zero / qk_scale set the seeded random init"):
+        check_config(cfg)

@@ -277,6 +277,21 @@ def noise_level(ad, snr: float) -> tuple[float, torch.Tensor | None]:
     return float(t), abar[t]
 
 
+def _latents_and_noise(ad, images: list[np.ndarray], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's latents of uint8 RGB ``images`` (float32) and one seeded noise draw of their shape."""
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = ad.encode_images(pixels).float()
+    return z, torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
+
+
+def noised(ad, z: torch.Tensor, noise: torch.Tensor, snr: float) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """Latents ``z`` noised to signal-to-noise ratio ``snr`` the model's way (rectified flow: (1 - s) z + s eps;
+    DDPM: sqrt(abar) z + sqrt(1 - abar) eps), in the model's dtype: (x_t, time, alpha-bar or None)."""
+    time, abar = noise_level(ad, snr)
+    xt = (1 - time) * z + time * noise if ad.flow else abar.sqrt() * z + (1 - abar).sqrt() * noise
+    return xt.to(ad.dtype), time, abar
+
+
 @torch.no_grad()
 def predicted_clean(ad, xt: torch.Tensor, time: float, abar: torch.Tensor | None, prompts: list[str]) -> torch.Tensor:
     """The denoiser's estimate of the clean latents from x_t under ``prompts`` (one per row of ``xt``)."""
@@ -310,9 +325,7 @@ def text_sensitivity(pipe, images: list[np.ndarray], colours: list[str], shapes:
 
     ad = get_adapter(pipe)
     vae = pipe.vae
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    z = ad.encode_images(pixels).float()
-    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
+    z, noise = _latents_and_noise(ad, images, seed)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -325,12 +338,7 @@ def text_sensitivity(pipe, images: list[np.ndarray], colours: list[str], shapes:
     true = [phrase(c, s) for c, s in zip(colours, shapes)]
     rows = []
     for snr in tqdm(snrs, desc="text sensitivity", leave=False):
-        time, abar = noise_level(ad, snr)
-        if ad.flow:
-            xt = (1 - time) * z + time * noise
-        else:
-            xt = abar.sqrt() * z + (1 - abar).sqrt() * noise
-        xt = xt.to(ad.dtype)
+        xt, time, abar = noised(ad, z, noise, snr)
         base = decode(predicted_clean(ad, xt, time, abar, true))
         row = {"snr": snr, "time": time}
         for word, swaps in (("shape", [[phrase(c, k) for c in colours] for k in SHAPES]),
@@ -369,7 +377,8 @@ def word_separation(pipe) -> dict[str, dict[str, float]]:
     cond = ad.encode_prompts([phrase(c, s) for c, s in pairs])
     out: dict[str, dict[str, float]] = {}
     for key, value in cond.items():
-        if not torch.is_tensor(value) or not value.is_floating_point() or value.shape[0] != len(pairs):
+        if key.endswith("_ids") or not torch.is_tensor(value) or not value.is_floating_point() \
+                or value.shape[0] != len(pairs):  # token positions (Flux's txt_ids) are no encoding
             continue
         flat = value.float().flatten(1)
         dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")  # exact: 0 for equal rows
@@ -394,18 +403,14 @@ def attention_reach(pipe, images: list[np.ndarray], captions: list[str], snr: fl
     on offsets 0-1; an attention too flat to pick neighbours spreads it as the number of tokens at each offset.
     """
     from extraction.adapters import get_adapter
-
     from extraction.hooks import Hooks
 
     ad = get_adapter(pipe)
     t = ad.denoiser
     if ad.kind != "flux":
         raise ValueError(f"attention_reach reads Flux attention; got a {ad.kind} model ({type(t).__name__})")
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    z = ad.encode_images(pixels).float()
-    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
-    time, _ = noise_level(ad, snr)
-    xt = ((1 - time) * z + time * noise).to(ad.dtype)
+    z, noise = _latents_and_noise(ad, images, seed)
+    xt, time, _ = noised(ad, z, noise, snr)
     h, w = z.shape[-2] // 2, z.shape[-1] // 2
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     pos = torch.stack([yy.flatten(), xx.flatten()], 1)

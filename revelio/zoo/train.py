@@ -86,6 +86,9 @@ def check_config(cfg: ZooTrainConfig) -> None:
         raise ValueError("qk_scale is a tiny-flux setting (flux.qk_scale); leave it 1 for vae, sd and sd3")
     if not cfg.vae.train_text:
         raise ValueError("vae.train_text: the VAE has no text encoder; train_text is a denoiser setting (sd, flux, sd3)")
+    if cfg.flux.init_from and (cfg.flux.adaln_zero or cfg.flux.qk_scale != 1.0):
+        raise ValueError("flux.adaln_zero / qk_scale set the seeded random init; with flux.init_from the run starts "
+                         f"from the weights of {cfg.flux.init_from} instead, so leave them unset")
     if cfg.flux.teacher and vae_of(cfg, "tiny-flux") != (4, 4):
         raise ValueError("flux.teacher needs tiny-flux on the shared VAE (flux.vae_factor 4, vae_channels 4): the "
                          "teacher's prediction must be of the same latents")
